@@ -1,0 +1,210 @@
+//! Command-line flags (every one also an environment variable) and their
+//! translation into the validated [`crate::config`] types. This is the only
+//! module that knows about clap.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{
+    DatabaseConfig, Identifier, KafkaConfig, Mode, NullPayload, RelayConfig, TopicTemplate,
+};
+use crate::error::Error;
+
+/// Publishes a Postgres transactional outbox to Kafka.
+#[derive(Debug, Parser)]
+#[command(name = "outbox-relay", version, about)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "OUTBOX_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or update the outbox, inbox and dead-letter tables.
+    Migrate(DatabaseArgs),
+    /// Publish committed outbox rows to Kafka until SIGTERM/SIGINT.
+    Run(RunArgs),
+    /// Show the backlog: unpublished rows, the oldest one's age, dead letters.
+    Status(DatabaseArgs),
+    /// Delete inbox rows older than a retention period.
+    InboxPurge(InboxPurgeArgs),
+    /// Run the whole pipeline on a throwaway Postgres and an in-process Kafka.
+    Demo(DemoArgs),
+}
+
+/// Where the outbox lives.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// Postgres URL: postgres://USER:PASSWORD@HOST:PORT/DATABASE?sslmode=...
+    #[arg(long, env = "OUTBOX_DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Schema holding the outbox tables.
+    #[arg(long, env = "OUTBOX_SCHEMA", default_value = "public")]
+    pub schema: String,
+}
+
+impl DatabaseArgs {
+    pub fn to_config(&self) -> Result<DatabaseConfig, Error> {
+        let schema = Identifier::parse(&self.schema, "--schema (OUTBOX_SCHEMA)")?;
+        DatabaseConfig::from_url(
+            &self.database_url,
+            schema,
+            "--database-url (OUTBOX_DATABASE_URL)",
+        )
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// How to read the outbox: poll (SQL batches) or tail (logical replication).
+    #[arg(long, env = "OUTBOX_MODE", default_value = "poll", value_parser = parse_mode)]
+    pub mode: Mode,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    /// Topic for rows whose `topic` column is null; placeholders {aggregate_type}, {event_type}.
+    #[arg(long, env = "OUTBOX_TOPIC_TEMPLATE", default_value = TopicTemplate::DEFAULT)]
+    pub topic_template: String,
+
+    /// What a null payload becomes: the JSON value null, or a tombstone (no value).
+    #[arg(long, env = "OUTBOX_NULL_PAYLOAD", value_enum, default_value_t = NullPayloadArg::JsonNull)]
+    pub null_payload: NullPayloadArg,
+
+    /// Rows read, published and confirmed together (also the in-flight bound).
+    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch_size: u32,
+
+    /// Longest pause between polls of an idle outbox (e.g. 100ms, 1s).
+    #[arg(long, env = "OUTBOX_POLL_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub poll_interval: Duration,
+
+    /// How long SIGTERM waits for in-flight acks before exiting.
+    #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, HOST:PORT[,HOST:PORT...].
+    #[arg(long, env = "OUTBOX_BROKERS")]
+    pub brokers: String,
+
+    /// Extra librdkafka producer property KEY=VALUE (repeatable; env: comma-separated).
+    #[arg(
+        long = "kafka-config",
+        env = "OUTBOX_KAFKA_CONFIG",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub properties: Vec<String>,
+}
+
+impl KafkaArgs {
+    /// Validates the properties; an error never echoes a value, which may be a secret.
+    pub fn to_config(&self) -> Result<KafkaConfig, Error> {
+        let properties = self
+            .properties
+            .iter()
+            .enumerate()
+            .map(|(i, entry)| match entry.split_once('=') {
+                Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_owned(), value.to_owned())),
+                _ => Err(Error::Config(format!(
+                    "--kafka-config (OUTBOX_KAFKA_CONFIG) entry {} is not KEY=VALUE; write each librdkafka property as KEY=VALUE, e.g. security.protocol=SSL",
+                    i + 1
+                ))),
+            })
+            .collect::<Result<_, _>>()?;
+        if self.brokers.trim().is_empty() {
+            return Err(Error::Config(
+                "--brokers (OUTBOX_BROKERS) is empty; give the Kafka bootstrap servers as HOST:PORT[,HOST:PORT]".into(),
+            ));
+        }
+        Ok(KafkaConfig {
+            brokers: self.brokers.clone(),
+            properties,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NullPayloadArg {
+    JsonNull,
+    Tombstone,
+}
+
+impl RunArgs {
+    /// Validates everything before anything connects.
+    pub fn to_config(&self) -> Result<RelayConfig, Error> {
+        let mut config = RelayConfig::new(self.database.to_config()?, self.kafka.to_config()?);
+        config.mode = self.mode;
+        config.topic_template = TopicTemplate::parse(
+            &self.topic_template,
+            "--topic-template (OUTBOX_TOPIC_TEMPLATE)",
+        )?;
+        config.null_payload = match self.null_payload {
+            NullPayloadArg::JsonNull => NullPayload::JsonNull,
+            NullPayloadArg::Tombstone => NullPayload::Tombstone,
+        };
+        config.batch_size = self.batch_size as usize;
+        config.poll_interval = self.poll_interval;
+        config.shutdown_timeout = self.shutdown_timeout;
+        Ok(config)
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InboxPurgeArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Delete rows processed longer ago than this (e.g. 7d, 12h).
+    #[arg(long, env = "OUTBOX_INBOX_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub older_than: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Which way the relay reads the outbox.
+    #[arg(long, env = "OUTBOX_MODE", default_value = "poll", value_parser = parse_mode)]
+    pub mode: Mode,
+
+    /// Use this Postgres instead of a throwaway one (tables go in a fresh schema, dropped after).
+    #[arg(long, env = "OUTBOX_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Use these Kafka brokers instead of the in-process mock cluster.
+    #[arg(long, env = "OUTBOX_BROKERS")]
+    pub brokers: Option<String>,
+
+    /// Concurrent writer connections.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub writers: u32,
+
+    /// Business transactions per writer.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub transactions: u32,
+
+    /// Distinct aggregates the writers touch.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub aggregates: u32,
+}
+
+fn parse_mode(s: &str) -> Result<Mode, String> {
+    s.parse()
+}

@@ -1,0 +1,415 @@
+//! The validated configuration the library runs on. `cli.rs` turns flags and
+//! environment variables into these types once; nothing here knows about
+//! clap. Every check happens before anything connects, and every failure is
+//! one line naming the flag, the cause and the fix. Secrets (the password in
+//! the database URL, secret Kafka properties) never appear in `Debug` or in
+//! an error.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::PgConnectOptions;
+
+use crate::error::Error;
+
+/// Which way the relay reads the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Claim committed rows with SQL in batches, publish, then delete them.
+    Poll,
+    /// Stream the outbox's INSERTs from the WAL (logical replication).
+    Tail,
+}
+
+impl FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "poll" => Ok(Mode::Poll),
+            "tail" => Ok(Mode::Tail),
+            other => Err(format!("unknown mode \"{other}\"; use poll or tail")),
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Poll => "poll",
+            Mode::Tail => "tail",
+        })
+    }
+}
+
+/// Where a database is, without the password: safe to log and to put in errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseTarget {
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+}
+
+impl fmt::Display for DatabaseTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.host, self.port, self.database)
+    }
+}
+
+/// How to reach the outbox's database, and in which schema its tables live.
+#[derive(Clone)]
+pub struct DatabaseConfig {
+    options: PgConnectOptions,
+    target: DatabaseTarget,
+    schema: Identifier,
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("target", &self.target)
+            .field("schema", &self.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DatabaseConfig {
+    /// Parses a `postgres://USER:PASSWORD@HOST:PORT/DATABASE?sslmode=..` URL.
+    /// `flag` names where the URL came from, for the error message.
+    pub fn from_url(url: &str, schema: Identifier, flag: &str) -> Result<Self, Error> {
+        let fix = "expected postgres://USER:PASSWORD@HOST:PORT/DATABASE";
+        let parsed = url::Url::parse(url).map_err(|e| {
+            Error::Config(format!("{flag} is not a valid Postgres URL: {e}; {fix}"))
+        })?;
+        if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+            return Err(Error::Config(format!(
+                "{flag} is not a valid Postgres URL: scheme \"{}\" is not postgres; {fix}",
+                parsed.scheme()
+            )));
+        }
+        let password = parsed.password().unwrap_or_default().to_owned();
+        let options = PgConnectOptions::from_str(url).map_err(|e| {
+            let cause = redact(&e.to_string(), &password);
+            Error::Config(format!(
+                "{flag} is not a valid Postgres URL: {cause}; {fix}"
+            ))
+        })?;
+        let user = options.get_username().to_owned();
+        let target = DatabaseTarget {
+            host: options.get_host().to_owned(),
+            port: options.get_port(),
+            database: options.get_database().unwrap_or(&user).to_owned(),
+            user,
+        };
+        let options = options
+            .options([("search_path", schema.quoted())])
+            .application_name("outbox-relay");
+        Ok(DatabaseConfig {
+            options,
+            target,
+            schema,
+        })
+    }
+
+    /// Connection options, with `search_path` set to the configured schema so
+    /// every statement names tables unqualified.
+    pub fn connect_options(&self) -> &PgConnectOptions {
+        &self.options
+    }
+
+    pub fn target(&self) -> &DatabaseTarget {
+        &self.target
+    }
+
+    pub fn schema(&self) -> &Identifier {
+        &self.schema
+    }
+}
+
+/// Replaces every occurrence of `secret` (raw or percent-encoded) with `***`.
+pub fn redact(text: &str, secret: &str) -> String {
+    if secret.is_empty() {
+        return text.to_owned();
+    }
+    let decoded = url::form_urlencoded::parse(format!("x={secret}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    let mut out = text.replace(secret, "***");
+    if !decoded.is_empty() {
+        out = out.replace(&decoded, "***");
+    }
+    out
+}
+
+/// A Postgres identifier from configuration (schema, slot, publication).
+/// Only letters, digits and `_`, starting with a letter or `_`, at most 63
+/// bytes; always used quoted, so it is case-sensitive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identifier(String);
+
+impl Identifier {
+    /// Validates `value`; `flag` names where it came from, for the error.
+    pub fn parse(value: &str, flag: &str) -> Result<Self, Error> {
+        let mut chars = value.chars();
+        let valid_start = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+        let valid_rest = chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid_start || !valid_rest || value.len() > 63 {
+            return Err(Error::Config(format!(
+                "{flag} {value:?} is not a valid Postgres name: use 1 to 63 letters, digits or underscores, starting with a letter or underscore"
+            )));
+        }
+        Ok(Identifier(value.to_owned()))
+    }
+
+    /// The name as given.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The name quoted for SQL (validation guarantees no `"` inside).
+    pub fn quoted(&self) -> String {
+        format!("\"{}\"", self.0)
+    }
+}
+
+impl fmt::Display for Identifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Turns a row's `aggregate_type` (and `event_type`) into a topic name when
+/// the row's `topic` column is null. Placeholders: `{aggregate_type}`,
+/// `{event_type}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicTemplate {
+    parts: Vec<TemplatePart>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TemplatePart {
+    Text(String),
+    AggregateType,
+    EventType,
+}
+
+impl TopicTemplate {
+    pub const DEFAULT: &'static str = "{aggregate_type}.events";
+
+    /// Parses a template; `flag` names where it came from, for the error.
+    pub fn parse(template: &str, flag: &str) -> Result<Self, Error> {
+        let bad = |cause: String| {
+            Error::Config(format!(
+                "{flag} {template:?} is not a valid topic template: {cause}; use text with the placeholders {{aggregate_type}} and {{event_type}}, e.g. {:?}",
+                Self::DEFAULT
+            ))
+        };
+        let mut parts = Vec::new();
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(TemplatePart::Text(rest[..open].to_owned()));
+            }
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| bad("a '{' is not closed".into()))?;
+            let name = &rest[open + 1..open + close];
+            parts.push(match name {
+                "aggregate_type" => TemplatePart::AggregateType,
+                "event_type" => TemplatePart::EventType,
+                other => return Err(bad(format!("unknown placeholder {{{other}}}"))),
+            });
+            rest = &rest[open + close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(bad("a '}' has no matching '{'".into()));
+        }
+        if !rest.is_empty() {
+            parts.push(TemplatePart::Text(rest.to_owned()));
+        }
+        if parts.is_empty() {
+            return Err(bad("it is empty".into()));
+        }
+        Ok(TopicTemplate { parts })
+    }
+
+    /// The topic for a row with these fields.
+    pub fn render(&self, aggregate_type: &str, event_type: &str) -> String {
+        let mut out = String::with_capacity(32);
+        for part in &self.parts {
+            match part {
+                TemplatePart::Text(text) => out.push_str(text),
+                TemplatePart::AggregateType => out.push_str(aggregate_type),
+                TemplatePart::EventType => out.push_str(event_type),
+            }
+        }
+        out
+    }
+}
+
+impl Default for TopicTemplate {
+    fn default() -> Self {
+        // The default template is a constant known to parse.
+        Self::parse(Self::DEFAULT, "default").unwrap_or(TopicTemplate {
+            parts: vec![TemplatePart::AggregateType],
+        })
+    }
+}
+
+/// What a row whose `payload` is SQL null becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NullPayload {
+    /// A record whose value is the four bytes `null` (the default).
+    #[default]
+    JsonNull,
+    /// A record with no value: a tombstone for compacted topics.
+    Tombstone,
+}
+
+/// How to reach Kafka.
+#[derive(Clone)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Extra librdkafka properties, applied after the relay's own (so they
+    /// can override them).
+    pub properties: Vec<(String, String)>,
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let properties: Vec<(&str, &str)> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                if is_secret_property(k) {
+                    (k.as_str(), "***")
+                } else {
+                    (k.as_str(), v.as_str())
+                }
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("properties", &properties)
+            .finish()
+    }
+}
+
+/// librdkafka properties whose values are secrets.
+pub fn is_secret_property(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key.contains("password") || key.contains("secret") || key.contains("sasl.oauthbearer.config")
+}
+
+/// Everything `run` needs.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub mode: Mode,
+    pub database: DatabaseConfig,
+    pub kafka: KafkaConfig,
+    pub topic_template: TopicTemplate,
+    pub null_payload: NullPayload,
+    /// Rows read, published and confirmed together; also the bound on
+    /// records in flight.
+    pub batch_size: usize,
+    /// Longest wait between two polls of an idle outbox.
+    pub poll_interval: Duration,
+    /// How long a stopping relay waits for in-flight acks.
+    pub shutdown_timeout: Duration,
+}
+
+impl RelayConfig {
+    /// A configuration with the documented defaults.
+    pub fn new(database: DatabaseConfig, kafka: KafkaConfig) -> Self {
+        RelayConfig {
+            mode: Mode::Poll,
+            database,
+            kafka,
+            topic_template: TopicTemplate::default(),
+            null_payload: NullPayload::JsonNull,
+            batch_size: 1000,
+            poll_interval: Duration::from_millis(100),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_renders_placeholders() {
+        let t = TopicTemplate::parse("app.{aggregate_type}.{event_type}", "--t").unwrap();
+        assert_eq!(t.render("order", "created"), "app.order.created");
+        assert_eq!(
+            TopicTemplate::default().render("order", "x"),
+            "order.events"
+        );
+    }
+
+    #[test]
+    fn template_rejects_unknown_placeholder() {
+        let err = TopicTemplate::parse("{aggregate}.events", "--topic-template")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown placeholder {aggregate}"), "{err}");
+        assert!(TopicTemplate::parse("{aggregate_type", "--t").is_err());
+        assert!(TopicTemplate::parse("a}b", "--t").is_err());
+    }
+
+    #[test]
+    fn identifiers_are_validated_and_quoted() {
+        assert_eq!(
+            Identifier::parse("my_schema", "--schema").unwrap().quoted(),
+            "\"my_schema\""
+        );
+        for bad in [
+            "",
+            "1abc",
+            "a-b",
+            "x\"; drop table outbox; --",
+            &"a".repeat(64),
+        ] {
+            let err = Identifier::parse(bad, "--schema").unwrap_err().to_string();
+            assert!(err.starts_with("--schema "), "{err}");
+        }
+    }
+
+    #[test]
+    fn database_url_errors_never_show_the_password() {
+        let schema = Identifier::parse("public", "--schema").unwrap();
+        let err = DatabaseConfig::from_url(
+            "postgres://u:s3cr3t@host:notaport/db",
+            schema.clone(),
+            "--database-url",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("--database-url is not a valid Postgres URL"),
+            "{err}"
+        );
+        assert!(!err.contains("s3cr3t"), "{err}");
+        let ok =
+            DatabaseConfig::from_url("postgres://u:s3cr3t@host:5433/db", schema, "--database-url")
+                .unwrap();
+        assert_eq!(ok.target().to_string(), "host:5433/db");
+        assert!(!format!("{ok:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn secret_kafka_properties_are_redacted_in_debug() {
+        let k = KafkaConfig {
+            brokers: "b:9092".into(),
+            properties: vec![("sasl.password".into(), "hunter2".into())],
+        };
+        assert!(!format!("{k:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,479 @@
+//! `outbox-relay demo`: the whole pipeline on embedded defaults. A throwaway
+//! Postgres and librdkafka's in-process mock cluster (or the ones given),
+//! concurrent business transactions across many aggregates (some rolled
+//! back), the relay publishing them, and a consumer applying them through
+//! the inbox while every message is redelivered up to twice more. It then
+//! checks what the product promises and prints a short summary.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::{ClientConfig, Message};
+use serde_json::json;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::cli::DemoArgs;
+use crate::config::{DatabaseConfig, Identifier, KafkaConfig, Mode, RelayConfig, TopicTemplate};
+use crate::database;
+use crate::embedded::TempPostgres;
+use crate::error::Error;
+use crate::inbox::{self, Claim};
+use crate::outbox::{self, Event};
+use crate::relay::{self, RunStats};
+
+/// What the demo runs.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub mode: Mode,
+    pub database_url: Option<String>,
+    pub brokers: Option<String>,
+    pub writers: u32,
+    pub transactions: u32,
+    pub aggregates: u32,
+}
+
+impl From<&DemoArgs> for DemoOptions {
+    fn from(args: &DemoArgs) -> Self {
+        DemoOptions {
+            mode: args.mode,
+            database_url: args.database_url.clone(),
+            brokers: args.brokers.clone(),
+            writers: args.writers,
+            transactions: args.transactions,
+            aggregates: args.aggregates,
+        }
+    }
+}
+
+/// What the demo saw; [`DemoSummary::passed`] says whether every check held.
+#[derive(Debug, Clone, Default)]
+pub struct DemoSummary {
+    pub mode: String,
+    pub postgres: String,
+    pub kafka: String,
+    pub writers: u32,
+    pub transactions_committed: u64,
+    pub transactions_rolled_back: u64,
+    pub rows_written: u64,
+    pub rows_rolled_back: u64,
+    pub relay: RunStats,
+    pub deliveries: u64,
+    pub unique_consumed: u64,
+    pub duplicates_absorbed: u64,
+    pub missing: u64,
+    pub rolled_back_published: u64,
+    pub order_violations: u64,
+    pub aggregates_checked: u64,
+    pub effects_applied: i64,
+    pub left_in_outbox: i64,
+    pub elapsed: Duration,
+}
+
+impl DemoSummary {
+    /// Nothing lost, nothing from a rolled-back transaction, order kept per
+    /// aggregate, every effect applied exactly once.
+    pub fn passed(&self) -> bool {
+        self.missing == 0
+            && self.rolled_back_published == 0
+            && self.order_violations == 0
+            && self.unique_consumed == self.rows_written
+            && self.effects_applied == self.rows_written as i64
+            && self.left_in_outbox == 0
+    }
+}
+
+impl fmt::Display for DemoSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.elapsed.as_secs_f64().max(1e-9);
+        writeln!(f, "outbox-relay demo ({} mode)", self.mode)?;
+        writeln!(f, "  postgres    {}", self.postgres)?;
+        writeln!(f, "  kafka       {}", self.kafka)?;
+        writeln!(
+            f,
+            "  written     {} rows in {} transactions by {} concurrent writers; {} transactions ({} rows) rolled back",
+            self.rows_written,
+            self.transactions_committed,
+            self.writers,
+            self.transactions_rolled_back,
+            self.rows_rolled_back
+        )?;
+        writeln!(
+            f,
+            "  published   {} rows acknowledged by Kafka (acks=all, idempotent), {} dead letters, {} left in the outbox",
+            self.relay.published, self.relay.dead_lettered, self.left_in_outbox
+        )?;
+        writeln!(
+            f,
+            "  consumed    {} deliveries, {} unique; {} duplicates absorbed by the inbox; {} effects applied",
+            self.deliveries, self.unique_consumed, self.duplicates_absorbed, self.effects_applied
+        )?;
+        writeln!(
+            f,
+            "  checked     {} missing, {} rolled-back rows published, {} order violations across {} aggregates",
+            self.missing,
+            self.rolled_back_published,
+            self.order_violations,
+            self.aggregates_checked
+        )?;
+        writeln!(
+            f,
+            "  elapsed     {:.2} s end to end, {:.0} rows/s",
+            secs,
+            self.rows_written as f64 / secs
+        )?;
+        write!(
+            f,
+            "  result      {}",
+            if self.passed() {
+                "PASS: every committed row delivered, in commit order per aggregate, effects exactly once"
+            } else {
+                "FAIL: see the counts above"
+            }
+        )
+    }
+}
+
+/// Runs the demo; infrastructure it started is gone when this returns.
+pub async fn run(options: &DemoOptions, shutdown: CancellationToken) -> Result<DemoSummary, Error> {
+    let mut summary = DemoSummary {
+        mode: options.mode.to_string(),
+        writers: options.writers,
+        ..DemoSummary::default()
+    };
+    let schema_name = format!("outbox_demo_{}", &Uuid::new_v4().simple().to_string()[..8]);
+    let schema = Identifier::parse(&schema_name, "demo schema")?;
+
+    let _temp_pg;
+    let url = match &options.database_url {
+        Some(url) => url.clone(),
+        None => {
+            let pg = TempPostgres::start().await?;
+            let url = pg.create_database("demo").await?;
+            _temp_pg = pg;
+            url
+        }
+    };
+    let db = DatabaseConfig::from_url(&url, schema, "--database-url (OUTBOX_DATABASE_URL)")?;
+    summary.postgres = match &options.database_url {
+        Some(_) => format!("{} (schema {schema_name}, dropped afterwards)", db.target()),
+        None => format!("throwaway cluster at {}, wal_level=logical", db.target()),
+    };
+
+    let _mock;
+    let topic = format!("{schema_name}.account");
+    let brokers = match &options.brokers {
+        Some(brokers) => brokers.clone(),
+        None => {
+            let mock = MockCluster::new(3).map_err(Error::kafka("starting the mock cluster"))?;
+            mock.create_topic(&topic, 4, 3)
+                .map_err(Error::kafka("creating the demo topic"))?;
+            let brokers = mock.bootstrap_servers();
+            _mock = mock;
+            brokers
+        }
+    };
+    summary.kafka = match &options.brokers {
+        Some(_) => format!("{brokers}, topic {topic}"),
+        None => format!(
+            "in-process mock cluster (3 brokers) at {brokers}, topic {topic} (4 partitions)"
+        ),
+    };
+
+    database::migrate(&db).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(options.writers + 2)
+        .connect_with(db.connect_options().clone())
+        .await
+        .map_err(Error::db("opening the demo pool"))?;
+    sqlx::query(
+        "create table demo_aggregate (id text primary key, version bigint not null default 0)",
+    )
+    .execute(&pool)
+    .await
+    .map_err(Error::db("creating the demo tables"))?;
+    sqlx::query("create table demo_effect (aggregate text primary key, version bigint not null, events bigint not null)")
+        .execute(&pool)
+        .await
+        .map_err(Error::db("creating the demo tables"))?;
+    sqlx::query(
+        "insert into demo_aggregate (id) select 'acct-' || g from generate_series(1, $1) g",
+    )
+    .bind(options.aggregates as i64)
+    .execute(&pool)
+    .await
+    .map_err(Error::db("creating the demo aggregates"))?;
+
+    let mut config = RelayConfig::new(
+        db.clone(),
+        KafkaConfig {
+            brokers: brokers.clone(),
+            properties: Vec::new(),
+        },
+    );
+    config.mode = options.mode;
+    config.topic_template = TopicTemplate::parse(
+        &format!("{schema_name}.{{aggregate_type}}"),
+        "demo topic template",
+    )?;
+    let relay_stop = shutdown.child_token();
+    let relay_task = tokio::spawn(relay::run(config, relay_stop.clone()));
+
+    let started = Instant::now();
+    let target = Arc::new(AtomicU64::new(u64::MAX));
+    let consumer = DemoConsumer::new(&brokers, &topic, &schema_name, pool.clone())?;
+    let consumer_task = tokio::spawn(consumer.run(target.clone(), shutdown.clone()));
+
+    let mut writers = Vec::new();
+    for _ in 0..options.writers {
+        writers.push(tokio::spawn(write(
+            pool.clone(),
+            options.transactions,
+            options.aggregates,
+        )));
+    }
+    let mut committed = HashSet::new();
+    let mut rolled_back = HashSet::new();
+    for writer in writers {
+        let report = writer
+            .await
+            .map_err(|e| Error::Embedded(format!("a demo writer panicked: {e}")))??;
+        summary.transactions_committed += report.transactions_committed;
+        summary.transactions_rolled_back += report.transactions_rolled_back;
+        committed.extend(report.committed);
+        rolled_back.extend(report.rolled_back);
+    }
+    summary.rows_written = committed.len() as u64;
+    summary.rows_rolled_back = rolled_back.len() as u64;
+    target.store(summary.rows_written, Ordering::SeqCst);
+
+    // The consumer returns when it saw every committed row, or on a stall.
+    let seen = consumer_task
+        .await
+        .map_err(|e| Error::Embedded(format!("the demo consumer panicked: {e}")))??;
+    summary.elapsed = started.elapsed();
+    relay_stop.cancel();
+    summary.relay = relay_task
+        .await
+        .map_err(|e| Error::Embedded(format!("the relay panicked: {e}")))??;
+
+    summary.deliveries = seen.deliveries;
+    summary.duplicates_absorbed = seen.duplicates;
+    summary.unique_consumed = seen.ids.len() as u64;
+    summary.order_violations = seen.order_violations;
+    summary.aggregates_checked = seen.last_version.len() as u64;
+    summary.missing = committed.difference(&seen.ids).count() as u64;
+    summary.rolled_back_published = rolled_back.intersection(&seen.ids).count() as u64;
+    summary.effects_applied =
+        sqlx::query_scalar("select coalesce(sum(events), 0)::bigint from demo_effect")
+            .fetch_one(&pool)
+            .await
+            .map_err(Error::db("reading the demo effects"))?;
+    summary.left_in_outbox = sqlx::query_scalar("select count(*) from outbox")
+        .fetch_one(&pool)
+        .await
+        .map_err(Error::db("counting the outbox"))?;
+
+    if options.database_url.is_some() {
+        sqlx::query(&format!(
+            "drop schema {} cascade",
+            Identifier::parse(&schema_name, "demo schema")?.quoted()
+        ))
+        .execute(&pool)
+        .await
+        .map_err(Error::db("dropping the demo schema"))?;
+    }
+    pool.close().await;
+    Ok(summary)
+}
+
+struct WriterReport {
+    transactions_committed: u64,
+    transactions_rolled_back: u64,
+    committed: Vec<Uuid>,
+    rolled_back: Vec<Uuid>,
+}
+
+/// One writer: business transactions that bump an aggregate's version and
+/// insert its events into the outbox in the same transaction; one in ten
+/// rolls back.
+async fn write(pool: PgPool, transactions: u32, aggregates: u32) -> Result<WriterReport, Error> {
+    let mut report = WriterReport {
+        transactions_committed: 0,
+        transactions_rolled_back: 0,
+        committed: Vec::new(),
+        rolled_back: Vec::new(),
+    };
+    let doing = "running a demo business transaction";
+    for _ in 0..transactions {
+        let (aggregate, events, roll_back, amount) = {
+            let mut rng = rand::rng();
+            (
+                format!("acct-{}", rng.random_range(1..=aggregates)),
+                rng.random_range(1..=3i64),
+                rng.random_bool(0.1),
+                rng.random_range(1..=100i64),
+            )
+        };
+        let mut tx = pool.begin().await.map_err(Error::db(doing))?;
+        // Locks the aggregate row: its events commit in version order.
+        let version: i64 = sqlx::query_scalar(
+            "update demo_aggregate set version = version + $2 where id = $1 returning version",
+        )
+        .bind(&aggregate)
+        .bind(events)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(Error::db(doing))?;
+        let batch: Vec<Event> = (0..events)
+            .map(|i| {
+                let v = version - events + 1 + i;
+                Event::new(
+                    "account",
+                    &aggregate,
+                    "deposited",
+                    json!({"account": aggregate, "version": v, "amount": amount}),
+                )
+            })
+            .collect();
+        outbox::insert_all(&mut tx, &batch)
+            .await
+            .map_err(Error::db(doing))?;
+        let ids = batch.iter().map(|e| e.id);
+        if roll_back {
+            tx.rollback().await.map_err(Error::db(doing))?;
+            report.transactions_rolled_back += 1;
+            report.rolled_back.extend(ids);
+        } else {
+            tx.commit().await.map_err(Error::db(doing))?;
+            report.transactions_committed += 1;
+            report.committed.extend(ids);
+        }
+    }
+    Ok(report)
+}
+
+#[derive(Default)]
+struct Seen {
+    deliveries: u64,
+    duplicates: u64,
+    ids: HashSet<Uuid>,
+    last_version: HashMap<String, i64>,
+    order_violations: u64,
+}
+
+struct DemoConsumer {
+    consumer: StreamConsumer,
+    group: String,
+    pool: PgPool,
+}
+
+impl DemoConsumer {
+    fn new(brokers: &str, topic: &str, group: &str, pool: PgPool) -> Result<Self, Error> {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", group)
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(Error::kafka("creating the demo consumer"))?;
+        consumer
+            .subscribe(&[topic])
+            .map_err(Error::kafka("subscribing the demo consumer"))?;
+        Ok(DemoConsumer {
+            consumer,
+            group: group.to_owned(),
+            pool,
+        })
+    }
+
+    /// Applies messages through the inbox until `target` unique ids were
+    /// seen, or nothing new arrived for a minute.
+    async fn run(self, target: Arc<AtomicU64>, shutdown: CancellationToken) -> Result<Seen, Error> {
+        let seen = Mutex::new(Seen::default());
+        let stall = Duration::from_secs(60);
+        loop {
+            if seen.lock().await.ids.len() as u64 >= target.load(Ordering::SeqCst) {
+                break;
+            }
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                m = tokio::time::timeout(stall, self.consumer.recv()) => m,
+            };
+            let message = match message {
+                Err(_) => break,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "demo consumer error");
+                    continue;
+                }
+                Ok(Ok(message)) => message,
+            };
+            let payload: serde_json::Value =
+                serde_json::from_slice(message.payload().unwrap_or_default()).map_err(|e| {
+                    Error::Embedded(format!("a demo record has a bad payload: {e}"))
+                })?;
+            let id = inbox::message_id(&message).map_err(|e| Error::Embedded(e.to_string()))?;
+            // Every message is applied once and, a third of the time,
+            // delivered again, as a consumer restart would.
+            let redeliveries = rand::rng().random_range(0..=2u32).saturating_sub(1);
+            for _ in 0..=redeliveries {
+                self.apply(id, &payload, &seen).await?;
+            }
+            self.consumer
+                .commit_message(&message, CommitMode::Async)
+                .map_err(Error::kafka("committing the demo consumer's offset"))?;
+        }
+        Ok(seen.into_inner())
+    }
+
+    async fn apply(
+        &self,
+        id: Uuid,
+        payload: &serde_json::Value,
+        seen: &Mutex<Seen>,
+    ) -> Result<(), Error> {
+        let doing = "applying a demo message";
+        let account = payload["account"].as_str().unwrap_or_default().to_owned();
+        let version = payload["version"].as_i64().unwrap_or_default();
+        let mut tx = self.pool.begin().await.map_err(Error::db(doing))?;
+        let claim = inbox::claim(&mut tx, &self.group, id)
+            .await
+            .map_err(Error::db(doing))?;
+        let mut guard = seen.lock().await;
+        let seen = &mut *guard;
+        seen.deliveries += 1;
+        if claim == Claim::Duplicate {
+            seen.duplicates += 1;
+            tx.rollback().await.map_err(Error::db(doing))?;
+            return Ok(());
+        }
+        sqlx::query(
+            "insert into demo_effect (aggregate, version, events) values ($1, $2, 1) \
+             on conflict (aggregate) do update set version = excluded.version, events = demo_effect.events + 1",
+        )
+        .bind(&account)
+        .bind(version)
+        .execute(&mut *tx)
+        .await
+        .map_err(Error::db(doing))?;
+        tx.commit().await.map_err(Error::db(doing))?;
+        // Versions of one aggregate are contiguous (rollbacks undo their
+        // bump), so in commit order each new one is the last plus one.
+        let last = seen.last_version.entry(account).or_insert(0);
+        if version != *last + 1 {
+            seen.order_violations += 1;
+        }
+        *last = version.max(*last);
+        seen.ids.insert(id);
+        Ok(())
+    }
+}

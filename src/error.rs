@@ -1,0 +1,123 @@
+//! The library's error type. Every variant a user can see renders as one line
+//! that names the thing, the cause and the fix, and never contains a secret:
+//! database URLs are carried as [`crate::config::DatabaseTarget`], which has no
+//! password in it.
+
+use crate::config::DatabaseTarget;
+
+/// What went wrong, and whether trying again can help (see [`Error::is_transient`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A flag or environment variable has a value the relay cannot use.
+    #[error("{0}")]
+    Config(String),
+
+    /// Postgres could not be reached at all.
+    #[error(
+        "cannot connect to Postgres at {target}: {cause}; check --database-url (OUTBOX_DATABASE_URL) and that the server is running and accepts TCP connections"
+    )]
+    DatabaseUnreachable {
+        target: DatabaseTarget,
+        cause: String,
+    },
+
+    /// Postgres answered but refused the login.
+    #[error(
+        "Postgres at {target} rejected the login for user \"{user}\": {cause}; check the user and password in --database-url (OUTBOX_DATABASE_URL)"
+    )]
+    DatabaseAuth {
+        target: DatabaseTarget,
+        user: String,
+        cause: String,
+    },
+
+    /// The database named in the URL does not exist.
+    #[error(
+        "database \"{database}\" does not exist at {target}; create it or fix the database name in --database-url (OUTBOX_DATABASE_URL)"
+    )]
+    DatabaseMissing {
+        target: DatabaseTarget,
+        database: String,
+    },
+
+    /// The outbox tables are not there: `migrate` was never run.
+    #[error(
+        "table {table} does not exist in database \"{database}\" at {target}; run `outbox-relay migrate` with the same --database-url and --schema first"
+    )]
+    SchemaMissing {
+        target: DatabaseTarget,
+        database: String,
+        table: String,
+    },
+
+    /// A query failed on an established connection.
+    #[error("Postgres query failed while {doing}: {source}")]
+    Database {
+        doing: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+
+    /// Applying the migrations failed.
+    #[error("migration failed: {0}; fix the cause and run `outbox-relay migrate` again")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+
+    /// The Kafka client could not be created or used.
+    #[error("Kafka {doing} failed: {source}")]
+    Kafka {
+        doing: &'static str,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+
+    /// A throwaway Postgres (demo, tests) could not be started.
+    #[error("{0}")]
+    Embedded(String),
+}
+
+impl Error {
+    /// Whether the same operation may succeed later (a restart, a network
+    /// blip), so the relay should back off and retry rather than exit.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::DatabaseUnreachable { .. } | Error::Kafka { .. } => true,
+            Error::Database { source, .. } => is_transient_sqlx(source),
+            _ => false,
+        }
+    }
+
+    pub(crate) fn db(doing: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+        Self::db_error(doing)
+    }
+
+    pub(crate) fn kafka(doing: &'static str) -> impl FnOnce(rdkafka::error::KafkaError) -> Error {
+        move |source| Error::Kafka { doing, source }
+    }
+
+    /// Wraps a query error with what the caller was doing.
+    pub fn db_error(doing: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+        move |source| Error::Database { doing, source }
+    }
+}
+
+/// Connection-level failures and server shutdowns are transient; a query the
+/// server rejects for its content (syntax, missing table) is not.
+pub(crate) fn is_transient_sqlx(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception, 57P0x: admin/crash shutdown, cannot
+            // connect now; 40001/40P01: serialization failure, deadlock.
+            code.starts_with("08")
+                || code.starts_with("57P")
+                || code == "40001"
+                || code == "40P01"
+                || code == "55P03"
+        }),
+        _ => false,
+    }
+}

@@ -1,0 +1,132 @@
+//! The `outbox-relay` binary: parses the command line, sets up logging and
+//! the shutdown signal, and calls the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use clap::error::ErrorKind;
+use outbox_relay::cli::{Cli, Command, LogFormat};
+use outbox_relay::{Error, database, demo, inbox, relay};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            e.exit()
+        }
+        Err(e) if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+        Err(e) => {
+            // One line: clap's first line names the flag and the cause; the
+            // hint points at --help for the fix.
+            let rendered = e.render().to_string();
+            let first = rendered
+                .lines()
+                .next()
+                .unwrap_or("error: invalid arguments");
+            eprintln!("{first}; see `outbox-relay --help`");
+            return ExitCode::from(2);
+        }
+    };
+    let default_level = if matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    };
+    init_logging(cli.log_format, default_level);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let code = match e.downcast_ref::<Error>() {
+                Some(Error::Config(_)) => 2,
+                _ => 1,
+            };
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Migrate(args) => {
+            let db = args.to_config()?;
+            database::migrate(&db).await?;
+            println!("migrated {} (schema {})", db.target(), db.schema());
+        }
+        Command::Run(args) => {
+            let config = args.to_config()?;
+            let shutdown = shutdown_on_signal();
+            relay::run(config, shutdown).await?;
+        }
+        Command::Status(args) => {
+            let db = args.to_config()?;
+            let status = database::status(&db).await?;
+            println!("{status}");
+        }
+        Command::InboxPurge(args) => {
+            let db = args.database.to_config()?;
+            let mut conn = database::connect(&db).await?;
+            let deleted = inbox::purge(&mut conn, args.older_than)
+                .await
+                .map_err(Error::db_error("purging the inbox"))?;
+            println!(
+                "deleted {deleted} inbox rows older than {}",
+                humantime::format_duration(args.older_than)
+            );
+        }
+        Command::Demo(args) => {
+            let shutdown = shutdown_on_signal();
+            let summary = demo::run(&demo::DemoOptions::from(&args), shutdown).await?;
+            println!("{summary}");
+            if !summary.passed() {
+                anyhow::bail!("the demo's checks failed (see above)");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn init_logging(format: LogFormat, default_level: &str) {
+    let filter = EnvFilter::try_from_env("OUTBOX_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// A token cancelled by the first SIGTERM or SIGINT.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutdown requested: finishing in-flight records");
+        cancel.cancel();
+    });
+    token
+}

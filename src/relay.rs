@@ -1,0 +1,247 @@
+//! The loop that joins a source to the sink, and the only place that decides
+//! what is confirmed.
+//!
+//! One batch at a time: read up to `batch_size` committed rows, enqueue them
+//! all in order, then walk their outcomes in the same order. The confirmed
+//! set is the longest prefix in which every row was acknowledged or rejected
+//! for good (rejects go to the dead-letter table); the first row that failed
+//! transiently ends the prefix, and it and everything after it stay in the
+//! outbox to be read again. So progress only ever covers a contiguous
+//! acknowledged prefix, in-flight records are bounded by the batch size, and
+//! duplicates after a failure are bounded by one batch.
+
+use std::pin::pin;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{Mode, RelayConfig};
+use crate::database;
+use crate::error::Error;
+use crate::outbox::OutboxRow;
+use crate::record;
+use crate::sink::kafka::{KafkaSink, Outcome, Pending};
+use crate::source::{Confirm, PollSource, Source};
+
+/// What a relay did before it stopped.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RunStats {
+    /// Rows acknowledged by Kafka and confirmed.
+    pub published: u64,
+    /// Rows moved to the dead-letter table.
+    pub dead_lettered: u64,
+}
+
+/// Runs the relay until `shutdown` fires, then stops reading, waits (up to
+/// the configured shutdown timeout) for in-flight acks, confirms them, and
+/// returns. Errors a retry cannot fix (bad credentials, missing tables) end
+/// it early; transient ones are retried with backoff.
+pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<RunStats, Error> {
+    // Fail fast, with one clear line, on what waiting cannot fix.
+    let mut conn = database::connect(&config.database).await?;
+    database::check_schema(&mut conn, &config.database).await?;
+    drop(conn);
+    let source = match config.mode {
+        Mode::Poll => PollSource::new(config.database.clone(), config.poll_interval),
+        Mode::Tail => {
+            return Err(Error::Config(
+                "--mode tail is not available in this version; use --mode poll".into(),
+            ));
+        }
+    };
+    let sink = KafkaSink::new(&config.kafka)?;
+    info!(mode = %config.mode, database = %config.database.target(), brokers = %config.kafka.brokers, "relay starting");
+    Relay {
+        config,
+        source,
+        sink,
+        stats: RunStats::default(),
+    }
+    .run(shutdown)
+    .await
+}
+
+struct Relay<S> {
+    config: RelayConfig,
+    source: S,
+    sink: KafkaSink,
+    stats: RunStats,
+}
+
+impl<S: Source> Relay<S> {
+    async fn run(mut self, shutdown: CancellationToken) -> Result<RunStats, Error> {
+        if !self.sink.wait_until_reachable(&shutdown).await {
+            return Ok(self.stats);
+        }
+        let mut health = Health::default();
+        let mut report = Report::new();
+        while !shutdown.is_cancelled() {
+            let rows = match self
+                .source
+                .next_batch(self.config.batch_size, &shutdown)
+                .await
+            {
+                Ok(rows) if rows.is_empty() => break,
+                Ok(rows) => rows,
+                Err(e) if e.is_transient() => {
+                    health.failed("reading the outbox", &e.to_string());
+                    health.wait(&shutdown).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let (confirm, failure) = self.publish(&rows, &shutdown).await;
+            match self.source.confirm(&confirm).await {
+                Ok(()) => {
+                    self.stats.published += confirm.published.len() as u64;
+                    self.stats.dead_lettered += confirm.dead_letters.len() as u64;
+                    report.add(confirm.published.len());
+                    for (seq, error) in &confirm.dead_letters {
+                        warn!(seq, error = %error, "the broker rejected a row for good; moved it to the dead-letter table");
+                    }
+                }
+                Err(e) if e.is_transient() => {
+                    health.failed("confirming published rows", &e.to_string());
+                    health.wait(&shutdown).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            match failure {
+                None => health.ok(),
+                Some(cause) => {
+                    health.failed("publishing to Kafka", &cause);
+                    if self.sink.is_fatal() {
+                        debug!("replacing the Kafka producer after a fatal error");
+                        self.sink = KafkaSink::new(&self.config.kafka)?;
+                    }
+                    health.wait(&shutdown).await;
+                }
+            }
+        }
+        info!(
+            published = self.stats.published,
+            dead_lettered = self.stats.dead_lettered,
+            "relay stopped"
+        );
+        Ok(self.stats)
+    }
+
+    /// Publishes `rows` in order and returns the prefix to confirm, plus the
+    /// first transient failure if there was one.
+    async fn publish(
+        &self,
+        rows: &[OutboxRow],
+        shutdown: &CancellationToken,
+    ) -> (Confirm, Option<String>) {
+        let mut pending = Vec::with_capacity(rows.len());
+        for row in rows {
+            let record =
+                record::from_row(row, &self.config.topic_template, self.config.null_payload);
+            pending.push(self.sink.send(&record).await);
+        }
+        // After shutdown fires, in-flight acks get `shutdown_timeout` more.
+        let timeout = self.config.shutdown_timeout;
+        let mut deadline = pin!(async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(timeout).await;
+        });
+        let mut confirm = Confirm::default();
+        let mut failure: Option<String> = None;
+        for (row, pending) in rows.iter().zip(pending) {
+            let outcome = tokio::select! {
+                outcome = Pending::outcome(pending) => outcome,
+                _ = &mut deadline => {
+                    failure.get_or_insert_with(|| "in-flight records were not acknowledged within the shutdown timeout".into());
+                    break;
+                }
+            };
+            if failure.is_some() {
+                continue;
+            }
+            match outcome {
+                Outcome::Acked => confirm.published.push(row.seq),
+                Outcome::Rejected(error) => confirm.dead_letters.push((row.seq, error)),
+                Outcome::Failed(error) => failure = Some(error),
+            }
+        }
+        (confirm, failure)
+    }
+}
+
+/// Logs one line when a dependency starts failing and one when it recovers,
+/// not one per retry, and paces retries with capped exponential backoff.
+#[derive(Default)]
+struct Health {
+    failing: Option<&'static str>,
+    attempts: u32,
+}
+
+impl Health {
+    const MAX_DELAY: Duration = Duration::from_secs(30);
+
+    fn failed(&mut self, doing: &'static str, cause: &str) {
+        if self.failing != Some(doing) {
+            warn!(
+                cause,
+                "failed {doing}: {cause}; retrying with backoff, nothing is lost"
+            );
+        } else {
+            debug!(cause, attempts = self.attempts, "still failing {doing}");
+        }
+        self.failing = Some(doing);
+        self.attempts += 1;
+    }
+
+    fn ok(&mut self) {
+        if let Some(doing) = self.failing.take() {
+            info!(attempts = self.attempts, "recovered: {doing} works again");
+        }
+        self.attempts = 0;
+    }
+
+    async fn wait(&self, shutdown: &CancellationToken) {
+        let exp = self.attempts.saturating_sub(1).min(10);
+        let base = Duration::from_millis(200) * 2u32.pow(exp);
+        let base = base.min(Self::MAX_DELAY);
+        // Jitter in [50%, 100%] so restarted instances do not retry in step.
+        let jitter = rand::random_range(0.5..=1.0);
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(base.mul_f64(jitter)) => {}
+        }
+    }
+}
+
+/// A progress line every ten seconds while rows flow.
+struct Report {
+    since: Instant,
+    rows: usize,
+}
+
+impl Report {
+    fn new() -> Self {
+        Report {
+            since: Instant::now(),
+            rows: 0,
+        }
+    }
+
+    fn add(&mut self, rows: usize) {
+        self.rows += rows;
+        let elapsed = self.since.elapsed();
+        if elapsed >= Duration::from_secs(10) {
+            if self.rows > 0 {
+                let rate = self.rows as f64 / elapsed.as_secs_f64();
+                info!(
+                    rows = self.rows,
+                    rows_per_sec = rate.round() as u64,
+                    "published"
+                );
+            }
+            self.rows = 0;
+            self.since = Instant::now();
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Poll mode: read committed rows with SQL, oldest `seq` first, and delete
+//! them once the relay confirms them.
+//!
+//! Nothing is ever skipped because the source keeps no cursor: every batch
+//! is read from the head of the table as it is now, and a row leaves the
+//! table only when confirmed. A row whose transaction took its `seq` early
+//! but committed late (the commit-skew trap of `where seq > last`) is simply
+//! at the head of a later batch. Order: within a batch rows are in `seq`
+//! order; a row only becomes visible at commit, so across batches rows come
+//! in commit order. See the README's "Ordering" for the exact claim.
+//!
+//! One instance is active per schema: the source holds a session advisory
+//! lock on the connection it reads and deletes with, so losing that
+//! connection loses the lock at the same moment. Standby instances wait for
+//! the lock.
+
+use std::time::Duration;
+
+use sqlx::{Connection, PgConnection};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::config::DatabaseConfig;
+use crate::database;
+use crate::error::Error;
+use crate::outbox::OutboxRow;
+use crate::source::{Confirm, Source};
+
+const SELECT_BATCH: &str = "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
+     payload::text as payload, headers, created_at from outbox order by seq limit $1";
+
+const DELETE_PUBLISHED: &str = "delete from outbox where seq = any($1)";
+
+const MOVE_TO_DEAD_LETTER: &str = "with moved as (delete from outbox where seq = any($1) returning *) \
+     insert into dead_letter (seq, id, aggregate_type, aggregate_id, event_type, topic, payload, headers, created_at, error) \
+     select m.seq, m.id, m.aggregate_type, m.aggregate_id, m.event_type, m.topic, m.payload, m.headers, m.created_at, e.error \
+     from moved m join unnest($1::bigint[], $2::text[]) as e(seq, error) on e.seq = m.seq \
+     on conflict (id) do update set error = excluded.error, attempts = dead_letter.attempts + 1, failed_at = now()";
+
+const TRY_LOCK: &str = "select pg_try_advisory_lock(hashtextextended($1, 0))";
+
+/// Reads the outbox table with SQL.
+pub struct PollSource {
+    database: DatabaseConfig,
+    conn: Option<PgConnection>,
+    max_interval: Duration,
+}
+
+impl PollSource {
+    /// A source that connects on first use. `max_interval` is the longest
+    /// wait between two polls of an idle outbox.
+    pub fn new(database: DatabaseConfig, max_interval: Duration) -> Self {
+        PollSource {
+            database,
+            conn: None,
+            max_interval,
+        }
+    }
+
+    /// The advisory-lock name electing the one active relay for this schema.
+    fn lock_name(&self) -> String {
+        format!("outbox-relay:{}", self.database.schema())
+    }
+
+    /// The connection, opened and holding the leader lock; waits as a
+    /// standby while another instance holds it. `None` on shutdown.
+    async fn leader_connection(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<&mut PgConnection>, Error> {
+        if self.conn.is_none() {
+            let mut conn = database::connect(&self.database).await?;
+            database::check_schema(&mut conn, &self.database).await?;
+            let mut standing_by = false;
+            loop {
+                let locked: bool = sqlx::query_scalar(TRY_LOCK)
+                    .bind(self.lock_name())
+                    .fetch_one(&mut conn)
+                    .await
+                    .map_err(Error::db("taking the leader lock"))?;
+                if locked {
+                    info!(database = %self.database.target(), "active: this instance holds the relay lock");
+                    break;
+                }
+                if !standing_by {
+                    info!(database = %self.database.target(), "standing by: another relay instance holds the lock for this outbox");
+                    standing_by = true;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            self.conn = Some(conn);
+        }
+        Ok(self.conn.as_mut())
+    }
+
+    /// Runs `f` on the leader connection; any error drops the connection (and
+    /// with it the lock) so the next call starts clean.
+    fn forget_on_error<T>(&mut self, result: Result<T, Error>) -> Result<T, Error> {
+        if result.is_err() {
+            self.conn = None;
+        }
+        result
+    }
+}
+
+impl Source for PollSource {
+    async fn next_batch(
+        &mut self,
+        max: usize,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<OutboxRow>, Error> {
+        let max_interval = self.max_interval;
+        let mut wait = Duration::from_millis(1);
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(Vec::new());
+            }
+            let conn = match self.leader_connection(shutdown).await {
+                Ok(Some(conn)) => conn,
+                Ok(None) => return Ok(Vec::new()),
+                Err(e) => return self.forget_on_error(Err(e)),
+            };
+            let rows = sqlx::query_as::<_, OutboxRow>(SELECT_BATCH)
+                .bind(limit)
+                .fetch_all(conn)
+                .await
+                .map_err(Error::db("reading outbox rows"));
+            let rows = self.forget_on_error(rows)?;
+            if !rows.is_empty() {
+                return Ok(rows);
+            }
+            // Idle: back off from 1 ms up to `max_interval`, so a burst after
+            // a quiet spell is seen quickly and an idle outbox costs a few
+            // index lookups per second.
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(Vec::new()),
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(max_interval);
+        }
+    }
+
+    async fn confirm(&mut self, confirm: &Confirm) -> Result<(), Error> {
+        if confirm.is_empty() {
+            return Ok(());
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(Error::Database {
+                doing: "confirming published rows",
+                source: sqlx::Error::PoolClosed,
+            });
+        };
+        let result = apply_confirm(conn, confirm).await;
+        if result.is_ok() {
+            debug!(
+                published = confirm.published.len(),
+                dead_letters = confirm.dead_letters.len(),
+                "batch confirmed"
+            );
+        }
+        self.forget_on_error(result)
+    }
+}
+
+async fn apply_confirm(conn: &mut PgConnection, confirm: &Confirm) -> Result<(), Error> {
+    let doing = "confirming published rows";
+    let mut tx = conn.begin().await.map_err(Error::db(doing))?;
+    if !confirm.published.is_empty() {
+        sqlx::query(DELETE_PUBLISHED)
+            .bind(&confirm.published)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::db(doing))?;
+    }
+    if !confirm.dead_letters.is_empty() {
+        let (seqs, errors): (Vec<i64>, Vec<&str>) = confirm
+            .dead_letters
+            .iter()
+            .map(|(seq, error)| (*seq, error.as_str()))
+            .unzip();
+        sqlx::query(MOVE_TO_DEAD_LETTER)
+            .bind(seqs)
+            .bind(errors)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::db("moving rejected rows to the dead-letter table"))?;
+    }
+    tx.commit().await.map_err(Error::db(doing))
+}

@@ -1,0 +1,334 @@
+//! The test harness: one throwaway Postgres per test binary (each test gets
+//! its own database), a Kafka per test (librdkafka's mock cluster, or the
+//! brokers in `OUTBOX_TEST_BROKERS`), the relay binary as a subprocess,
+//! business writers, and a consumer that reads everything back.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use outbox_relay::embedded::TempPostgres;
+use outbox_relay::outbox::{self, Event};
+use rand::Rng;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::json;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+static SHARED_PG: tokio::sync::OnceCell<(u16, String)> = tokio::sync::OnceCell::const_new();
+static HELD: Mutex<Option<TempPostgres>> = Mutex::new(None);
+
+extern "C" fn stop_shared_pg() {
+    if let Ok(mut held) = HELD.lock() {
+        held.take();
+    }
+}
+
+/// A fresh database in the binary's shared throwaway cluster; returns its URL.
+pub async fn fresh_database() -> String {
+    let (_, template) = SHARED_PG
+        .get_or_init(|| async {
+            let pg = TempPostgres::start().await.expect("start the throwaway Postgres");
+            let port = pg.port();
+            let template = pg.url("{db}");
+            *HELD.lock().unwrap() = Some(pg);
+            // SAFETY: registering a plain extern "C" fn; it only drops the cluster.
+            unsafe { libc::atexit(stop_shared_pg) };
+            (port, template)
+        })
+        .await;
+    let name = format!("t_{}", Uuid::new_v4().simple());
+    let admin = template.replace("{db}", "postgres");
+    let pool = PgPoolOptions::new().max_connections(1).connect(&admin).await.unwrap();
+    sqlx::query(&format!("create database {name}")).execute(&pool).await.unwrap();
+    pool.close().await;
+    template.replace("{db}", &name)
+}
+
+/// Runs `outbox-relay migrate` through the library and returns a pool.
+pub async fn migrated_pool(url: &str) -> PgPool {
+    let db = outbox_relay::config::DatabaseConfig::from_url(
+        url,
+        outbox_relay::config::Identifier::parse("public", "--schema").unwrap(),
+        "--database-url",
+    )
+    .unwrap();
+    outbox_relay::database::migrate(&db).await.unwrap();
+    PgPoolOptions::new().max_connections(10).connect(url).await.unwrap()
+}
+
+/// A Kafka for one test.
+pub enum Kafka {
+    Mock(MockCluster<'static, DefaultProducerContext>),
+    External(String),
+}
+
+impl Kafka {
+    /// The brokers in `OUTBOX_TEST_BROKERS`, else a new 3-broker mock cluster.
+    pub fn start() -> Kafka {
+        match std::env::var("OUTBOX_TEST_BROKERS") {
+            Ok(brokers) if !brokers.is_empty() => Kafka::External(brokers),
+            _ => Kafka::Mock(MockCluster::new(3).expect("start the mock cluster")),
+        }
+    }
+
+    /// Always a mock cluster, for tests that inject faults through it.
+    pub fn mock() -> Kafka {
+        Kafka::Mock(MockCluster::new(3).expect("start the mock cluster"))
+    }
+
+    pub fn brokers(&self) -> String {
+        match self {
+            Kafka::Mock(mock) => mock.bootstrap_servers(),
+            Kafka::External(brokers) => brokers.clone(),
+        }
+    }
+
+    pub fn cluster(&self) -> &MockCluster<'static, DefaultProducerContext> {
+        match self {
+            Kafka::Mock(mock) => mock,
+            Kafka::External(_) => panic!("this test needs the mock cluster"),
+        }
+    }
+
+    pub async fn create_topic(&self, topic: &str, partitions: i32) {
+        match self {
+            Kafka::Mock(mock) => mock.create_topic(topic, partitions, 3).unwrap(),
+            Kafka::External(brokers) => {
+                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                    .set("bootstrap.servers", brokers)
+                    .create()
+                    .unwrap();
+                let topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+                let results = admin.create_topics([&topic], &AdminOptions::new()).await.unwrap();
+                for result in results {
+                    if let Err((name, code)) = result {
+                        assert_eq!(code, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists, "create topic {name}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A unique prefix for one test's topics.
+pub fn topic_prefix() -> String {
+    format!("t{}", &Uuid::new_v4().simple().to_string()[..10])
+}
+
+/// The relay binary with `run` arguments for this database and Kafka.
+pub fn relay_command(url: &str, brokers: &str, prefix: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+    cmd.args(["run", "--mode", "poll", "--database-url", url, "--brokers", brokers])
+        .arg("--topic-template")
+        .arg(format!("{prefix}.{{aggregate_type}}"))
+        .env("OUTBOX_LOG", "info")
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Starts the relay binary.
+pub fn spawn_relay(url: &str, brokers: &str, prefix: &str, extra: &[&str]) -> Child {
+    relay_command(url, brokers, prefix)
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the relay binary")
+}
+
+/// Ids written by business transactions.
+#[derive(Debug, Default)]
+pub struct Written {
+    pub committed: Vec<Uuid>,
+    pub rolled_back: Vec<Uuid>,
+}
+
+/// Creates `agg` with `aggregates` rows. Writers lock an aggregate's row and
+/// bump its version, so its events' versions follow commit order.
+pub async fn create_aggregates(pool: &PgPool, aggregates: u32) {
+    sqlx::query("create table agg (id text primary key, version bigint not null default 0)")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("insert into agg (id) select 'a' || g from generate_series(1, $1) g")
+        .bind(aggregates as i64)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// `transactions` business transactions of 1 to 3 events for one random
+/// aggregate each; roughly `rollback_rate` of them roll back.
+pub async fn write(pool: &PgPool, transactions: u32, aggregates: u32, rollback_rate: f64) -> Written {
+    let mut written = Written::default();
+    for _ in 0..transactions {
+        let (aggregate, n, roll_back) = {
+            let mut rng = rand::rng();
+            (
+                format!("a{}", rng.random_range(1..=aggregates)),
+                rng.random_range(1..=3i64),
+                rng.random_bool(rollback_rate),
+            )
+        };
+        let mut tx = pool.begin().await.unwrap();
+        let version: i64 = sqlx::query_scalar("update agg set version = version + $2 where id = $1 returning version")
+            .bind(&aggregate)
+            .bind(n)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        let events: Vec<Event> = (0..n)
+            .map(|i| Event::new("acct", &aggregate, "changed", json!({"version": version - n + 1 + i})))
+            .collect();
+        outbox::insert_all(&mut tx, &events).await.unwrap();
+        let ids = events.iter().map(|e| e.id);
+        if roll_back {
+            tx.rollback().await.unwrap();
+            written.rolled_back.extend(ids);
+        } else {
+            tx.commit().await.unwrap();
+            written.committed.extend(ids);
+        }
+    }
+    written
+}
+
+/// A record read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Consumed {
+    pub fn id(&self) -> Uuid {
+        let (_, value) = self.headers.iter().find(|(k, _)| k == "id").expect("record has an id header");
+        Uuid::parse_str(std::str::from_utf8(value).unwrap()).unwrap()
+    }
+
+    pub fn version(&self) -> i64 {
+        let value: serde_json::Value = serde_json::from_slice(self.value.as_deref().unwrap()).unwrap();
+        value["version"].as_i64().unwrap()
+    }
+}
+
+/// Reads `topics` from the beginning until `done` holds for what was read,
+/// or `deadline` passes (then returns what it has).
+pub async fn consume_until(
+    brokers: &str,
+    topics: &[&str],
+    deadline: Duration,
+    done: impl Fn(&[Consumed]) -> bool,
+) -> Vec<Consumed> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{}", Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+        let partitions = metadata.topics()[0].partitions().len() as i32;
+        assert!(partitions > 0, "topic {topic} has no partitions");
+        for p in 0..partitions {
+            assignment.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        }
+    }
+    consumer.assign(&assignment).unwrap();
+    let until = Instant::now() + deadline;
+    let mut out = Vec::new();
+    tokio::task::block_in_place(|| {
+        while !done(&out) && Instant::now() < until {
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => out.push(Consumed {
+                    topic: m.topic().to_owned(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(|k| String::from_utf8(k.to_vec()).unwrap()),
+                    value: m.payload().map(<[u8]>::to_vec),
+                    headers: m
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                }),
+                Some(Err(e)) => eprintln!("consumer: {e}"),
+                None => {}
+            }
+        }
+    });
+    out
+}
+
+/// Reads until every id in `expected` was seen.
+pub async fn consume_ids(brokers: &str, topics: &[&str], expected: &[Uuid], deadline: Duration) -> Vec<Consumed> {
+    let expected: HashSet<Uuid> = expected.iter().copied().collect();
+    consume_until(brokers, topics, deadline, |records| {
+        let seen: HashSet<Uuid> = records.iter().map(Consumed::id).collect();
+        expected.is_subset(&seen)
+    })
+    .await
+}
+
+/// Per-aggregate order: every aggregate lives in one partition, and its
+/// first deliveries carry versions 1, 2, 3, ... in offset order. Returns the
+/// number of duplicate deliveries.
+pub fn assert_order(records: &[Consumed]) -> usize {
+    let mut by_key: HashMap<String, Vec<&Consumed>> = HashMap::new();
+    for r in records {
+        by_key.entry(r.key.clone().unwrap()).or_default().push(r);
+    }
+    let mut duplicates = 0;
+    for (key, mut list) in by_key {
+        let partitions: HashSet<(String, i32)> = list.iter().map(|r| (r.topic.clone(), r.partition)).collect();
+        assert_eq!(partitions.len(), 1, "aggregate {key} is spread over {partitions:?}");
+        list.sort_by_key(|r| r.offset);
+        let mut seen = HashSet::new();
+        let mut expected = 1;
+        for r in list {
+            if !seen.insert(r.id()) {
+                duplicates += 1;
+                continue;
+            }
+            assert_eq!(r.version(), expected, "aggregate {key}: version {} arrived where {expected} was due", r.version());
+            expected += 1;
+        }
+    }
+    duplicates
+}
+
+/// Rows still in the outbox.
+pub async fn outbox_count(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("select count(*) from outbox").fetch_one(pool).await.unwrap()
+}
+
+/// Waits for `cond` with a deadline, polling every 50 ms.
+pub async fn wait_for<F, Fut>(what: &str, deadline: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = Instant::now() + deadline;
+    while !cond().await {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -41,6 +41,9 @@ struct Args {
     /// Exit 0 after this many seconds without a new message (0: never).
     #[arg(long, default_value_t = 0)]
     idle_exit_secs: u64,
+    /// Extra librdkafka consumer property KEY=VALUE (repeatable), e.g. SASL settings.
+    #[arg(long = "kafka-config")]
+    kafka_config: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -58,18 +61,29 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("connecting to --database-url")?;
     // The crate's migrations create the inbox table.
-    outbox_relay::MIGRATOR.run(&pool).await.context("creating the inbox table")?;
-    sqlx::query("create table if not exists balances (account text primary key, amount bigint not null)")
-        .execute(&pool)
-        .await?;
+    outbox_relay::MIGRATOR
+        .run(&pool)
+        .await
+        .context("creating the inbox table")?;
+    sqlx::query(
+        "create table if not exists balances (account text primary key, amount bigint not null)",
+    )
+    .execute(&pool)
+    .await?;
 
-    let consumer: StreamConsumer = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", &args.brokers)
         .set("group.id", &args.group)
         .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .context("creating the Kafka consumer")?;
+        .set("auto.offset.reset", "earliest");
+    for entry in &args.kafka_config {
+        let (key, value) = entry
+            .split_once('=')
+            .context("--kafka-config takes KEY=VALUE")?;
+        config.set(key, value);
+    }
+    let consumer: StreamConsumer = config.create().context("creating the Kafka consumer")?;
     consumer.subscribe(&[&args.topic]).context("subscribing")?;
 
     let idle = (args.idle_exit_secs > 0).then(|| Duration::from_secs(args.idle_exit_secs));

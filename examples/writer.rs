@@ -59,6 +59,9 @@ async fn main() -> anyhow::Result<()> {
         outbox::insert(&mut tx, &event).await?;
         tx.commit().await?;
     }
-    println!("placed {} orders; the relay publishes them to order.events", args.orders);
+    println!(
+        "placed {} orders; the relay publishes them to order.events",
+        args.orders
+    );
     Ok(())
 }

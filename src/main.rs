@@ -21,11 +21,15 @@ fn main() -> ExitCode {
             // One line: clap's first line names the flag and the cause; the
             // hint points at --help for the fix.
             let rendered = e.render().to_string();
-            let first = rendered
+            let message: Vec<&str> = rendered
                 .lines()
-                .next()
-                .unwrap_or("error: invalid arguments");
-            eprintln!("{first}; see `outbox-relay --help`");
+                .take_while(|line| {
+                    !line.starts_with("Usage:") && !line.starts_with("For more information")
+                })
+                .map(str::trim)
+                .filter(|line| !line.is_empty() && !line.starts_with("tip:"))
+                .collect();
+            eprintln!("{}; see `outbox-relay --help`", message.join(" "));
             return ExitCode::from(2);
         }
     };

@@ -33,7 +33,12 @@ async fn kill_9_in_a_loop_loses_nothing_and_keeps_order() {
         .collect();
     let mut kills = 0;
     while writers.iter().any(|w| !w.is_finished()) {
-        let mut relay = spawn_relay(&url, &kafka.brokers(), &prefix, &["--batch-size", &batch.to_string()]);
+        let mut relay = spawn_relay(
+            &url,
+            &kafka.brokers(),
+            &prefix,
+            &["--batch-size", &batch.to_string()],
+        );
         let pause = rand::rng().random_range(100..700);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         relay.kill().await.unwrap(); // SIGKILL
@@ -45,18 +50,40 @@ async fn kill_9_in_a_loop_loses_nothing_and_keeps_order() {
         written.committed.extend(w.committed);
         written.rolled_back.extend(w.rolled_back);
     }
-    assert!(kills >= 2, "the writers finished before the relay was killed twice");
+    assert!(
+        kills >= 2,
+        "the writers finished before the relay was killed twice"
+    );
 
-    let mut relay = spawn_relay(&url, &kafka.brokers(), &prefix, &["--batch-size", &batch.to_string()]);
+    let mut relay = spawn_relay(
+        &url,
+        &kafka.brokers(),
+        &prefix,
+        &["--batch-size", &batch.to_string()],
+    );
     let records = consume_ids(&kafka.brokers(), &[&topic], &written.committed, DEADLINE).await;
-    wait_for("the outbox to drain", DEADLINE, || async { outbox_count(&pool).await == 0 }).await;
+    wait_for("the outbox to drain", DEADLINE, || async {
+        outbox_count(&pool).await == 0
+    })
+    .await;
     relay.kill().await.unwrap();
 
     let seen: HashSet<Uuid> = records.iter().map(Consumed::id).collect();
-    let missing = written.committed.iter().filter(|id| !seen.contains(id)).count();
+    let missing = written
+        .committed
+        .iter()
+        .filter(|id| !seen.contains(id))
+        .count();
     assert_eq!(missing, 0, "{missing} committed rows never reached Kafka");
-    let leaked = written.rolled_back.iter().filter(|id| seen.contains(id)).count();
-    assert_eq!(leaked, 0, "{leaked} rows of rolled-back transactions were published");
+    let leaked = written
+        .rolled_back
+        .iter()
+        .filter(|id| seen.contains(id))
+        .count();
+    assert_eq!(
+        leaked, 0,
+        "{leaked} rows of rolled-back transactions were published"
+    );
     let duplicates = assert_order(&records);
     assert!(
         duplicates <= kills * batch,
@@ -78,22 +105,41 @@ async fn a_row_that_commits_late_is_still_published() {
     // The early transaction takes its seq first and commits last.
     let early_id = Uuid::new_v4();
     let mut early = pool.begin().await.unwrap();
-    let early_seq: i64 = sqlx::query_scalar(insert).bind(early_id).bind("x").fetch_one(&mut *early).await.unwrap();
+    let early_seq: i64 = sqlx::query_scalar(insert)
+        .bind(early_id)
+        .bind("x")
+        .fetch_one(&mut *early)
+        .await
+        .unwrap();
     let late_id = Uuid::new_v4();
-    let late_seq: i64 = sqlx::query_scalar(insert).bind(late_id).bind("y").fetch_one(&pool).await.unwrap();
+    let late_seq: i64 = sqlx::query_scalar(insert)
+        .bind(late_id)
+        .bind("y")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert!(early_seq < late_seq);
 
     let mut relay = spawn_relay(&url, &kafka.brokers(), &prefix, &[]);
     let first = consume_ids(&kafka.brokers(), &[&topic], &[late_id], DEADLINE).await;
-    assert!(first.iter().all(|r| r.id() != early_id), "an uncommitted row was published");
+    assert!(
+        first.iter().all(|r| r.id() != early_id),
+        "an uncommitted row was published"
+    );
     // The uncommitted row is invisible to the count.
-    wait_for("the relay to confirm the later row", DEADLINE, || async { outbox_count(&pool).await == 0 }).await;
+    wait_for("the relay to confirm the later row", DEADLINE, || async {
+        outbox_count(&pool).await == 0
+    })
+    .await;
 
     early.commit().await.unwrap();
     let all = consume_ids(&kafka.brokers(), &[&topic], &[late_id, early_id], DEADLINE).await;
     relay.kill().await.unwrap();
     let ids: HashSet<Uuid> = all.iter().map(Consumed::id).collect();
-    assert!(ids.contains(&early_id), "the row that committed late was skipped");
+    assert!(
+        ids.contains(&early_id),
+        "the row that committed late was skipped"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -110,12 +156,19 @@ async fn rows_present_before_the_first_start_are_published() {
     kafka.create_topic(&topic, 3).await;
     let mut relay = spawn_relay(&url, &kafka.brokers(), &prefix, &[]);
     let records = consume_ids(&kafka.brokers(), &[&topic], &written.committed, DEADLINE).await;
-    wait_for("the outbox to drain", DEADLINE, || async { outbox_count(&pool).await == 0 }).await;
+    wait_for("the outbox to drain", DEADLINE, || async {
+        outbox_count(&pool).await == 0
+    })
+    .await;
     relay.kill().await.unwrap();
 
     let seen: HashSet<Uuid> = records.iter().map(Consumed::id).collect();
     assert_eq!(seen.len(), written.committed.len());
-    assert_eq!(assert_order(&records), 0, "an undisturbed relay published duplicates");
+    assert_eq!(
+        assert_order(&records),
+        0,
+        "an undisturbed relay published duplicates"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -145,18 +198,33 @@ async fn records_follow_the_documented_mapping() {
     .unwrap();
 
     let mut relay = spawn_relay(&url, &kafka.brokers(), &prefix, &[]);
-    let records = consume_ids(&kafka.brokers(), &[&routed, &explicit], &[a, b, c], DEADLINE).await;
+    let records = consume_ids(
+        &kafka.brokers(),
+        &[&routed, &explicit],
+        &[a, b, c],
+        DEADLINE,
+    )
+    .await;
     relay.kill().await.unwrap();
     let find = |id: Uuid| records.iter().find(|r| r.id() == id).unwrap().clone();
     let header_text = |r: &Consumed| -> Vec<(String, String)> {
-        r.headers.iter().map(|(k, v)| (k.clone(), String::from_utf8(v.clone()).unwrap())).collect()
+        r.headers
+            .iter()
+            .map(|(k, v)| (k.clone(), String::from_utf8(v.clone()).unwrap()))
+            .collect()
     };
 
     let ra = find(a);
-    assert_eq!(ra.topic, routed, "topic from the template {{aggregate_type}}");
+    assert_eq!(
+        ra.topic, routed,
+        "topic from the template {{aggregate_type}}"
+    );
     assert_eq!(ra.key.as_deref(), Some("o-1"));
     // jsonb's own text form: keys sorted by length then bytes, one space after ':' and ','.
-    assert_eq!(ra.value.as_deref(), Some(&br#"{"a": "x", "b": [1, 2]}"#[..]));
+    assert_eq!(
+        ra.value.as_deref(),
+        Some(&br#"{"a": "x", "b": [1, 2]}"#[..])
+    );
     let expected: Vec<(String, String)> = [
         ("id", a.to_string().as_str()),
         ("event_type", "order.created"),
@@ -170,12 +238,19 @@ async fn records_follow_the_documented_mapping() {
     assert_eq!(header_text(&ra), expected);
 
     let rb = find(b);
-    assert_eq!(rb.topic, explicit, "the topic column overrides the template");
+    assert_eq!(
+        rb.topic, explicit,
+        "the topic column overrides the template"
+    );
     assert_eq!(rb.key.as_deref(), Some("o-2"));
 
     let rc = find(c);
     assert_eq!(rc.topic, routed);
-    assert_eq!(rc.value.as_deref(), Some(&b"null"[..]), "a null payload is the JSON null by default");
+    assert_eq!(
+        rc.value.as_deref(),
+        Some(&b"null"[..]),
+        "a null payload is the JSON null by default"
+    );
     assert_eq!(ra.partition, rc.partition, "one aggregate, one partition");
     assert!(ra.offset < rc.offset, "one aggregate's rows in seq order");
 }
@@ -211,10 +286,16 @@ async fn injected_broker_errors_lose_nothing_and_keep_order() {
     written.rolled_back.extend(more.rolled_back);
 
     let records = consume_ids(&kafka.brokers(), &[&topic], &written.committed, DEADLINE).await;
-    wait_for("the outbox to drain", DEADLINE, || async { outbox_count(&pool).await == 0 }).await;
+    wait_for("the outbox to drain", DEADLINE, || async {
+        outbox_count(&pool).await == 0
+    })
+    .await;
     relay.kill().await.unwrap();
     let seen: HashSet<Uuid> = records.iter().map(Consumed::id).collect();
-    assert!(written.committed.iter().all(|id| seen.contains(id)), "a committed row was lost");
+    assert!(
+        written.committed.iter().all(|id| seen.contains(id)),
+        "a committed row was lost"
+    );
     assert!(written.rolled_back.iter().all(|id| !seen.contains(id)));
     assert_order(&records);
 }
@@ -232,30 +313,60 @@ async fn sigterm_with_rows_in_flight_exits_zero_and_confirms_only_what_was_acked
     kafka.create_topic(&topic, 3).await;
     // Slow acks, so a batch is in flight when SIGTERM arrives.
     for broker in 1..=3 {
-        kafka.cluster().broker_round_trip_time(broker, Duration::from_millis(300)).unwrap();
+        kafka
+            .cluster()
+            .broker_round_trip_time(broker, Duration::from_millis(300))
+            .unwrap();
     }
 
     let mut relay = spawn_relay(&url, &kafka.brokers(), &prefix, &["--batch-size", "200"]);
-    wait_for("the first batch to be confirmed", DEADLINE, || async { outbox_count(&pool).await < total }).await;
+    wait_for("the first batch to be confirmed", DEADLINE, || async {
+        outbox_count(&pool).await < total
+    })
+    .await;
     kill(Pid::from_raw(relay.id().unwrap() as i32), Signal::SIGTERM).unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(30), relay.wait()).await.expect("relay exits").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), relay.wait())
+        .await
+        .expect("relay exits")
+        .unwrap();
     assert!(status.success(), "relay exited with {status} on SIGTERM");
 
     // Every row that left the outbox is in Kafka.
-    let remaining: Vec<Uuid> = sqlx::query_scalar("select id from outbox").fetch_all(&pool).await.unwrap();
+    let remaining: Vec<Uuid> = sqlx::query_scalar("select id from outbox")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
     let remaining: HashSet<Uuid> = remaining.into_iter().collect();
-    let confirmed: Vec<Uuid> = written.committed.iter().copied().filter(|id| !remaining.contains(id)).collect();
-    assert!(!confirmed.is_empty() && !remaining.is_empty(), "SIGTERM should land mid-stream");
+    let confirmed: Vec<Uuid> = written
+        .committed
+        .iter()
+        .copied()
+        .filter(|id| !remaining.contains(id))
+        .collect();
+    assert!(
+        !confirmed.is_empty() && !remaining.is_empty(),
+        "SIGTERM should land mid-stream"
+    );
     consume_ids(&kafka.brokers(), &[&topic], &confirmed, DEADLINE).await;
 
     // A restart publishes the rest; a graceful stop left nothing to repeat.
     for broker in 1..=3 {
-        kafka.cluster().broker_round_trip_time(broker, Duration::ZERO).unwrap();
+        kafka
+            .cluster()
+            .broker_round_trip_time(broker, Duration::ZERO)
+            .unwrap();
     }
     let mut relay = spawn_relay(&url, &kafka.brokers(), &prefix, &["--batch-size", "200"]);
     let records = consume_ids(&kafka.brokers(), &[&topic], &written.committed, DEADLINE).await;
     relay.kill().await.unwrap();
     let seen: HashSet<Uuid> = records.iter().map(Consumed::id).collect();
-    assert!(written.committed.iter().all(|id| seen.contains(id)), "a row was lost across SIGTERM");
-    assert_eq!(assert_order(&records), 0, "rows were published twice across a graceful stop");
+    assert!(
+        written.committed.iter().all(|id| seen.contains(id)),
+        "a row was lost across SIGTERM"
+    );
+    assert_eq!(
+        assert_order(&records),
+        0,
+        "rows were published twice across a graceful stop"
+    );
 }

@@ -37,7 +37,9 @@ extern "C" fn stop_shared_pg() {
 pub async fn fresh_database() -> String {
     let (_, template) = SHARED_PG
         .get_or_init(|| async {
-            let pg = TempPostgres::start().await.expect("start the throwaway Postgres");
+            let pg = TempPostgres::start()
+                .await
+                .expect("start the throwaway Postgres");
             let port = pg.port();
             let template = pg.url("{db}");
             *HELD.lock().unwrap() = Some(pg);
@@ -48,8 +50,15 @@ pub async fn fresh_database() -> String {
         .await;
     let name = format!("t_{}", Uuid::new_v4().simple());
     let admin = template.replace("{db}", "postgres");
-    let pool = PgPoolOptions::new().max_connections(1).connect(&admin).await.unwrap();
-    sqlx::query(&format!("create database {name}")).execute(&pool).await.unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&admin)
+        .await
+        .unwrap();
+    sqlx::query(&format!("create database {name}"))
+        .execute(&pool)
+        .await
+        .unwrap();
     pool.close().await;
     template.replace("{db}", &name)
 }
@@ -63,7 +72,11 @@ pub async fn migrated_pool(url: &str) -> PgPool {
     )
     .unwrap();
     outbox_relay::database::migrate(&db).await.unwrap();
-    PgPoolOptions::new().max_connections(10).connect(url).await.unwrap()
+    PgPoolOptions::new()
+        .max_connections(10)
+        .connect(url)
+        .await
+        .unwrap()
 }
 
 /// A Kafka for one test.
@@ -109,10 +122,17 @@ impl Kafka {
                     .create()
                     .unwrap();
                 let topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-                let results = admin.create_topics([&topic], &AdminOptions::new()).await.unwrap();
+                let results = admin
+                    .create_topics([&topic], &AdminOptions::new())
+                    .await
+                    .unwrap();
                 for result in results {
                     if let Err((name, code)) = result {
-                        assert_eq!(code, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists, "create topic {name}");
+                        assert_eq!(
+                            code,
+                            rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
+                            "create topic {name}"
+                        );
                     }
                 }
             }
@@ -128,11 +148,19 @@ pub fn topic_prefix() -> String {
 /// The relay binary with `run` arguments for this database and Kafka.
 pub fn relay_command(url: &str, brokers: &str, prefix: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
-    cmd.args(["run", "--mode", "poll", "--database-url", url, "--brokers", brokers])
-        .arg("--topic-template")
-        .arg(format!("{prefix}.{{aggregate_type}}"))
-        .env("OUTBOX_LOG", "info")
-        .kill_on_drop(true);
+    cmd.args([
+        "run",
+        "--mode",
+        "poll",
+        "--database-url",
+        url,
+        "--brokers",
+        brokers,
+    ])
+    .arg("--topic-template")
+    .arg(format!("{prefix}.{{aggregate_type}}"))
+    .env("OUTBOX_LOG", "info")
+    .kill_on_drop(true);
     cmd
 }
 
@@ -169,7 +197,12 @@ pub async fn create_aggregates(pool: &PgPool, aggregates: u32) {
 
 /// `transactions` business transactions of 1 to 3 events for one random
 /// aggregate each; roughly `rollback_rate` of them roll back.
-pub async fn write(pool: &PgPool, transactions: u32, aggregates: u32, rollback_rate: f64) -> Written {
+pub async fn write(
+    pool: &PgPool,
+    transactions: u32,
+    aggregates: u32,
+    rollback_rate: f64,
+) -> Written {
     let mut written = Written::default();
     for _ in 0..transactions {
         let (aggregate, n, roll_back) = {
@@ -181,14 +214,23 @@ pub async fn write(pool: &PgPool, transactions: u32, aggregates: u32, rollback_r
             )
         };
         let mut tx = pool.begin().await.unwrap();
-        let version: i64 = sqlx::query_scalar("update agg set version = version + $2 where id = $1 returning version")
-            .bind(&aggregate)
-            .bind(n)
-            .fetch_one(&mut *tx)
-            .await
-            .unwrap();
+        let version: i64 = sqlx::query_scalar(
+            "update agg set version = version + $2 where id = $1 returning version",
+        )
+        .bind(&aggregate)
+        .bind(n)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
         let events: Vec<Event> = (0..n)
-            .map(|i| Event::new("acct", &aggregate, "changed", json!({"version": version - n + 1 + i})))
+            .map(|i| {
+                Event::new(
+                    "acct",
+                    &aggregate,
+                    "changed",
+                    json!({"version": version - n + 1 + i}),
+                )
+            })
             .collect();
         outbox::insert_all(&mut tx, &events).await.unwrap();
         let ids = events.iter().map(|e| e.id);
@@ -216,12 +258,17 @@ pub struct Consumed {
 
 impl Consumed {
     pub fn id(&self) -> Uuid {
-        let (_, value) = self.headers.iter().find(|(k, _)| k == "id").expect("record has an id header");
+        let (_, value) = self
+            .headers
+            .iter()
+            .find(|(k, _)| k == "id")
+            .expect("record has an id header");
         Uuid::parse_str(std::str::from_utf8(value).unwrap()).unwrap()
     }
 
     pub fn version(&self) -> i64 {
-        let value: serde_json::Value = serde_json::from_slice(self.value.as_deref().unwrap()).unwrap();
+        let value: serde_json::Value =
+            serde_json::from_slice(self.value.as_deref().unwrap()).unwrap();
         value["version"].as_i64().unwrap()
     }
 }
@@ -242,11 +289,15 @@ pub async fn consume_until(
         .unwrap();
     let mut assignment = TopicPartitionList::new();
     for topic in topics {
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap();
         let partitions = metadata.topics()[0].partitions().len() as i32;
         assert!(partitions > 0, "topic {topic} has no partitions");
         for p in 0..partitions {
-            assignment.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+            assignment
+                .add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
         }
     }
     consumer.assign(&assignment).unwrap();
@@ -279,7 +330,12 @@ pub async fn consume_until(
 }
 
 /// Reads until every id in `expected` was seen.
-pub async fn consume_ids(brokers: &str, topics: &[&str], expected: &[Uuid], deadline: Duration) -> Vec<Consumed> {
+pub async fn consume_ids(
+    brokers: &str,
+    topics: &[&str],
+    expected: &[Uuid],
+    deadline: Duration,
+) -> Vec<Consumed> {
     let expected: HashSet<Uuid> = expected.iter().copied().collect();
     consume_until(brokers, topics, deadline, |records| {
         let seen: HashSet<Uuid> = records.iter().map(Consumed::id).collect();
@@ -298,8 +354,15 @@ pub fn assert_order(records: &[Consumed]) -> usize {
     }
     let mut duplicates = 0;
     for (key, mut list) in by_key {
-        let partitions: HashSet<(String, i32)> = list.iter().map(|r| (r.topic.clone(), r.partition)).collect();
-        assert_eq!(partitions.len(), 1, "aggregate {key} is spread over {partitions:?}");
+        let partitions: HashSet<(String, i32)> = list
+            .iter()
+            .map(|r| (r.topic.clone(), r.partition))
+            .collect();
+        assert_eq!(
+            partitions.len(),
+            1,
+            "aggregate {key} is spread over {partitions:?}"
+        );
         list.sort_by_key(|r| r.offset);
         let mut seen = HashSet::new();
         let mut expected = 1;
@@ -308,7 +371,12 @@ pub fn assert_order(records: &[Consumed]) -> usize {
                 duplicates += 1;
                 continue;
             }
-            assert_eq!(r.version(), expected, "aggregate {key}: version {} arrived where {expected} was due", r.version());
+            assert_eq!(
+                r.version(),
+                expected,
+                "aggregate {key}: version {} arrived where {expected} was due",
+                r.version()
+            );
             expected += 1;
         }
     }
@@ -317,7 +385,10 @@ pub fn assert_order(records: &[Consumed]) -> usize {
 
 /// Rows still in the outbox.
 pub async fn outbox_count(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("select count(*) from outbox").fetch_one(pool).await.unwrap()
+    sqlx::query_scalar("select count(*) from outbox")
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 /// Waits for `cond` with a deadline, polling every 50 ms.

@@ -1,0 +1,198 @@
+//! Bad input: one line on stderr naming the thing, the cause and the fix;
+//! the documented exit code; no panic; never the password.
+
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use support::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
+
+/// Runs the binary to completion and returns (exit code, stderr).
+async fn run(args: &[&str]) -> (i32, String) {
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        Command::new(BIN)
+            .args(args)
+            .env("OUTBOX_LOG", "info")
+            .output(),
+    )
+    .await
+    .expect("the relay exits")
+    .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+fn assert_one_line(stderr: &str, starts_with: &str, secret: &str) {
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got:\n{stderr}");
+    assert!(
+        lines[0].starts_with(starts_with),
+        "unexpected message:\n{}",
+        lines[0]
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains(secret), "the password leaked:\n{stderr}");
+}
+
+#[tokio::test]
+async fn unreachable_database() {
+    let (code, stderr) = run(&[
+        "run",
+        "--database-url",
+        "postgres://app:hunter2@127.0.0.1:1/shop",
+        "--brokers",
+        "127.0.0.1:9",
+    ])
+    .await;
+    assert_eq!(code, 1);
+    assert_one_line(
+        &stderr,
+        "error: cannot connect to Postgres at 127.0.0.1:1/shop: Connection refused (os error 111); check --database-url (OUTBOX_DATABASE_URL) and that the server is running",
+        "hunter2",
+    );
+}
+
+#[tokio::test]
+async fn wrong_password() {
+    let url = fresh_database().await;
+    let wrong = url.replace(":outbox-relay-temp@", ":hunter2@");
+    assert_ne!(url, wrong);
+    let (code, stderr) = run(&["run", "--database-url", &wrong, "--brokers", "127.0.0.1:9"]).await;
+    assert_eq!(code, 1);
+    assert_one_line(&stderr, "error: Postgres at 127.0.0.1:", "hunter2");
+    assert!(
+        stderr.contains("rejected the login for user \"postgres\": password authentication failed for user \"postgres\"; check the user and password in --database-url (OUTBOX_DATABASE_URL)"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn tables_missing() {
+    let url = fresh_database().await;
+    let (code, stderr) = run(&["run", "--database-url", &url, "--brokers", "127.0.0.1:9"]).await;
+    assert_eq!(code, 1);
+    assert_one_line(
+        &stderr,
+        "error: table \"public\".outbox does not exist in database",
+        "outbox-relay-temp",
+    );
+    assert!(
+        stderr
+            .contains("run `outbox-relay migrate` with the same --database-url and --schema first"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn malformed_database_url() {
+    for url in [
+        "localhost:5432/shop",
+        "postgres://app:hunter2@db:notaport/shop",
+        "mysql://app:hunter2@db/shop",
+    ] {
+        let (code, stderr) = run(&["run", "--database-url", url, "--brokers", "127.0.0.1:9"]).await;
+        assert_eq!(code, 2, "{url}");
+        assert_one_line(
+            &stderr,
+            "error: --database-url (OUTBOX_DATABASE_URL) is not a valid Postgres URL: ",
+            "hunter2",
+        );
+        assert!(
+            stderr.contains("expected postgres://USER:PASSWORD@HOST:PORT/DATABASE"),
+            "{stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn unknown_mode() {
+    let (code, stderr) = run(&[
+        "run",
+        "--mode",
+        "fast",
+        "--database-url",
+        "postgres://a:hunter2@h/d",
+        "--brokers",
+        "b:1",
+    ])
+    .await;
+    assert_eq!(code, 2);
+    assert_one_line(
+        &stderr,
+        "error: invalid value 'fast' for '--mode <MODE>': unknown mode \"fast\"; use poll or tail",
+        "hunter2",
+    );
+}
+
+#[tokio::test]
+async fn identifier_injection_is_a_validation_error() {
+    let (code, stderr) = run(&[
+        "migrate",
+        "--database-url",
+        "postgres://a:hunter2@h/d",
+        "--schema",
+        "x\"; drop table outbox; --",
+    ])
+    .await;
+    assert_eq!(code, 2);
+    assert_one_line(
+        &stderr,
+        "error: --schema (OUTBOX_SCHEMA) \"x\\\"; drop table outbox; --\" is not a valid Postgres name",
+        "hunter2",
+    );
+}
+
+#[tokio::test]
+async fn unreachable_broker_is_retried_and_said_once() {
+    let url = fresh_database().await;
+    migrated_pool(&url).await;
+    let mut relay = Command::new(BIN)
+        .args(["run", "--database-url", &url, "--brokers", "127.0.0.1:9"])
+        .env("OUTBOX_LOG", "info")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(relay.stderr.take().unwrap()).lines();
+    let wanted = "cannot reach Kafka brokers at 127.0.0.1:9";
+    let found = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains(wanted) {
+                return line;
+            }
+        }
+        panic!("stderr closed before the broker warning");
+    })
+    .await
+    .expect("the relay says the broker is unreachable");
+    assert!(
+        found.contains("retrying with backoff")
+            && found.contains("check --brokers (OUTBOX_BROKERS)"),
+        "{found}"
+    );
+    assert!(!found.contains("outbox-relay-temp"), "{found}");
+    assert!(
+        relay.try_wait().unwrap().is_none(),
+        "the relay gave up instead of retrying"
+    );
+
+    kill(Pid::from_raw(relay.id().unwrap() as i32), Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), relay.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        status.success(),
+        "SIGTERM while waiting for Kafka should exit 0, got {status}"
+    );
+}

@@ -1,0 +1,254 @@
+//! The inbox turns at-least-once delivery into exactly-once effects: every
+//! message delivered two or three times, consumers killed anywhere, and the
+//! balances still come out exact.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use outbox_relay::inbox::{self, Claim};
+use rand::Rng;
+use rand::seq::SliceRandom;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::json;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use support::*;
+use tokio::process::Command;
+use uuid::Uuid;
+
+struct Payment {
+    id: Uuid,
+    account: String,
+    amount: i64,
+}
+
+fn payments(n: usize) -> Vec<Payment> {
+    let mut rng = rand::rng();
+    (0..n)
+        .map(|_| Payment {
+            id: Uuid::new_v4(),
+            account: format!("acct-{}", rng.random_range(1..=5)),
+            amount: rng.random_range(1..=100),
+        })
+        .collect()
+}
+
+fn expected_balances(payments: &[Payment]) -> HashMap<String, i64> {
+    let mut sums = HashMap::new();
+    for p in payments {
+        *sums.entry(p.account.clone()).or_insert(0) += p.amount;
+    }
+    sums
+}
+
+/// Produces each payment `copies(i)` times with the same id, as a relay
+/// restarting around its acks would.
+async fn produce(brokers: &str, topic: &str, deliveries: &[&Payment]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    for p in deliveries {
+        let value = json!({"account": p.account, "amount": p.amount}).to_string();
+        let id = p.id.to_string();
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "id",
+            value: Some(&id),
+        });
+        producer
+            .send(
+                FutureRecord::to(topic)
+                    .key(&p.account)
+                    .payload(&value)
+                    .headers(headers),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+async fn balances(pool: &PgPool) -> HashMap<String, i64> {
+    sqlx::query_as::<_, (String, i64)>("select account, amount from balances")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+fn example_binary(name: &str) -> std::path::PathBuf {
+    // tests/../examples/<name>, built by `cargo test` alongside the tests.
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_example_consumer_applies_each_payment_once_through_kills_and_redeliveries() {
+    let url = fresh_database().await;
+    let kafka = Kafka::start();
+    let topic = format!("{}.payments", topic_prefix());
+    kafka.create_topic(&topic, 2).await;
+    let payments = payments(200);
+    let mut deliveries: Vec<&Payment> = Vec::new();
+    for p in &payments {
+        let copies = rand::rng().random_range(2..=3);
+        deliveries.extend(std::iter::repeat_n(p, copies));
+    }
+    deliveries.shuffle(&mut rand::rng());
+    produce(&kafka.brokers(), &topic, &deliveries).await;
+
+    let consumer = |idle: &str| {
+        let mut cmd = Command::new(example_binary("inbox_consumer"));
+        cmd.args([
+            "--brokers",
+            &kafka.brokers(),
+            "--database-url",
+            &url,
+            "--topic",
+            &topic,
+            "--group",
+            "balances",
+        ])
+        .args(["--idle-exit-secs", idle])
+        .args([
+            "--kafka-config",
+            "session.timeout.ms=3000",
+            "--kafka-config",
+            "heartbeat.interval.ms=500",
+        ])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true);
+        cmd
+    };
+    for _ in 0..3 {
+        let mut child = consumer("0").spawn().unwrap();
+        let pause = rand::rng().random_range(500..2500);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        child.kill().await.unwrap(); // SIGKILL, anywhere in the loop
+    }
+    let status = tokio::time::timeout(Duration::from_secs(180), consumer("8").status())
+        .await
+        .expect("the consumer goes idle and exits")
+        .unwrap();
+    assert!(status.success(), "consumer exited with {status}");
+
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    assert_eq!(
+        balances(&pool).await,
+        expected_balances(&payments),
+        "balances are not exact"
+    );
+    let recorded: i64 =
+        sqlx::query_scalar("select count(*) from inbox where consumer_group = 'balances'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(recorded, payments.len() as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_between_database_commit_and_offset_commit_is_absorbed() {
+    let url = fresh_database().await;
+    let pool = migrated_pool(&url).await;
+    sqlx::query("create table balances (account text primary key, amount bigint not null)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let kafka = Kafka::start();
+    let topic = format!("{}.payments", topic_prefix());
+    kafka.create_topic(&topic, 1).await;
+    let payments = payments(10);
+    produce(
+        &kafka.brokers(),
+        &topic,
+        &payments.iter().collect::<Vec<_>>(),
+    )
+    .await;
+
+    let consumer = || -> BaseConsumer {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", kafka.brokers())
+            .set("group.id", "crashy")
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, 0, Offset::Stored).unwrap();
+        c.assign(&tpl).unwrap();
+        c
+    };
+    // Applies one record through the inbox; returns whether it was new.
+    let apply = |message: (Uuid, serde_json::Value)| {
+        let pool = pool.clone();
+        async move {
+            let (id, payload) = message;
+            let mut tx = pool.begin().await.unwrap();
+            let claim = inbox::claim(&mut tx, "crashy", id).await.unwrap();
+            if claim == Claim::New {
+                sqlx::query("insert into balances values ($1, $2) on conflict (account) do update set amount = balances.amount + excluded.amount")
+                    .bind(payload["account"].as_str().unwrap())
+                    .bind(payload["amount"].as_i64().unwrap())
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+            }
+            tx.commit().await.unwrap();
+            claim
+        }
+    };
+    let read = |c: &BaseConsumer| {
+        let m = loop {
+            if let Some(m) = c.poll(Duration::from_secs(10)) {
+                break m.unwrap();
+            }
+        };
+        let id = inbox::message_id(&m).unwrap();
+        let payload: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        (m.offset(), (id, payload))
+    };
+
+    // First consumer: applies all ten, commits the offset after five, crashes.
+    let first = consumer();
+    for i in 0..10 {
+        let (offset, message) = tokio::task::block_in_place(|| read(&first));
+        assert_eq!(apply(message).await, Claim::New);
+        if i == 4 {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&topic, 0, Offset::Offset(offset + 1))
+                .unwrap();
+            first.commit(&tpl, CommitMode::Sync).unwrap();
+        }
+    }
+    drop(first);
+
+    // Its successor resumes at the committed offset: five redeliveries.
+    let second = consumer();
+    let mut claims = Vec::new();
+    for _ in 0..5 {
+        let (_, message) = tokio::task::block_in_place(|| read(&second));
+        claims.push(apply(message).await);
+    }
+    assert_eq!(
+        claims,
+        vec![Claim::Duplicate; 5],
+        "redelivered messages were applied again"
+    );
+    assert_eq!(balances(&pool).await, expected_balances(&payments));
+}

@@ -15,7 +15,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Opens one connection, classifying failures (unreachable, login refused,
 /// database missing).
 pub async fn connect(db: &DatabaseConfig) -> Result<PgConnection, Error> {
-    let target = db.target().clone();
+    let target = Box::new(db.target().clone());
     let attempt = PgConnection::connect_with(db.connect_options());
     match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
         Ok(Ok(conn)) => Ok(conn),
@@ -28,7 +28,7 @@ pub async fn connect(db: &DatabaseConfig) -> Result<PgConnection, Error> {
 }
 
 fn classify_connect_error(db: &DatabaseConfig, err: sqlx::Error) -> Error {
-    let target = db.target().clone();
+    let target = Box::new(db.target().clone());
     if let sqlx::Error::Database(db_err) = &err {
         match db_err.code().as_deref() {
             Some("28P01") | Some("28000") => {
@@ -68,7 +68,7 @@ pub async fn check_schema(conn: &mut PgConnection, db: &DatabaseConfig) -> Resul
             .map_err(Error::db("checking the outbox tables"))?;
         if !exists {
             return Err(Error::SchemaMissing {
-                target: db.target().clone(),
+                target: Box::new(db.target().clone()),
                 database: db.target().database.clone(),
                 table: qualified,
             });

@@ -17,7 +17,7 @@ pub enum Error {
         "cannot connect to Postgres at {target}: {cause}; check --database-url (OUTBOX_DATABASE_URL) and that the server is running and accepts TCP connections"
     )]
     DatabaseUnreachable {
-        target: DatabaseTarget,
+        target: Box<DatabaseTarget>,
         cause: String,
     },
 
@@ -26,7 +26,7 @@ pub enum Error {
         "Postgres at {target} rejected the login for user \"{user}\": {cause}; check the user and password in --database-url (OUTBOX_DATABASE_URL)"
     )]
     DatabaseAuth {
-        target: DatabaseTarget,
+        target: Box<DatabaseTarget>,
         user: String,
         cause: String,
     },
@@ -36,7 +36,7 @@ pub enum Error {
         "database \"{database}\" does not exist at {target}; create it or fix the database name in --database-url (OUTBOX_DATABASE_URL)"
     )]
     DatabaseMissing {
-        target: DatabaseTarget,
+        target: Box<DatabaseTarget>,
         database: String,
     },
 
@@ -45,7 +45,7 @@ pub enum Error {
         "table {table} does not exist in database \"{database}\" at {target}; run `outbox-relay migrate` with the same --database-url and --schema first"
     )]
     SchemaMissing {
-        target: DatabaseTarget,
+        target: Box<DatabaseTarget>,
         database: String,
         table: String,
     },

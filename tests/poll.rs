@@ -16,13 +16,10 @@ const DEADLINE: Duration = Duration::from_secs(90);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_in_a_loop_loses_nothing_and_keeps_order() {
-    let url = fresh_database().await;
-    let pool = migrated_pool(&url).await;
-    create_aggregates(&pool, 20).await;
-    let kafka = Kafka::start();
-    let prefix = topic_prefix();
-    let topic = format!("{prefix}.acct");
-    kafka.create_topic(&topic, 4).await;
+    let t = Setup::new(Kafka::start()).await;
+    let (pool, kafka) = (&t.pool, &t.kafka);
+    create_aggregates(pool, 20).await;
+    let topic = t.topic("acct", 4).await;
     let batch = 50;
 
     let writers: Vec<_> = (0..4)
@@ -33,12 +30,7 @@ async fn kill_9_in_a_loop_loses_nothing_and_keeps_order() {
         .collect();
     let mut kills = 0;
     while writers.iter().any(|w| !w.is_finished()) {
-        let mut relay = spawn_relay(
-            &url,
-            &kafka.brokers(),
-            &prefix,
-            &["--batch-size", &batch.to_string()],
-        );
+        let mut relay = t.relay(&["--batch-size", &batch.to_string()]);
         let pause = rand::rng().random_range(100..700);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         relay.kill().await.unwrap(); // SIGKILL
@@ -55,15 +47,10 @@ async fn kill_9_in_a_loop_loses_nothing_and_keeps_order() {
         "the writers finished before the relay was killed twice"
     );
 
-    let mut relay = spawn_relay(
-        &url,
-        &kafka.brokers(),
-        &prefix,
-        &["--batch-size", &batch.to_string()],
-    );
+    let mut relay = t.relay(&["--batch-size", &batch.to_string()]);
     let records = consume_ids(&kafka.brokers(), &[&topic], &written.committed, DEADLINE).await;
     wait_for("the outbox to drain", DEADLINE, || async {
-        outbox_count(&pool).await == 0
+        outbox_count(pool).await == 0
     })
     .await;
     relay.kill().await.unwrap();
@@ -93,12 +80,9 @@ async fn kill_9_in_a_loop_loses_nothing_and_keeps_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_row_that_commits_late_is_still_published() {
-    let url = fresh_database().await;
-    let pool = migrated_pool(&url).await;
-    let kafka = Kafka::start();
-    let prefix = topic_prefix();
-    let topic = format!("{prefix}.skew");
-    kafka.create_topic(&topic, 2).await;
+    let t = Setup::new(Kafka::start()).await;
+    let (pool, kafka) = (&t.pool, &t.kafka);
+    let topic = t.topic("skew", 2).await;
     let insert = "insert into outbox (id, aggregate_type, aggregate_id, event_type, payload) \
                   values ($1, 'skew', $2, 'e', '{}') returning seq";
 
@@ -115,12 +99,12 @@ async fn a_row_that_commits_late_is_still_published() {
     let late_seq: i64 = sqlx::query_scalar(insert)
         .bind(late_id)
         .bind("y")
-        .fetch_one(&pool)
+        .fetch_one(pool)
         .await
         .unwrap();
     assert!(early_seq < late_seq);
 
-    let mut relay = spawn_relay(&url, &kafka.brokers(), &prefix, &[]);
+    let mut relay = t.relay(&[]);
     let first = consume_ids(&kafka.brokers(), &[&topic], &[late_id], DEADLINE).await;
     assert!(
         first.iter().all(|r| r.id() != early_id),
@@ -128,7 +112,7 @@ async fn a_row_that_commits_late_is_still_published() {
     );
     // The uncommitted row is invisible to the count.
     wait_for("the relay to confirm the later row", DEADLINE, || async {
-        outbox_count(&pool).await == 0
+        outbox_count(pool).await == 0
     })
     .await;
 
@@ -144,20 +128,16 @@ async fn a_row_that_commits_late_is_still_published() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rows_present_before_the_first_start_are_published() {
-    let url = fresh_database().await;
-    let pool = migrated_pool(&url).await;
-    create_aggregates(&pool, 10).await;
-    let written = write(&pool, 300, 10, 0.0).await;
-    assert_eq!(outbox_count(&pool).await as usize, written.committed.len());
-
-    let kafka = Kafka::start();
-    let prefix = topic_prefix();
-    let topic = format!("{prefix}.acct");
-    kafka.create_topic(&topic, 3).await;
-    let mut relay = spawn_relay(&url, &kafka.brokers(), &prefix, &[]);
+    let t = Setup::new(Kafka::start()).await;
+    let (pool, kafka) = (&t.pool, &t.kafka);
+    create_aggregates(pool, 10).await;
+    let written = write(pool, 300, 10, 0.0).await;
+    assert_eq!(outbox_count(pool).await as usize, written.committed.len());
+    let topic = t.topic("acct", 3).await;
+    let mut relay = t.relay(&[]);
     let records = consume_ids(&kafka.brokers(), &[&topic], &written.committed, DEADLINE).await;
     wait_for("the outbox to drain", DEADLINE, || async {
-        outbox_count(&pool).await == 0
+        outbox_count(pool).await == 0
     })
     .await;
     relay.kill().await.unwrap();
@@ -173,13 +153,10 @@ async fn rows_present_before_the_first_start_are_published() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn records_follow_the_documented_mapping() {
-    let url = fresh_database().await;
-    let pool = migrated_pool(&url).await;
-    let kafka = Kafka::start();
-    let prefix = topic_prefix();
-    let routed = format!("{prefix}.order");
-    let explicit = format!("{prefix}-explicit");
-    kafka.create_topic(&routed, 2).await;
+    let t = Setup::new(Kafka::start()).await;
+    let (pool, kafka) = (&t.pool, &t.kafka);
+    let routed = t.topic("order", 2).await;
+    let explicit = format!("{}-explicit", t.prefix);
     kafka.create_topic(&explicit, 1).await;
 
     let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
@@ -193,11 +170,11 @@ async fn records_follow_the_documented_mapping() {
     .bind(b)
     .bind(c)
     .bind(&explicit)
-    .execute(&pool)
+    .execute(pool)
     .await
     .unwrap();
 
-    let mut relay = spawn_relay(&url, &kafka.brokers(), &prefix, &[]);
+    let mut relay = t.relay(&[]);
     let records = consume_ids(
         &kafka.brokers(),
         &[&routed, &explicit],
@@ -258,16 +235,13 @@ async fn records_follow_the_documented_mapping() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn injected_broker_errors_lose_nothing_and_keep_order() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    let url = fresh_database().await;
-    let pool = migrated_pool(&url).await;
-    create_aggregates(&pool, 15).await;
-    let kafka = Kafka::mock();
-    let prefix = topic_prefix();
-    let topic = format!("{prefix}.acct");
-    kafka.create_topic(&topic, 4).await;
+    let t = Setup::new(Kafka::mock()).await;
+    let (pool, kafka) = (&t.pool, &t.kafka);
+    create_aggregates(pool, 15).await;
+    let topic = t.topic("acct", 4).await;
 
-    let mut relay = spawn_relay(&url, &kafka.brokers(), &prefix, &["--batch-size", "40"]);
-    let mut written = write(&pool, 100, 15, 0.1).await;
+    let mut relay = t.relay(&["--batch-size", "40"]);
+    let mut written = write(pool, 100, 15, 0.1).await;
     // Retriable produce errors mid-stream, as a broker under leader
     // elections and ISR shrinkage returns them.
     kafka.cluster().request_errors(
@@ -281,13 +255,13 @@ async fn injected_broker_errors_lose_nothing_and_keep_order() {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
         ],
     );
-    let more = write(&pool, 150, 15, 0.1).await;
+    let more = write(pool, 150, 15, 0.1).await;
     written.committed.extend(more.committed);
     written.rolled_back.extend(more.rolled_back);
 
     let records = consume_ids(&kafka.brokers(), &[&topic], &written.committed, DEADLINE).await;
     wait_for("the outbox to drain", DEADLINE, || async {
-        outbox_count(&pool).await == 0
+        outbox_count(pool).await == 0
     })
     .await;
     relay.kill().await.unwrap();
@@ -302,15 +276,12 @@ async fn injected_broker_errors_lose_nothing_and_keep_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_with_rows_in_flight_exits_zero_and_confirms_only_what_was_acked() {
-    let url = fresh_database().await;
-    let pool = migrated_pool(&url).await;
-    create_aggregates(&pool, 10).await;
-    let written = write(&pool, 700, 10, 0.0).await;
+    let t = Setup::new(Kafka::mock()).await;
+    let (pool, kafka) = (&t.pool, &t.kafka);
+    create_aggregates(pool, 10).await;
+    let written = write(pool, 700, 10, 0.0).await;
     let total = written.committed.len() as i64;
-    let kafka = Kafka::mock();
-    let prefix = topic_prefix();
-    let topic = format!("{prefix}.acct");
-    kafka.create_topic(&topic, 3).await;
+    let topic = t.topic("acct", 3).await;
     // Slow acks, so a batch is in flight when SIGTERM arrives.
     for broker in 1..=3 {
         kafka
@@ -319,9 +290,9 @@ async fn sigterm_with_rows_in_flight_exits_zero_and_confirms_only_what_was_acked
             .unwrap();
     }
 
-    let mut relay = spawn_relay(&url, &kafka.brokers(), &prefix, &["--batch-size", "200"]);
+    let mut relay = t.relay(&["--batch-size", "200"]);
     wait_for("the first batch to be confirmed", DEADLINE, || async {
-        outbox_count(&pool).await < total
+        outbox_count(pool).await < total
     })
     .await;
     kill(Pid::from_raw(relay.id().unwrap() as i32), Signal::SIGTERM).unwrap();
@@ -333,7 +304,7 @@ async fn sigterm_with_rows_in_flight_exits_zero_and_confirms_only_what_was_acked
 
     // Every row that left the outbox is in Kafka.
     let remaining: Vec<Uuid> = sqlx::query_scalar("select id from outbox")
-        .fetch_all(&pool)
+        .fetch_all(pool)
         .await
         .unwrap();
     let remaining: HashSet<Uuid> = remaining.into_iter().collect();
@@ -356,7 +327,7 @@ async fn sigterm_with_rows_in_flight_exits_zero_and_confirms_only_what_was_acked
             .broker_round_trip_time(broker, Duration::ZERO)
             .unwrap();
     }
-    let mut relay = spawn_relay(&url, &kafka.brokers(), &prefix, &["--batch-size", "200"]);
+    let mut relay = t.relay(&["--batch-size", "200"]);
     let records = consume_ids(&kafka.brokers(), &[&topic], &written.committed, DEADLINE).await;
     relay.kill().await.unwrap();
     let seen: HashSet<Uuid> = records.iter().map(Consumed::id).collect();

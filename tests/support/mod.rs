@@ -403,3 +403,56 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// One test's world: its own database (migrated), Kafka and topic prefix.
+pub struct Setup {
+    pub url: String,
+    pub pool: PgPool,
+    pub kafka: Kafka,
+    pub prefix: String,
+}
+
+impl Setup {
+    pub async fn new(kafka: Kafka) -> Setup {
+        let url = fresh_database().await;
+        let pool = migrated_pool(&url).await;
+        Setup {
+            url,
+            pool,
+            kafka,
+            prefix: topic_prefix(),
+        }
+    }
+
+    /// Creates the topic the default test template routes `aggregate_type` to.
+    pub async fn topic(&self, aggregate_type: &str, partitions: i32) -> String {
+        let topic = format!("{}.{aggregate_type}", self.prefix);
+        self.kafka.create_topic(&topic, partitions).await;
+        topic
+    }
+
+    /// Starts the relay binary for this setup.
+    pub fn relay(&self, extra: &[&str]) -> Child {
+        spawn_relay(&self.url, &self.kafka.brokers(), &self.prefix, extra)
+    }
+}
+
+/// Every committed id was delivered and no rolled-back one was.
+pub fn assert_delivered(records: &[Consumed], written: &Written) {
+    let seen: HashSet<Uuid> = records.iter().map(Consumed::id).collect();
+    let missing = written
+        .committed
+        .iter()
+        .filter(|id| !seen.contains(id))
+        .count();
+    assert_eq!(missing, 0, "{missing} committed rows never reached Kafka");
+    let leaked = written
+        .rolled_back
+        .iter()
+        .filter(|id| seen.contains(id))
+        .count();
+    assert_eq!(
+        leaked, 0,
+        "{leaked} rows of rolled-back transactions were published"
+    );
+}

@@ -196,3 +196,45 @@ async fn unreachable_broker_is_retried_and_said_once() {
         "SIGTERM while waiting for Kafka should exit 0, got {status}"
     );
 }
+
+#[tokio::test]
+async fn migrate_twice_is_a_no_op_and_status_reads_the_backlog() {
+    let url = fresh_database().await;
+    for _ in 0..2 {
+        let output = Command::new(BIN)
+            .args(["migrate", "--database-url", &url])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    let applied: i64 = sqlx::query_scalar("select count(*) from _sqlx_migrations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(applied, 1);
+    // A service's own insert naming only the documented columns works.
+    sqlx::query("insert into outbox (id, aggregate_type, aggregate_id, event_type, topic, payload) values (gen_random_uuid(), 'order', 'o-1', 'created', null, '{}')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let output = Command::new(BIN)
+        .args(["status", "--database-url", &url])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success());
+    assert!(stdout.contains("unpublished rows    1"), "{stdout}");
+    assert!(stdout.contains("dead letters        0"), "{stdout}");
+    assert!(!stdout.contains("outbox-relay-temp"), "{stdout}");
+}

@@ -55,22 +55,7 @@ async fn kill_9_in_a_loop_loses_nothing_and_keeps_order() {
     .await;
     relay.kill().await.unwrap();
 
-    let seen: HashSet<Uuid> = records.iter().map(Consumed::id).collect();
-    let missing = written
-        .committed
-        .iter()
-        .filter(|id| !seen.contains(id))
-        .count();
-    assert_eq!(missing, 0, "{missing} committed rows never reached Kafka");
-    let leaked = written
-        .rolled_back
-        .iter()
-        .filter(|id| seen.contains(id))
-        .count();
-    assert_eq!(
-        leaked, 0,
-        "{leaked} rows of rolled-back transactions were published"
-    );
+    assert_delivered(&records, &written);
     let duplicates = assert_order(&records);
     assert!(
         duplicates <= kills * batch,

@@ -7,7 +7,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    DatabaseConfig, Identifier, KafkaConfig, Mode, NullPayload, RelayConfig, TopicTemplate,
+    DatabaseConfig, Identifier, KafkaConfig, Mode, NullPayload, RelayConfig, SlotName, TailConfig,
+    TopicTemplate,
 };
 use crate::error::Error;
 
@@ -31,12 +32,12 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create or update the outbox, inbox and dead-letter tables.
-    Migrate(DatabaseArgs),
+    /// Create or update the outbox, inbox and dead-letter tables, and tail mode's publication.
+    Migrate(MigrateArgs),
     /// Publish committed outbox rows to Kafka until SIGTERM/SIGINT.
     Run(RunArgs),
-    /// Show the backlog: unpublished rows, the oldest one's age, dead letters.
-    Status(DatabaseArgs),
+    /// Show the backlog: unpublished rows, the oldest one's age, dead letters, slot lag.
+    Status(StatusArgs),
     /// Delete inbox rows older than a retention period.
     InboxPurge(InboxPurgeArgs),
     /// Run the whole pipeline on a throwaway Postgres and an in-process Kafka.
@@ -67,6 +68,67 @@ impl DatabaseArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Publication to create for tail mode (inserts into this schema's outbox only).
+    #[arg(long, env = "OUTBOX_PUBLICATION", default_value = TailConfig::DEFAULT_PUBLICATION)]
+    pub publication: String,
+}
+
+impl MigrateArgs {
+    pub fn publication(&self) -> Result<Identifier, Error> {
+        Identifier::parse(&self.publication, "--publication (OUTBOX_PUBLICATION)")
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Tail mode's replication slot, whose lag is shown.
+    #[arg(long, env = "OUTBOX_SLOT", default_value = TailConfig::DEFAULT_SLOT)]
+    pub slot: String,
+}
+
+impl StatusArgs {
+    pub fn slot(&self) -> Result<SlotName, Error> {
+        SlotName::parse(&self.slot, "--slot (OUTBOX_SLOT)")
+    }
+}
+
+/// Tail mode's replication slot and publication.
+#[derive(Debug, Clone, Args)]
+pub struct TailArgs {
+    /// Logical replication slot tail mode reads (created if missing).
+    #[arg(long, env = "OUTBOX_SLOT", default_value = TailConfig::DEFAULT_SLOT)]
+    pub slot: String,
+
+    /// Publication tail mode subscribes to (created by `migrate`).
+    #[arg(long, env = "OUTBOX_PUBLICATION", default_value = TailConfig::DEFAULT_PUBLICATION)]
+    pub publication: String,
+
+    /// If Postgres invalidated the slot, create a new one and publish every row still in the outbox again.
+    #[arg(long, env = "OUTBOX_RECREATE_INVALID_SLOT")]
+    pub recreate_invalid_slot: bool,
+}
+
+impl TailArgs {
+    pub fn to_config(&self) -> Result<TailConfig, Error> {
+        Ok(TailConfig {
+            slot: SlotName::parse(&self.slot, "--slot (OUTBOX_SLOT)")?,
+            publication: Identifier::parse(
+                &self.publication,
+                "--publication (OUTBOX_PUBLICATION)",
+            )?,
+            recreate_invalid_slot: self.recreate_invalid_slot,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// How to read the outbox: poll (SQL batches) or tail (logical replication).
     #[arg(long, env = "OUTBOX_MODE", default_value = "poll", value_parser = parse_mode)]
@@ -77,6 +139,9 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub kafka: KafkaArgs,
+
+    #[command(flatten)]
+    pub tail: TailArgs,
 
     /// Topic for rows whose `topic` column is null; placeholders {aggregate_type}, {event_type}.
     #[arg(long, env = "OUTBOX_TOPIC_TEMPLATE", default_value = TopicTemplate::DEFAULT)]
@@ -153,6 +218,7 @@ impl RunArgs {
     pub fn to_config(&self) -> Result<RelayConfig, Error> {
         let mut config = RelayConfig::new(self.database.to_config()?, self.kafka.to_config()?);
         config.mode = self.mode;
+        config.tail = self.tail.to_config()?;
         config.topic_template = TopicTemplate::parse(
             &self.topic_template,
             "--topic-template (OUTBOX_TOPIC_TEMPLATE)",

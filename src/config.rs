@@ -6,6 +6,7 @@
 //! an error.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -64,6 +65,21 @@ pub struct DatabaseConfig {
     options: PgConnectOptions,
     target: DatabaseTarget,
     schema: Identifier,
+    /// Kept for the replication connection, which is not made by sqlx.
+    password: String,
+    tls: TlsSettings,
+}
+
+/// The URL's `sslmode`, `sslrootcert`, `sslcert` and `sslkey`, as libpq
+/// reads them; the replication connection honours them as sqlx does.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// `disable`, `allow`, `prefer` (the default), `require`, `verify-ca` or
+    /// `verify-full`.
+    pub mode: String,
+    pub root_cert: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 impl fmt::Debug for DatabaseConfig {
@@ -90,6 +106,23 @@ impl DatabaseConfig {
             )));
         }
         let password = parsed.password().unwrap_or_default().to_owned();
+        let password = percent_encoding::percent_decode_str(&password)
+            .decode_utf8()
+            .map(|p| p.into_owned())
+            .unwrap_or(password);
+        let mut tls = TlsSettings {
+            mode: "prefer".into(),
+            ..TlsSettings::default()
+        };
+        for (key, value) in parsed.query_pairs() {
+            match key.as_ref() {
+                "sslmode" => tls.mode = value.into_owned(),
+                "sslrootcert" => tls.root_cert = Some(PathBuf::from(value.as_ref())),
+                "sslcert" => tls.cert = Some(PathBuf::from(value.as_ref())),
+                "sslkey" => tls.key = Some(PathBuf::from(value.as_ref())),
+                _ => {}
+            }
+        }
         let options = PgConnectOptions::from_str(url).map_err(|e| {
             let cause = redact(&e.to_string(), &password);
             Error::Config(format!(
@@ -110,6 +143,8 @@ impl DatabaseConfig {
             options,
             target,
             schema,
+            password,
+            tls,
         })
     }
 
@@ -125,6 +160,15 @@ impl DatabaseConfig {
 
     pub fn schema(&self) -> &Identifier {
         &self.schema
+    }
+
+    /// The password from the URL, for connections sqlx does not make.
+    pub(crate) fn password(&self) -> &str {
+        &self.password
+    }
+
+    pub fn tls(&self) -> &TlsSettings {
+        &self.tls
     }
 }
 
@@ -180,6 +224,65 @@ impl Identifier {
 impl fmt::Display for Identifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// A logical replication slot's name: Postgres allows only lowercase
+/// letters, digits and `_`, at most 63 bytes. Validated, it is safe in a
+/// replication command, where it cannot be bound as a parameter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotName(String);
+
+impl SlotName {
+    /// Validates `value`; `flag` names where it came from, for the error.
+    pub fn parse(value: &str, flag: &str) -> Result<Self, Error> {
+        let valid = !value.is_empty()
+            && value.len() <= 63
+            && value
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !valid {
+            return Err(Error::Config(format!(
+                "{flag} {value:?} is not a valid replication slot name: use 1 to 63 lowercase letters, digits or underscores"
+            )));
+        }
+        Ok(SlotName(value.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SlotName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Tail mode's replication slot and publication, and what to do with a slot
+/// Postgres invalidated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TailConfig {
+    pub slot: SlotName,
+    pub publication: Identifier,
+    /// Drop an invalidated slot, create a new one and publish again every
+    /// row still in the outbox (duplicates possible, nothing lost).
+    pub recreate_invalid_slot: bool,
+}
+
+impl TailConfig {
+    pub const DEFAULT_SLOT: &str = "outbox_relay";
+    pub const DEFAULT_PUBLICATION: &str = "outbox_relay";
+}
+
+impl Default for TailConfig {
+    fn default() -> Self {
+        TailConfig {
+            slot: SlotName(Self::DEFAULT_SLOT.into()),
+            publication: Identifier(Self::DEFAULT_PUBLICATION.into()),
+            recreate_invalid_slot: false,
+        }
     }
 }
 
@@ -313,6 +416,8 @@ pub struct RelayConfig {
     pub mode: Mode,
     pub database: DatabaseConfig,
     pub kafka: KafkaConfig,
+    /// Slot and publication (tail mode only).
+    pub tail: TailConfig,
     pub topic_template: TopicTemplate,
     pub null_payload: NullPayload,
     /// Rows read, published and confirmed together; also the bound on
@@ -331,6 +436,7 @@ impl RelayConfig {
             mode: Mode::Poll,
             database,
             kafka,
+            tail: TailConfig::default(),
             topic_template: TopicTemplate::default(),
             null_payload: NullPayload::JsonNull,
             batch_size: 1000,
@@ -380,6 +486,37 @@ mod tests {
             let err = Identifier::parse(bad, "--schema").unwrap_err().to_string();
             assert!(err.starts_with("--schema "), "{err}");
         }
+    }
+
+    #[test]
+    fn slot_names_follow_postgres_rules() {
+        assert_eq!(
+            SlotName::parse("outbox_relay_2", "--slot")
+                .unwrap()
+                .as_str(),
+            "outbox_relay_2"
+        );
+        for bad in ["", "Upper", "a-b", "x; drop", &"a".repeat(64)] {
+            let err = SlotName::parse(bad, "--slot").unwrap_err().to_string();
+            assert!(
+                err.starts_with("--slot ") && err.contains("lowercase"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn tls_settings_come_from_the_url() {
+        let schema = Identifier::parse("public", "--schema").unwrap();
+        let db = DatabaseConfig::from_url(
+            "postgres://u:p%40ss@h/db?sslmode=verify-full&sslrootcert=/etc/ca.pem",
+            schema,
+            "--database-url",
+        )
+        .unwrap();
+        assert_eq!(db.tls().mode, "verify-full");
+        assert_eq!(db.tls().root_cert, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(db.password(), "p@ss");
     }
 
     #[test]

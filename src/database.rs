@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sqlx::{Connection, PgConnection};
 
-use crate::config::DatabaseConfig;
+use crate::config::{DatabaseConfig, Identifier, SlotName};
 use crate::error::Error;
 
 /// How long one connection attempt may take before it counts as unreachable.
@@ -77,9 +77,11 @@ pub async fn check_schema(conn: &mut PgConnection, db: &DatabaseConfig) -> Resul
     Ok(())
 }
 
-/// Creates the schema if needed and applies the embedded migrations. Running
-/// it again is a no-op; concurrent runs serialize on the migrator's lock.
-pub async fn migrate(db: &DatabaseConfig) -> Result<(), Error> {
+/// Creates the schema if needed, applies the embedded migrations, and
+/// creates tail mode's publication (inserts into this schema's outbox only)
+/// unless it exists. Running it again is a no-op; concurrent runs serialize
+/// on the migrator's lock.
+pub async fn migrate(db: &DatabaseConfig, publication: &Identifier) -> Result<(), Error> {
     let mut conn = connect(db).await?;
     let create = format!("create schema if not exists {}", db.schema().quoted());
     sqlx::query(&create)
@@ -90,8 +92,67 @@ pub async fn migrate(db: &DatabaseConfig) -> Result<(), Error> {
         .run(&mut conn)
         .await
         .map_err(Error::Migrate)?;
+    create_publication(&mut conn, db, publication).await?;
     conn.close().await.ok();
     Ok(())
+}
+
+const PUBLICATION_STATE: &str = "select exists (select 1 from pg_publication where pubname = $1), \
+     exists (select 1 from pg_publication_tables where pubname = $1 and schemaname = $2 and tablename = 'outbox')";
+
+/// Whether the publication exists, and whether it publishes this schema's
+/// outbox.
+pub(crate) async fn publication_state(
+    conn: &mut PgConnection,
+    db: &DatabaseConfig,
+    publication: &Identifier,
+) -> Result<(bool, bool), Error> {
+    sqlx::query_as(PUBLICATION_STATE)
+        .bind(publication.as_str())
+        .bind(db.schema().as_str())
+        .fetch_one(conn)
+        .await
+        .map_err(Error::db("reading the publication"))
+}
+
+/// The statement that creates tail mode's publication, also shown to users
+/// who must run it themselves.
+pub fn create_publication_sql(db: &DatabaseConfig, publication: &Identifier) -> String {
+    format!(
+        "create publication {} for table {}.outbox with (publish = 'insert')",
+        publication.quoted(),
+        db.schema().quoted()
+    )
+}
+
+async fn create_publication(
+    conn: &mut PgConnection,
+    db: &DatabaseConfig,
+    publication: &Identifier,
+) -> Result<(), Error> {
+    match publication_state(conn, db, publication).await? {
+        (true, true) => Ok(()),
+        (true, false) => Err(Error::Setup(format!(
+            "publication \"{publication}\" already exists in database \"{}\" and does not publish {}.outbox; give this schema its own --publication (OUTBOX_PUBLICATION), or add the table with: alter publication {} add table {}.outbox",
+            db.target().database,
+            db.schema().quoted(),
+            publication.quoted(),
+            db.schema().quoted(),
+        ))),
+        (false, _) => {
+            let sql = create_publication_sql(db, publication);
+            sqlx::query(&sql).execute(&mut *conn).await.map_err(|e| {
+                let cause = match &e {
+                    sqlx::Error::Database(d) => d.message().to_owned(),
+                    other => other.to_string(),
+                };
+                Error::Setup(format!(
+                    "creating publication \"{publication}\" for tail mode failed: {cause}; run migrate as the outbox table's owner with CREATE on the database, or have an administrator run: {sql}"
+                ))
+            })?;
+            Ok(())
+        }
+    }
 }
 
 /// The outbox's backlog, as `outbox-relay status` prints it.
@@ -101,6 +162,20 @@ pub struct Status {
     pub unpublished: i64,
     pub oldest_age: Option<Duration>,
     pub dead_letters: i64,
+    /// Tail mode's slot, if it exists.
+    pub slot: Option<SlotStatus>,
+}
+
+/// A replication slot as `pg_replication_slots` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotStatus {
+    pub name: String,
+    /// WAL bytes between the server's current position and the slot's
+    /// confirmed position: what the slot holds back.
+    pub lag_bytes: Option<i64>,
+    pub active: bool,
+    /// `reserved`, `extended`, `unreserved` or `lost` (invalidated).
+    pub wal_status: Option<String>,
 }
 
 impl std::fmt::Display for Status {
@@ -111,12 +186,33 @@ impl std::fmt::Display for Status {
             Some(age) => writeln!(f, "oldest unpublished  {:.1}s ago", age.as_secs_f64())?,
             None => writeln!(f, "oldest unpublished  -")?,
         }
-        write!(f, "dead letters        {}", self.dead_letters)
+        write!(f, "dead letters        {}", self.dead_letters)?;
+        match &self.slot {
+            None => write!(
+                f,
+                "\nreplication slot    none (poll mode, or tail mode not started yet)"
+            ),
+            Some(slot) => {
+                let lag = slot
+                    .lag_bytes
+                    .map_or_else(|| "-".to_owned(), |b| format!("{b} bytes"));
+                write!(
+                    f,
+                    "\nreplication slot    {} ({}, wal {})\nslot lag            {lag}",
+                    slot.name,
+                    if slot.active { "active" } else { "inactive" },
+                    slot.wal_status.as_deref().unwrap_or("-"),
+                )
+            }
+        }
     }
 }
 
-/// Reads the backlog figures.
-pub async fn status(db: &DatabaseConfig) -> Result<Status, Error> {
+const SLOT_STATUS: &str = "select slot_name::text, (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, active, wal_status \
+     from pg_replication_slots where slot_name = $1";
+
+/// Reads the backlog figures, and the lag of `slot` if it exists.
+pub async fn status(db: &DatabaseConfig, slot: &SlotName) -> Result<Status, Error> {
     let mut conn = connect(db).await?;
     check_schema(&mut conn, db).await?;
     let (unpublished, oldest_secs, dead_letters): (i64, Option<f64>, i64) = sqlx::query_as(
@@ -127,11 +223,23 @@ pub async fn status(db: &DatabaseConfig) -> Result<Status, Error> {
     .fetch_one(&mut conn)
     .await
     .map_err(Error::db("reading the backlog"))?;
+    let slot = sqlx::query_as::<_, (String, Option<i64>, bool, Option<String>)>(SLOT_STATUS)
+        .bind(slot.as_str())
+        .fetch_optional(&mut conn)
+        .await
+        .map_err(Error::db("reading the replication slot"))?
+        .map(|(name, lag_bytes, active, wal_status)| SlotStatus {
+            name,
+            lag_bytes,
+            active,
+            wal_status,
+        });
     conn.close().await.ok();
     Ok(Status {
         target: db.target().clone(),
         unpublished,
         oldest_age: oldest_secs.map(|s| Duration::from_secs_f64(s.max(0.0))),
         dead_letters,
+        slot,
     })
 }

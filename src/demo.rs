@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::cli::DemoArgs;
-use crate::config::{DatabaseConfig, Identifier, KafkaConfig, Mode, RelayConfig, TopicTemplate};
+use crate::config::{
+    DatabaseConfig, Identifier, KafkaConfig, Mode, RelayConfig, SlotName, TailConfig, TopicTemplate,
+};
 use crate::database;
 use crate::embedded::TempPostgres;
 use crate::error::Error;
@@ -189,7 +191,14 @@ pub async fn run(options: &DemoOptions, shutdown: CancellationToken) -> Result<D
         ),
     };
 
-    database::migrate(&db).await?;
+    // Its own slot and publication, so a demo beside a real outbox touches
+    // nothing of it.
+    let tail = TailConfig {
+        slot: SlotName::parse(&schema_name, "demo slot")?,
+        publication: Identifier::parse(&schema_name, "demo publication")?,
+        recreate_invalid_slot: false,
+    };
+    database::migrate(&db, &tail.publication).await?;
     let pool = PgPoolOptions::new()
         .max_connections(options.writers + 2)
         .connect_with(db.connect_options().clone())
@@ -221,6 +230,7 @@ pub async fn run(options: &DemoOptions, shutdown: CancellationToken) -> Result<D
         },
     );
     config.mode = options.mode;
+    config.tail = tail.clone();
     config.topic_template = TopicTemplate::parse(
         &format!("{schema_name}.{{aggregate_type}}"),
         "demo topic template",
@@ -284,6 +294,7 @@ pub async fn run(options: &DemoOptions, shutdown: CancellationToken) -> Result<D
         .map_err(Error::db("counting the outbox"))?;
 
     if options.database_url.is_some() {
+        drop_slot_and_publication(&pool, &tail).await?;
         sqlx::query(&format!(
             "drop schema {} cascade",
             Identifier::parse(&schema_name, "demo schema")?.quoted()
@@ -294,6 +305,47 @@ pub async fn run(options: &DemoOptions, shutdown: CancellationToken) -> Result<D
     }
     pool.close().await;
     Ok(summary)
+}
+
+/// Removes the demo's replication slot (once its session has gone) and
+/// publication from a database the demo does not own.
+async fn drop_slot_and_publication(pool: &PgPool, tail: &TailConfig) -> Result<(), Error> {
+    let doing = "dropping the demo's replication slot";
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let active: Option<bool> =
+            sqlx::query_scalar("select active from pg_replication_slots where slot_name = $1")
+                .bind(tail.slot.as_str())
+                .fetch_optional(pool)
+                .await
+                .map_err(Error::db(doing))?;
+        match active {
+            None => break,
+            Some(false) => {
+                sqlx::query("select pg_drop_replication_slot($1)")
+                    .bind(tail.slot.as_str())
+                    .execute(pool)
+                    .await
+                    .map_err(Error::db(doing))?;
+                break;
+            }
+            Some(true) if Instant::now() > until => {
+                return Err(Error::Setup(format!(
+                    "the demo's replication slot \"{}\" is still in use; drop it with: select pg_drop_replication_slot('{}')",
+                    tail.slot, tail.slot
+                )));
+            }
+            Some(true) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    sqlx::query(&format!(
+        "drop publication if exists {}",
+        tail.publication.quoted()
+    ))
+    .execute(pool)
+    .await
+    .map_err(Error::db("dropping the demo's publication"))?;
+    Ok(())
 }
 
 struct WriterReport {

@@ -70,6 +70,21 @@ pub enum Error {
         source: rdkafka::error::KafkaError,
     },
 
+    /// The database is not set up for what was asked (tail mode's
+    /// prerequisites, a replication slot that cannot be used); the message
+    /// says how to fix it.
+    #[error("{0}")]
+    Setup(String),
+
+    /// The replication connection failed or sent what cannot be read.
+    #[error("logical replication from {target} failed while {doing}: {cause}")]
+    Replication {
+        target: Box<DatabaseTarget>,
+        doing: &'static str,
+        cause: String,
+        transient: bool,
+    },
+
     /// A throwaway Postgres (demo, tests) could not be started.
     #[error("{0}")]
     Embedded(String),
@@ -82,6 +97,7 @@ impl Error {
         match self {
             Error::DatabaseUnreachable { .. } | Error::Kafka { .. } => true,
             Error::Database { source, .. } => is_transient_sqlx(source),
+            Error::Replication { transient, .. } => *transient,
             _ => false,
         }
     }

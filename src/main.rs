@@ -62,9 +62,14 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Migrate(args) => {
-            let db = args.to_config()?;
-            database::migrate(&db).await?;
-            println!("migrated {} (schema {})", db.target(), db.schema());
+            let db = args.database.to_config()?;
+            let publication = args.publication()?;
+            database::migrate(&db, &publication).await?;
+            println!(
+                "migrated {} (schema {}, publication {publication})",
+                db.target(),
+                db.schema()
+            );
         }
         Command::Run(args) => {
             let config = args.to_config()?;
@@ -72,8 +77,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             relay::run(config, shutdown).await?;
         }
         Command::Status(args) => {
-            let db = args.to_config()?;
-            let status = database::status(&db).await?;
+            let db = args.database.to_config()?;
+            let status = database::status(&db, &args.slot()?).await?;
             println!("{status}");
         }
         Command::InboxPurge(args) => {
@@ -103,6 +108,18 @@ fn init_logging(format: LogFormat, default_level: &str) {
     let filter = EnvFilter::try_from_env("OUTBOX_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new(default_level));
+    // The replication client logs its own end as an error; the relay
+    // reports the same failure once, with the fix, so it is quiet unless
+    // asked for by name.
+    let asked = std::env::var("OUTBOX_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .is_ok_and(|v| v.contains("pgwire_replication"));
+    let filter = if asked {
+        filter
+    } else {
+        // A constant, valid directive: parse cannot fail.
+        filter.add_directive("pgwire_replication=off".parse().expect("a valid directive"))
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

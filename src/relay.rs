@@ -22,7 +22,7 @@ use crate::error::Error;
 use crate::outbox::OutboxRow;
 use crate::record;
 use crate::sink::kafka::{KafkaSink, Outcome, Pending};
-use crate::source::{Confirm, PollSource, Source};
+use crate::source::{Confirm, PollSource, Source, TailSource};
 
 /// What a relay did before it stopped.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -41,25 +41,22 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<Run
     // Fail fast, with one clear line, on what waiting cannot fix.
     let mut conn = database::connect(&config.database).await?;
     database::check_schema(&mut conn, &config.database).await?;
+    if config.mode == Mode::Tail {
+        crate::source::tail::check_prerequisites(&mut conn, &config.database, &config.tail).await?;
+    }
     drop(conn);
-    let source = match config.mode {
-        Mode::Poll => PollSource::new(config.database.clone(), config.poll_interval),
-        Mode::Tail => {
-            return Err(Error::Config(
-                "--mode tail is not available in this version; use --mode poll".into(),
-            ));
-        }
-    };
     let sink = KafkaSink::new(&config.kafka)?;
     info!(mode = %config.mode, database = %config.database.target(), brokers = %config.kafka.brokers, "relay starting");
-    Relay {
-        config,
-        source,
-        sink,
-        stats: RunStats::default(),
+    match config.mode {
+        Mode::Poll => {
+            let source = PollSource::new(config.database.clone(), config.poll_interval);
+            Relay::new(config, source, sink).run(shutdown).await
+        }
+        Mode::Tail => {
+            let source = TailSource::new(config.database.clone(), config.tail.clone());
+            Relay::new(config, source, sink).run(shutdown).await
+        }
     }
-    .run(shutdown)
-    .await
 }
 
 struct Relay<S> {
@@ -70,6 +67,15 @@ struct Relay<S> {
 }
 
 impl<S: Source> Relay<S> {
+    fn new(config: RelayConfig, source: S, sink: KafkaSink) -> Self {
+        Relay {
+            config,
+            source,
+            sink,
+            stats: RunStats::default(),
+        }
+    }
+
     async fn run(mut self, shutdown: CancellationToken) -> Result<RunStats, Error> {
         if !self.sink.wait_until_reachable(&shutdown).await {
             return Ok(self.stats);

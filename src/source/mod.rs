@@ -2,17 +2,30 @@
 //! rows in the order they must be published, and later applies what the
 //! relay confirms: rows Kafka acknowledged, and rows rejected for good that
 //! move to the dead-letter table. It never confirms anything on its own.
+//!
+//! Both sources elect one active relay per schema the same way: a session
+//! advisory lock held on the connection that deletes confirmed rows, so
+//! losing that connection loses the lock at the same moment, and a poll and
+//! a tail relay never run on one outbox together.
 
 use std::future::Future;
+use std::time::Duration;
 
+use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
+use tracing::info;
 
+use crate::config::DatabaseConfig;
+use crate::database;
 use crate::error::Error;
 use crate::outbox::OutboxRow;
 
+pub mod pgoutput;
 pub mod poll;
+pub mod tail;
 
 pub use poll::PollSource;
+pub use tail::TailSource;
 
 /// What the relay confirms after a batch: a prefix of it, in order.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -26,6 +39,11 @@ pub struct Confirm {
 impl Confirm {
     pub fn is_empty(&self) -> bool {
         self.published.is_empty() && self.dead_letters.is_empty()
+    }
+
+    /// How many rows this confirms.
+    pub fn len(&self) -> usize {
+        self.published.len() + self.dead_letters.len()
     }
 }
 
@@ -42,4 +60,73 @@ pub trait Source {
     /// Makes the confirmed rows' progress durable (delete, move to dead
     /// letters, or flush a position). Rows not confirmed are read again.
     fn confirm(&mut self, confirm: &Confirm) -> impl Future<Output = Result<(), Error>> + Send;
+}
+
+const TRY_LOCK: &str = "select pg_try_advisory_lock(hashtextextended($1, 0))";
+
+const DELETE_PUBLISHED: &str = "delete from outbox where seq = any($1)";
+
+const MOVE_TO_DEAD_LETTER: &str = "with moved as (delete from outbox where seq = any($1) returning *) \
+     insert into dead_letter (seq, id, aggregate_type, aggregate_id, event_type, topic, payload, headers, created_at, error) \
+     select m.seq, m.id, m.aggregate_type, m.aggregate_id, m.event_type, m.topic, m.payload, m.headers, m.created_at, e.error \
+     from moved m join unnest($1::bigint[], $2::text[]) as e(seq, error) on e.seq = m.seq \
+     on conflict (id) do update set error = excluded.error, attempts = dead_letter.attempts + 1, failed_at = now()";
+
+/// Opens a connection and waits, as a standby, until it holds the leader
+/// lock for this schema. `None` on shutdown.
+pub(crate) async fn leader_connection(
+    database: &DatabaseConfig,
+    shutdown: &CancellationToken,
+) -> Result<Option<PgConnection>, Error> {
+    let mut conn = database::connect(database).await?;
+    database::check_schema(&mut conn, database).await?;
+    let lock = format!("outbox-relay:{}", database.schema());
+    let mut standing_by = false;
+    loop {
+        let locked: bool = sqlx::query_scalar(TRY_LOCK)
+            .bind(&lock)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(Error::db("taking the leader lock"))?;
+        if locked {
+            info!(database = %database.target(), "active: this instance holds the relay lock");
+            return Ok(Some(conn));
+        }
+        if !standing_by {
+            info!(database = %database.target(), "standing by: another relay instance holds the lock for this outbox");
+            standing_by = true;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Deletes the published rows and moves the rejected ones to the dead-letter
+/// table, in one transaction.
+pub(crate) async fn apply_confirm(conn: &mut PgConnection, confirm: &Confirm) -> Result<(), Error> {
+    let doing = "confirming published rows";
+    let mut tx = conn.begin().await.map_err(Error::db(doing))?;
+    if !confirm.published.is_empty() {
+        sqlx::query(DELETE_PUBLISHED)
+            .bind(&confirm.published)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::db(doing))?;
+    }
+    if !confirm.dead_letters.is_empty() {
+        let (seqs, errors): (Vec<i64>, Vec<&str>) = confirm
+            .dead_letters
+            .iter()
+            .map(|(seq, error)| (*seq, error.as_str()))
+            .unzip();
+        sqlx::query(MOVE_TO_DEAD_LETTER)
+            .bind(seqs)
+            .bind(errors)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::db("moving rejected rows to the dead-letter table"))?;
+    }
+    tx.commit().await.map_err(Error::db(doing))
 }

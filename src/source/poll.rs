@@ -9,35 +9,22 @@
 //! order; a row only becomes visible at commit, so across batches rows come
 //! in commit order. See the README's "Ordering" for the exact claim.
 //!
-//! One instance is active per schema: the source holds a session advisory
-//! lock on the connection it reads and deletes with, so losing that
-//! connection loses the lock at the same moment. Standby instances wait for
-//! the lock.
+//! The connection that reads and deletes holds the leader lock (see
+//! [`crate::source`]); standby instances wait for it.
 
 use std::time::Duration;
 
-use sqlx::{Connection, PgConnection};
+use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::debug;
 
 use crate::config::DatabaseConfig;
-use crate::database;
 use crate::error::Error;
 use crate::outbox::OutboxRow;
-use crate::source::{Confirm, Source};
+use crate::source::{Confirm, Source, apply_confirm, leader_connection};
 
 const SELECT_BATCH: &str = "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
      payload::text as payload, headers, created_at from outbox order by seq limit $1";
-
-const DELETE_PUBLISHED: &str = "delete from outbox where seq = any($1)";
-
-const MOVE_TO_DEAD_LETTER: &str = "with moved as (delete from outbox where seq = any($1) returning *) \
-     insert into dead_letter (seq, id, aggregate_type, aggregate_id, event_type, topic, payload, headers, created_at, error) \
-     select m.seq, m.id, m.aggregate_type, m.aggregate_id, m.event_type, m.topic, m.payload, m.headers, m.created_at, e.error \
-     from moved m join unnest($1::bigint[], $2::text[]) as e(seq, error) on e.seq = m.seq \
-     on conflict (id) do update set error = excluded.error, attempts = dead_letter.attempts + 1, failed_at = now()";
-
-const TRY_LOCK: &str = "select pg_try_advisory_lock(hashtextextended($1, 0))";
 
 /// Reads the outbox table with SQL.
 pub struct PollSource {
@@ -57,11 +44,6 @@ impl PollSource {
         }
     }
 
-    /// The advisory-lock name electing the one active relay for this schema.
-    fn lock_name(&self) -> String {
-        format!("outbox-relay:{}", self.database.schema())
-    }
-
     /// The connection, opened and holding the leader lock; waits as a
     /// standby while another instance holds it. `None` on shutdown.
     async fn leader_connection(
@@ -69,29 +51,10 @@ impl PollSource {
         shutdown: &CancellationToken,
     ) -> Result<Option<&mut PgConnection>, Error> {
         if self.conn.is_none() {
-            let mut conn = database::connect(&self.database).await?;
-            database::check_schema(&mut conn, &self.database).await?;
-            let mut standing_by = false;
-            loop {
-                let locked: bool = sqlx::query_scalar(TRY_LOCK)
-                    .bind(self.lock_name())
-                    .fetch_one(&mut conn)
-                    .await
-                    .map_err(Error::db("taking the leader lock"))?;
-                if locked {
-                    info!(database = %self.database.target(), "active: this instance holds the relay lock");
-                    break;
-                }
-                if !standing_by {
-                    info!(database = %self.database.target(), "standing by: another relay instance holds the lock for this outbox");
-                    standing_by = true;
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(None),
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
+            match leader_connection(&self.database, shutdown).await? {
+                Some(conn) => self.conn = Some(conn),
+                None => return Ok(None),
             }
-            self.conn = Some(conn);
         }
         Ok(self.conn.as_mut())
     }
@@ -164,30 +127,4 @@ impl Source for PollSource {
         }
         self.forget_on_error(result)
     }
-}
-
-async fn apply_confirm(conn: &mut PgConnection, confirm: &Confirm) -> Result<(), Error> {
-    let doing = "confirming published rows";
-    let mut tx = conn.begin().await.map_err(Error::db(doing))?;
-    if !confirm.published.is_empty() {
-        sqlx::query(DELETE_PUBLISHED)
-            .bind(&confirm.published)
-            .execute(&mut *tx)
-            .await
-            .map_err(Error::db(doing))?;
-    }
-    if !confirm.dead_letters.is_empty() {
-        let (seqs, errors): (Vec<i64>, Vec<&str>) = confirm
-            .dead_letters
-            .iter()
-            .map(|(seq, error)| (*seq, error.as_str()))
-            .unzip();
-        sqlx::query(MOVE_TO_DEAD_LETTER)
-            .bind(seqs)
-            .bind(errors)
-            .execute(&mut *tx)
-            .await
-            .map_err(Error::db("moving rejected rows to the dead-letter table"))?;
-    }
-    tx.commit().await.map_err(Error::db(doing))
 }

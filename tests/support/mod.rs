@@ -71,7 +71,11 @@ pub async fn migrated_pool(url: &str) -> PgPool {
         "--database-url",
     )
     .unwrap();
-    outbox_relay::database::migrate(&db).await.unwrap();
+    let publication =
+        outbox_relay::config::Identifier::parse("outbox_relay", "--publication").unwrap();
+    outbox_relay::database::migrate(&db, &publication)
+        .await
+        .unwrap();
     PgPoolOptions::new()
         .max_connections(10)
         .connect(url)

@@ -50,6 +50,7 @@ pub struct TempPostgres {
     port: u16,
     owner: Option<User>,
     server: Option<Server>,
+    settings: Vec<String>,
 }
 
 impl TempPostgres {
@@ -113,6 +114,7 @@ impl TempPostgres {
             port,
             owner,
             server: None,
+            settings: Vec::new(),
         };
         pg.start_again().await?;
         Ok(pg)
@@ -155,6 +157,12 @@ impl TempPostgres {
         .map_err(Error::db("creating a database"))?;
         conn.close().await.ok();
         Ok(self.url(name))
+    }
+
+    /// Sets a server setting for the next start, over the defaults (e.g.
+    /// `wal_level`, `max_slot_wal_keep_size`).
+    pub fn set(&mut self, name: &str, value: &str) {
+        self.settings.push(format!("{name}={value}"));
     }
 
     /// Whether the server is running.
@@ -228,6 +236,7 @@ impl TempPostgres {
             // tests do), not of the machine: nothing here outlives the run.
             .args(["-c", "fsync=off"])
             .args(["-c", "full_page_writes=off"])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

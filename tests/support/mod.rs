@@ -149,13 +149,19 @@ pub fn topic_prefix() -> String {
     format!("t{}", &Uuid::new_v4().simple().to_string()[..10])
 }
 
-/// The relay binary with `run` arguments for this database and Kafka.
+/// The relay binary with `run` arguments for this database and Kafka, in
+/// poll mode.
 pub fn relay_command(url: &str, brokers: &str, prefix: &str) -> Command {
+    relay_command_in("poll", url, brokers, prefix)
+}
+
+/// The relay binary with `run` arguments, in `mode`.
+pub fn relay_command_in(mode: &str, url: &str, brokers: &str, prefix: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
     cmd.args([
         "run",
         "--mode",
-        "poll",
+        mode,
         "--database-url",
         url,
         "--brokers",
@@ -168,12 +174,22 @@ pub fn relay_command(url: &str, brokers: &str, prefix: &str) -> Command {
     cmd
 }
 
-/// Starts the relay binary.
+/// Starts the relay binary in poll mode.
 pub fn spawn_relay(url: &str, brokers: &str, prefix: &str, extra: &[&str]) -> Child {
-    relay_command(url, brokers, prefix)
+    spawn_relay_in("poll", url, brokers, prefix, extra)
+}
+
+/// Starts the relay binary in `mode`.
+pub fn spawn_relay_in(mode: &str, url: &str, brokers: &str, prefix: &str, extra: &[&str]) -> Child {
+    // OUTBOX_TEST_RELAY_LOGS=1 shows the relays' logs when a test fails.
+    let stderr = match std::env::var_os("OUTBOX_TEST_RELAY_LOGS") {
+        Some(_) => std::process::Stdio::inherit(),
+        None => std::process::Stdio::null(),
+    };
+    relay_command_in(mode, url, brokers, prefix)
         .args(extra)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("start the relay binary")
 }
@@ -247,6 +263,136 @@ pub async fn write(
         }
     }
     written
+}
+
+/// Like [`write`], but keeps going through database outages (a Postgres
+/// restart): a transaction that failed before its commit was sent is
+/// retried; one whose commit failed has an unknown outcome and is counted
+/// in `uncertain` (its rows are in neither list). `agg.version` tells the
+/// truth afterwards, see [`assert_versions_match`].
+pub async fn write_through_faults(
+    pool: &PgPool,
+    transactions: u32,
+    aggregates: u32,
+    rollback_rate: f64,
+) -> (Written, usize) {
+    let mut written = Written::default();
+    let mut uncertain = 0;
+    let mut done = 0;
+    while done < transactions {
+        let (aggregate, n, roll_back) = {
+            let mut rng = rand::rng();
+            (
+                format!("a{}", rng.random_range(1..=aggregates)),
+                rng.random_range(1..=3i64),
+                rng.random_bool(rollback_rate),
+            )
+        };
+        let attempt = async {
+            let mut tx = pool.begin().await?;
+            let version: i64 = sqlx::query_scalar(
+                "update agg set version = version + $2 where id = $1 returning version",
+            )
+            .bind(&aggregate)
+            .bind(n)
+            .fetch_one(&mut *tx)
+            .await?;
+            let events: Vec<Event> = (0..n)
+                .map(|i| {
+                    Event::new(
+                        "acct",
+                        &aggregate,
+                        "changed",
+                        json!({"version": version - n + 1 + i}),
+                    )
+                })
+                .collect();
+            outbox::insert_all(&mut tx, &events).await?;
+            Ok::<_, sqlx::Error>((tx, events))
+        };
+        let (tx, events) = match attempt.await {
+            Ok(ok) => ok,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let ids = events.iter().map(|e| e.id);
+        if roll_back {
+            let _ = tx.rollback().await;
+            written.rolled_back.extend(ids);
+        } else {
+            match tx.commit().await {
+                Ok(()) => written.committed.extend(ids),
+                Err(_) => uncertain += 1,
+            }
+        }
+        done += 1;
+    }
+    (written, uncertain)
+}
+
+/// Every aggregate's delivered versions reach the version its row holds:
+/// with [`assert_order`] (1, 2, 3, ... in order) nothing committed is
+/// missing, even for transactions whose commit outcome the writer never
+/// learned.
+pub async fn assert_versions_match(pool: &PgPool, records: &[Consumed]) {
+    let mut delivered: HashMap<String, i64> = HashMap::new();
+    for r in records {
+        let v = delivered.entry(r.key.clone().unwrap()).or_default();
+        *v = (*v).max(r.version());
+    }
+    let rows: Vec<(String, i64)> = sqlx::query_as("select id, version from agg where version > 0")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    for (id, version) in rows {
+        assert_eq!(
+            delivered.get(&id).copied().unwrap_or(0),
+            version,
+            "aggregate {id}: committed up to version {version}, delivered up to another"
+        );
+    }
+}
+
+/// Reads `topic` from the beginning, handing each record's key, value and
+/// headers to `each` without keeping it, until `each` returns true or
+/// `deadline` passes. Returns whether `each` said it was done.
+pub fn consume_each(
+    brokers: &str,
+    topic: &str,
+    deadline: Duration,
+    mut each: impl FnMut(i32, Option<&[u8]>, Option<&[u8]>) -> bool,
+) -> bool {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{}", Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..metadata.topics()[0].partitions().len() as i32 {
+        assignment
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let until = Instant::now() + deadline;
+    while Instant::now() < until {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                if each(m.partition(), m.key(), m.payload()) {
+                    return true;
+                }
+            }
+            Some(Err(e)) => eprintln!("consumer: {e}"),
+            None => {}
+        }
+    }
+    false
 }
 
 /// A record read back from Kafka.
@@ -408,23 +554,40 @@ where
     }
 }
 
-/// One test's world: its own database (migrated), Kafka and topic prefix.
+/// One test's world: its own database (migrated), Kafka and topic prefix,
+/// and the mode its relays run in.
 pub struct Setup {
     pub url: String,
     pub pool: PgPool,
     pub kafka: Kafka,
     pub prefix: String,
+    pub mode: &'static str,
+    /// Tail mode's slot: slots are per cluster, so each test has its own.
+    pub slot: String,
 }
 
 impl Setup {
+    /// A poll-mode world in the binary's shared cluster.
     pub async fn new(kafka: Kafka) -> Setup {
-        let url = fresh_database().await;
+        Setup::on(fresh_database().await, kafka, "poll").await
+    }
+
+    /// A tail-mode world in the binary's shared cluster.
+    pub async fn tail(kafka: Kafka) -> Setup {
+        Setup::on(fresh_database().await, kafka, "tail").await
+    }
+
+    /// A world on the database at `url` (e.g. in a cluster of the test's own).
+    pub async fn on(url: String, kafka: Kafka, mode: &'static str) -> Setup {
         let pool = migrated_pool(&url).await;
+        let prefix = topic_prefix();
         Setup {
             url,
             pool,
             kafka,
-            prefix: topic_prefix(),
+            slot: format!("slot_{prefix}"),
+            prefix,
+            mode,
         }
     }
 
@@ -437,7 +600,22 @@ impl Setup {
 
     /// Starts the relay binary for this setup.
     pub fn relay(&self, extra: &[&str]) -> Child {
-        spawn_relay(&self.url, &self.kafka.brokers(), &self.prefix, extra)
+        let mut args = vec!["--slot", self.slot.as_str()];
+        args.extend_from_slice(extra);
+        spawn_relay_in(
+            self.mode,
+            &self.url,
+            &self.kafka.brokers(),
+            &self.prefix,
+            &args,
+        )
+    }
+
+    /// The relay command for this setup, to run to completion.
+    pub fn relay_command(&self) -> Command {
+        let mut cmd = relay_command_in(self.mode, &self.url, &self.kafka.brokers(), &self.prefix);
+        cmd.args(["--slot", &self.slot]);
+        cmd
     }
 }
 

@@ -383,11 +383,8 @@ pub fn consume_each(
     let until = Instant::now() + deadline;
     while Instant::now() < until {
         match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                if each(m.partition(), m.key(), m.payload()) {
-                    return true;
-                }
-            }
+            Some(Ok(m)) if each(m.partition(), m.key(), m.payload()) => return true,
+            Some(Ok(_)) => {}
             Some(Err(e)) => eprintln!("consumer: {e}"),
             None => {}
         }

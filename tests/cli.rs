@@ -153,6 +153,42 @@ async fn identifier_injection_is_a_validation_error() {
 }
 
 #[tokio::test]
+async fn slot_and_publication_injection_is_a_validation_error() {
+    let (code, stderr) = run(&[
+        "run",
+        "--mode",
+        "tail",
+        "--database-url",
+        "postgres://a:hunter2@h/d",
+        "--brokers",
+        "b:9092",
+        "--slot",
+        "s; DROP_REPLICATION_SLOT x",
+    ])
+    .await;
+    assert_eq!(code, 2);
+    assert_one_line(
+        &stderr,
+        "error: --slot (OUTBOX_SLOT) \"s; DROP_REPLICATION_SLOT x\" is not a valid replication slot name: use 1 to 63 lowercase letters, digits or underscores",
+        "hunter2",
+    );
+    let (code, stderr) = run(&[
+        "migrate",
+        "--database-url",
+        "postgres://a:hunter2@h/d",
+        "--publication",
+        "p' ; drop publication q",
+    ])
+    .await;
+    assert_eq!(code, 2);
+    assert_one_line(
+        &stderr,
+        "error: --publication (OUTBOX_PUBLICATION) \"p' ; drop publication q\" is not a valid Postgres name",
+        "hunter2",
+    );
+}
+
+#[tokio::test]
 async fn unreachable_broker_is_retried_and_said_once() {
     let url = fresh_database().await;
     migrated_pool(&url).await;
@@ -221,7 +257,14 @@ async fn migrate_twice_is_a_no_op_and_status_reads_the_backlog() {
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(applied, 1);
+    assert_eq!(applied as usize, outbox_relay::MIGRATOR.migrations.len());
+    let publications: i64 = sqlx::query_scalar(
+        "select count(*) from pg_publication_tables where pubname = 'outbox_relay' and tablename = 'outbox'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(publications, 1, "migrate did not create the publication");
     // A service's own insert naming only the documented columns works.
     sqlx::query("insert into outbox (id, aggregate_type, aggregate_id, event_type, topic, payload) values (gen_random_uuid(), 'order', 'o-1', 'created', null, '{}')")
         .execute(&pool)
@@ -236,5 +279,6 @@ async fn migrate_twice_is_a_no_op_and_status_reads_the_backlog() {
     assert!(output.status.success());
     assert!(stdout.contains("unpublished rows    1"), "{stdout}");
     assert!(stdout.contains("dead letters        0"), "{stdout}");
+    assert!(stdout.contains("replication slot    none"), "{stdout}");
     assert!(!stdout.contains("outbox-relay-temp"), "{stdout}");
 }

@@ -215,6 +215,43 @@ pub async fn create_aggregates(pool: &PgPool, aggregates: u32) {
         .unwrap();
 }
 
+/// One business transaction, not yet ended: it bumps a random aggregate's
+/// version by 1 to 3 and inserts that many events carrying the versions.
+/// Also says whether to roll it back (with probability `rollback_rate`).
+async fn business_transaction(
+    pool: &PgPool,
+    aggregates: u32,
+    rollback_rate: f64,
+) -> Result<(sqlx::Transaction<'static, sqlx::Postgres>, Vec<Event>, bool), sqlx::Error> {
+    let (aggregate, n, roll_back) = {
+        let mut rng = rand::rng();
+        (
+            format!("a{}", rng.random_range(1..=aggregates)),
+            rng.random_range(1..=3i64),
+            rng.random_bool(rollback_rate),
+        )
+    };
+    let mut tx = pool.begin().await?;
+    let version: i64 =
+        sqlx::query_scalar("update agg set version = version + $2 where id = $1 returning version")
+            .bind(&aggregate)
+            .bind(n)
+            .fetch_one(&mut *tx)
+            .await?;
+    let events: Vec<Event> = (0..n)
+        .map(|i| {
+            Event::new(
+                "acct",
+                &aggregate,
+                "changed",
+                json!({"version": version - n + 1 + i}),
+            )
+        })
+        .collect();
+    outbox::insert_all(&mut tx, &events).await?;
+    Ok((tx, events, roll_back))
+}
+
 /// `transactions` business transactions of 1 to 3 events for one random
 /// aggregate each; roughly `rollback_rate` of them roll back.
 pub async fn write(
@@ -225,34 +262,9 @@ pub async fn write(
 ) -> Written {
     let mut written = Written::default();
     for _ in 0..transactions {
-        let (aggregate, n, roll_back) = {
-            let mut rng = rand::rng();
-            (
-                format!("a{}", rng.random_range(1..=aggregates)),
-                rng.random_range(1..=3i64),
-                rng.random_bool(rollback_rate),
-            )
-        };
-        let mut tx = pool.begin().await.unwrap();
-        let version: i64 = sqlx::query_scalar(
-            "update agg set version = version + $2 where id = $1 returning version",
-        )
-        .bind(&aggregate)
-        .bind(n)
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap();
-        let events: Vec<Event> = (0..n)
-            .map(|i| {
-                Event::new(
-                    "acct",
-                    &aggregate,
-                    "changed",
-                    json!({"version": version - n + 1 + i}),
-                )
-            })
-            .collect();
-        outbox::insert_all(&mut tx, &events).await.unwrap();
+        let (tx, events, roll_back) = business_transaction(pool, aggregates, rollback_rate)
+            .await
+            .unwrap();
         let ids = events.iter().map(|e| e.id);
         if roll_back {
             tx.rollback().await.unwrap();
@@ -280,43 +292,15 @@ pub async fn write_through_faults(
     let mut uncertain = 0;
     let mut done = 0;
     while done < transactions {
-        let (aggregate, n, roll_back) = {
-            let mut rng = rand::rng();
-            (
-                format!("a{}", rng.random_range(1..=aggregates)),
-                rng.random_range(1..=3i64),
-                rng.random_bool(rollback_rate),
-            )
-        };
-        let attempt = async {
-            let mut tx = pool.begin().await?;
-            let version: i64 = sqlx::query_scalar(
-                "update agg set version = version + $2 where id = $1 returning version",
-            )
-            .bind(&aggregate)
-            .bind(n)
-            .fetch_one(&mut *tx)
-            .await?;
-            let events: Vec<Event> = (0..n)
-                .map(|i| {
-                    Event::new(
-                        "acct",
-                        &aggregate,
-                        "changed",
-                        json!({"version": version - n + 1 + i}),
-                    )
-                })
-                .collect();
-            outbox::insert_all(&mut tx, &events).await?;
-            Ok::<_, sqlx::Error>((tx, events))
-        };
-        let (tx, events) = match attempt.await {
-            Ok(ok) => ok,
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (tx, events, roll_back) =
+            match business_transaction(pool, aggregates, rollback_rate).await {
+                Ok(ok) => ok,
+                Err(_) => {
+                    // The database is down: try again shortly.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
         let ids = events.iter().map(|e| e.id);
         if roll_back {
             let _ = tx.rollback().await;

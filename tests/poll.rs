@@ -220,7 +220,14 @@ async fn records_follow_the_documented_mapping() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn injected_broker_errors_lose_nothing_and_keep_order() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    let t = Setup::new(Kafka::mock()).await;
+    let Some(kafka) = Kafka::mock_only(
+        "injected_broker_errors_lose_nothing_and_keep_order",
+        "it injects produce errors through rdkafka::mocking, which only the mock cluster supports; \
+         tests/outage.rs takes the real broker down instead",
+    ) else {
+        return;
+    };
+    let t = Setup::new(kafka).await;
     let (pool, kafka) = (&t.pool, &t.kafka);
     create_aggregates(pool, 15).await;
     let topic = t.topic("acct", 4).await;
@@ -261,7 +268,14 @@ async fn injected_broker_errors_lose_nothing_and_keep_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_with_rows_in_flight_exits_zero_and_confirms_only_what_was_acked() {
-    let t = Setup::new(Kafka::mock()).await;
+    let Some(kafka) = Kafka::mock_only(
+        "sigterm_with_rows_in_flight_exits_zero_and_confirms_only_what_was_acked",
+        "it keeps acks in flight with the mock cluster's round-trip delay, which a real broker has no knob for; \
+         tests/outage.rs sends SIGTERM while the real broker is stopped instead",
+    ) else {
+        return;
+    };
+    let t = Setup::new(kafka).await;
     let (pool, kafka) = (&t.pool, &t.kafka);
     create_aggregates(pool, 10).await;
     let written = write(pool, 700, 10, 0.0).await;

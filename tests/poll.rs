@@ -340,3 +340,48 @@ async fn sigterm_with_rows_in_flight_exits_zero_and_confirms_only_what_was_acked
         "rows were published twice across a graceful stop"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_for_an_impossible_topic_is_dead_lettered_and_the_rest_flow() {
+    let t = Setup::new(Kafka::start()).await;
+    let (pool, kafka) = (&t.pool, &t.kafka);
+    let topic = t.topic("order", 1).await;
+    let insert = "insert into outbox (id, aggregate_type, aggregate_id, event_type, topic, payload) \
+                  values ($1, 'order', 'o-1', 'e', $2, '{}')";
+    let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    let mut tx = pool.begin().await.unwrap();
+    for (id, explicit) in ids.iter().zip([None, Some("bad topic!"), None]) {
+        sqlx::query(insert)
+            .bind(id)
+            .bind(explicit)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let mut relay = t.relay(&[]);
+    let records = consume_ids(&kafka.brokers(), &[&topic], &[ids[0], ids[2]], DEADLINE).await;
+    wait_for("the outbox to drain", DEADLINE, || async {
+        outbox_count(pool).await == 0
+    })
+    .await;
+    relay.kill().await.unwrap();
+
+    let seen: HashSet<Uuid> = records.iter().map(Consumed::id).collect();
+    assert!(
+        seen.contains(&ids[0]) && seen.contains(&ids[2]),
+        "the rows around the bad one were not published"
+    );
+    let dead: Vec<(Uuid, String)> = sqlx::query_as("select id, error from dead_letter")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].0, ids[1]);
+    assert!(
+        dead[0].1.contains("invalid topic name \"bad topic!\""),
+        "{}",
+        dead[0].1
+    );
+}

@@ -220,7 +220,14 @@ async fn records_follow_the_documented_mapping() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn injected_broker_errors_lose_nothing_and_keep_order() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    let t = Setup::new(Kafka::mock()).await;
+    let Some(kafka) = Kafka::mock_only(
+        "injected_broker_errors_lose_nothing_and_keep_order",
+        "it injects produce errors through rdkafka::mocking, which only the mock cluster supports; \
+         tests/outage.rs takes the real broker down instead",
+    ) else {
+        return;
+    };
+    let t = Setup::new(kafka).await;
     let (pool, kafka) = (&t.pool, &t.kafka);
     create_aggregates(pool, 15).await;
     let topic = t.topic("acct", 4).await;
@@ -261,7 +268,14 @@ async fn injected_broker_errors_lose_nothing_and_keep_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_with_rows_in_flight_exits_zero_and_confirms_only_what_was_acked() {
-    let t = Setup::new(Kafka::mock()).await;
+    let Some(kafka) = Kafka::mock_only(
+        "sigterm_with_rows_in_flight_exits_zero_and_confirms_only_what_was_acked",
+        "it keeps acks in flight with the mock cluster's round-trip delay, which a real broker has no knob for; \
+         tests/outage.rs sends SIGTERM while the real broker is stopped instead",
+    ) else {
+        return;
+    };
+    let t = Setup::new(kafka).await;
     let (pool, kafka) = (&t.pool, &t.kafka);
     create_aggregates(pool, 10).await;
     let written = write(pool, 700, 10, 0.0).await;
@@ -324,5 +338,50 @@ async fn sigterm_with_rows_in_flight_exits_zero_and_confirms_only_what_was_acked
         assert_order(&records),
         0,
         "rows were published twice across a graceful stop"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_for_an_impossible_topic_is_dead_lettered_and_the_rest_flow() {
+    let t = Setup::new(Kafka::start()).await;
+    let (pool, kafka) = (&t.pool, &t.kafka);
+    let topic = t.topic("order", 1).await;
+    let insert = "insert into outbox (id, aggregate_type, aggregate_id, event_type, topic, payload) \
+                  values ($1, 'order', 'o-1', 'e', $2, '{}')";
+    let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    let mut tx = pool.begin().await.unwrap();
+    for (id, explicit) in ids.iter().zip([None, Some("bad topic!"), None]) {
+        sqlx::query(insert)
+            .bind(id)
+            .bind(explicit)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let mut relay = t.relay(&[]);
+    let records = consume_ids(&kafka.brokers(), &[&topic], &[ids[0], ids[2]], DEADLINE).await;
+    wait_for("the outbox to drain", DEADLINE, || async {
+        outbox_count(pool).await == 0
+    })
+    .await;
+    relay.kill().await.unwrap();
+
+    let seen: HashSet<Uuid> = records.iter().map(Consumed::id).collect();
+    assert!(
+        seen.contains(&ids[0]) && seen.contains(&ids[2]),
+        "the rows around the bad one were not published"
+    );
+    let dead: Vec<(Uuid, String)> = sqlx::query_as("select id, error from dead_letter")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].0, ids[1]);
+    assert!(
+        dead[0].1.contains("invalid topic name \"bad topic!\""),
+        "{}",
+        dead[0].1
     );
 }

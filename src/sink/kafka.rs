@@ -7,8 +7,15 @@
 //!
 //! [`KafkaSink::send`] only enqueues; the returned [`Pending`] resolves to the
 //! record's [`Outcome`] once the broker acknowledged it or it failed for good.
+//!
+//! A producer that has had nothing acknowledged for a whole message timeout
+//! and keeps failing counts as wedged and is replaced like one that hit a
+//! fatal error ([`KafkaSink::is_fatal`]): some idempotence states only a new
+//! producer id clears.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
@@ -49,24 +56,55 @@ pub enum Outcome {
 }
 
 /// A record that was enqueued, or refused before it was.
-pub enum Pending {
-    Enqueued(DeliveryFuture),
+pub struct Pending(PendingState);
+
+enum PendingState {
+    Enqueued(DeliveryFuture, Arc<LastAck>),
     Done(Outcome),
 }
 
 impl Pending {
     /// Waits for the record's outcome.
     pub async fn outcome(self) -> Outcome {
-        match self {
-            Pending::Done(outcome) => outcome,
-            Pending::Enqueued(future) => match future.await {
-                Ok(Ok(_)) => Outcome::Acked,
+        match self.0 {
+            PendingState::Done(outcome) => outcome,
+            PendingState::Enqueued(future, last_ack) => match future.await {
+                Ok(Ok(_)) => {
+                    last_ack.record();
+                    Outcome::Acked
+                }
                 Ok(Err((err, _))) => classify(&err),
                 Err(_) => Outcome::Failed(
                     "the producer was closed before the record was acknowledged".into(),
                 ),
             },
         }
+    }
+}
+
+/// When a producer last had a record acknowledged, or was created.
+struct LastAck {
+    created: Instant,
+    /// Milliseconds after `created`.
+    at: AtomicU64,
+}
+
+impl LastAck {
+    fn new() -> Self {
+        LastAck {
+            created: Instant::now(),
+            at: AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self) {
+        let now = self.created.elapsed().as_millis() as u64;
+        self.at.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn age(&self) -> Duration {
+        let at = Duration::from_millis(self.at.load(Ordering::Relaxed));
+        self.created.elapsed().saturating_sub(at)
     }
 }
 
@@ -89,6 +127,10 @@ impl ClientContext for SinkContext {
 pub struct KafkaSink {
     producer: FutureProducer<SinkContext>,
     brokers: String,
+    last_ack: Arc<LastAck>,
+    /// The producer's `message.timeout.ms`: how long it keeps trying to
+    /// deliver a record before failing it.
+    message_timeout: Duration,
 }
 
 impl KafkaSink {
@@ -111,6 +153,8 @@ impl KafkaSink {
         Ok(KafkaSink {
             producer,
             brokers: config.brokers.clone(),
+            last_ack: Arc::new(LastAck::new()),
+            message_timeout: message_timeout(config),
         })
     }
 
@@ -162,8 +206,12 @@ impl KafkaSink {
     }
 
     /// Enqueues `record`. Waits while the producer's queue is full, so a slow
-    /// broker slows the relay down instead of growing memory.
+    /// broker slows the relay down instead of growing memory. A record for a
+    /// topic no broker may have is rejected without asking one.
     pub async fn send(&self, record: &Record) -> Pending {
+        if let Some(problem) = invalid_topic(&record.topic) {
+            return Pending(PendingState::Done(Outcome::Rejected(problem)));
+        }
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in &record.headers {
             headers = headers.insert(Header {
@@ -179,20 +227,31 @@ impl KafkaSink {
         }
         loop {
             match self.producer.send_result(future) {
-                Ok(delivery) => return Pending::Enqueued(delivery),
+                Ok(delivery) => {
+                    return Pending(PendingState::Enqueued(delivery, self.last_ack.clone()));
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     future = back;
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
-                Err((err, _)) => return Pending::Done(classify(&err)),
+                Err((err, _)) => return Pending(PendingState::Done(classify(&err))),
             }
         }
     }
 
-    /// Whether the producer hit a fatal error (e.g. a gap under the gapless
-    /// guarantee) and must be replaced before sending more.
+    /// Whether this producer must be replaced before sending more, asked
+    /// after a record failed. Either librdkafka raised a fatal error (e.g. a
+    /// gap under the gapless guarantee), or nothing was acknowledged for a
+    /// whole message timeout: the producer may be wedged in a state only a
+    /// new producer id clears. A broker that lost its producer state (one
+    /// restarted on memory storage) answers every produce with
+    /// UNKNOWN_PRODUCER_ID, and librdkafka's answer, bumping the epoch
+    /// itself and retrying, loops forever where Kafka would accept the new
+    /// epoch. Replacing costs a connection and an InitProducerId; the relay
+    /// resends from the first unconfirmed row either way.
     pub fn is_fatal(&self) -> bool {
         self.producer.client().fatal_error().is_some()
+            || self.last_ack.age() >= self.message_timeout
     }
 
     /// Waits up to `timeout` for everything enqueued to be acknowledged or fail.
@@ -200,6 +259,46 @@ impl KafkaSink {
         let producer = self.producer.clone();
         let _ = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
     }
+}
+
+/// Why `topic` cannot be a Kafka topic, if it cannot: Kafka's own rule, 1 to
+/// 249 characters of `[a-zA-Z0-9._-]`, not `.` or `..`. Checked here rather
+/// than left to the broker because not every broker says so: tansu 0.6
+/// answers a produce to `bad topic!` like one to a missing topic, and the
+/// record would be retried forever instead of dead-lettered.
+fn invalid_topic(topic: &str) -> Option<String> {
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    let valid = !topic.is_empty()
+        && topic.len() <= 249
+        && topic != "."
+        && topic != ".."
+        && topic.chars().all(legal);
+    (!valid).then(|| {
+        format!(
+            "invalid topic name {topic:?}: Kafka topic names are 1 to 249 characters of \
+             a-z, A-Z, 0-9, '.', '_' and '-', and not \".\" or \"..\""
+        )
+    })
+}
+
+/// The effective `message.timeout.ms` (alias `delivery.timeout.ms`): the
+/// last one given wins, as in librdkafka; 0 means records never time out.
+fn message_timeout(config: &KafkaConfig) -> Duration {
+    let defaults = PRODUCER_DEFAULTS.iter().map(|(k, v)| (*k, *v));
+    let given = config
+        .properties
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()));
+    defaults
+        .chain(given)
+        .filter(|(key, _)| matches!(*key, "message.timeout.ms" | "delivery.timeout.ms"))
+        .filter_map(|(_, value)| value.parse::<u64>().ok())
+        .next_back()
+        .map(|ms| match ms {
+            0 => Duration::MAX,
+            ms => Duration::from_millis(ms),
+        })
+        .unwrap_or(Duration::from_secs(300)) // librdkafka's default
 }
 
 /// Errors no retry can fix go to the dead-letter table; everything else is
@@ -229,6 +328,66 @@ fn classify(err: &KafkaError) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_message_timeout_is_the_last_one_given() {
+        let config = |properties: &[(&str, &str)]| KafkaConfig {
+            brokers: "b:1".into(),
+            properties: properties
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        assert_eq!(message_timeout(&config(&[])), Duration::from_secs(30));
+        assert_eq!(
+            message_timeout(&config(&[("delivery.timeout.ms", "5000")])),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            message_timeout(&config(&[
+                ("message.timeout.ms", "7000"),
+                ("linger.ms", "1")
+            ])),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            message_timeout(&config(&[("message.timeout.ms", "0")])),
+            Duration::MAX
+        );
+    }
+
+    #[test]
+    fn a_producer_without_acks_for_a_message_timeout_is_replaced() {
+        let mut sink = KafkaSink::new(&KafkaConfig {
+            brokers: "127.0.0.1:9".into(),
+            properties: vec![("message.timeout.ms".into(), "100000".into())],
+        })
+        .unwrap();
+        assert!(!sink.is_fatal(), "a new producer is not wedged");
+        sink.message_timeout = Duration::ZERO;
+        assert!(sink.is_fatal(), "no ack within the message timeout");
+        sink.message_timeout = Duration::from_secs(60);
+        sink.last_ack.record();
+        assert!(!sink.is_fatal(), "an ack resets the clock");
+    }
+
+    #[test]
+    fn topic_names_follow_kafkas_rule() {
+        for ok in ["orders.events", "a", "A-b_c.9", &"x".repeat(249)] {
+            assert_eq!(invalid_topic(ok), None, "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "bad topic!",
+            "ünïcode",
+            "a/b",
+            &"x".repeat(250),
+        ] {
+            assert!(invalid_topic(bad).is_some(), "{bad}");
+        }
+    }
 
     #[test]
     fn permanent_errors_are_rejections() {

@@ -8,6 +8,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use outbox_relay::embedded::TempPostgres;
 use outbox_relay::outbox::{self, Event};
 use rand::Rng;
@@ -86,41 +88,118 @@ pub async fn migrated_pool(url: &str) -> PgPool {
 /// A Kafka for one test.
 pub enum Kafka {
     Mock(MockCluster<'static, DefaultProducerContext>),
-    External(String),
+    /// The brokers in `OUTBOX_TEST_BROKERS`, and the broker process from
+    /// `OUTBOX_TEST_BROKER_PID` if given (outage tests pause it).
+    External {
+        brokers: String,
+        process: Option<Pid>,
+    },
+}
+
+/// `OUTBOX_TEST_BROKERS`, if set and not empty.
+fn external_brokers() -> Option<String> {
+    std::env::var("OUTBOX_TEST_BROKERS")
+        .ok()
+        .filter(|brokers| !brokers.is_empty())
+}
+
+/// Says on the test output, uncaptured, that `test` does not run and why.
+/// Written to the stderr file descriptor directly because the test harness
+/// captures `eprintln!`.
+pub fn skip_notice(test: &str, why: &str) {
+    use std::io::Write;
+    let against = external_brokers()
+        .map(|brokers| format!(" against OUTBOX_TEST_BROKERS={brokers}"))
+        .unwrap_or_default();
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}{against}: {why}");
 }
 
 impl Kafka {
     /// The brokers in `OUTBOX_TEST_BROKERS`, else a new 3-broker mock cluster.
     pub fn start() -> Kafka {
-        match std::env::var("OUTBOX_TEST_BROKERS") {
-            Ok(brokers) if !brokers.is_empty() => Kafka::External(brokers),
-            _ => Kafka::Mock(MockCluster::new(3).expect("start the mock cluster")),
+        match external_brokers() {
+            Some(brokers) => Kafka::External {
+                brokers,
+                process: std::env::var("OUTBOX_TEST_BROKER_PID").ok().map(|pid| {
+                    Pid::from_raw(pid.parse().expect("OUTBOX_TEST_BROKER_PID is a pid"))
+                }),
+            },
+            None => Kafka::mock(),
         }
     }
 
-    /// Always a mock cluster, for tests that inject faults through it.
+    /// A new 3-broker mock cluster.
     pub fn mock() -> Kafka {
         Kafka::Mock(MockCluster::new(3).expect("start the mock cluster"))
+    }
+
+    /// The mock cluster, for a test that needs what only it can do (request
+    /// error injection, slowed round trips). Under `OUTBOX_TEST_BROKERS` the
+    /// test does not run: `None`, after saying so and `why` on the test output.
+    pub fn mock_only(test: &str, why: &str) -> Option<Kafka> {
+        if external_brokers().is_some() {
+            skip_notice(test, why);
+            return None;
+        }
+        Some(Kafka::mock())
+    }
+
+    /// A Kafka whose brokers the test can take down and bring back: a mock
+    /// cluster, or the external broker if `OUTBOX_TEST_BROKER_PID` names its
+    /// process. `None`, after saying why, for an external broker without one.
+    pub fn stoppable(test: &str) -> Option<Kafka> {
+        match Kafka::start() {
+            Kafka::External { process: None, .. } => {
+                skip_notice(
+                    test,
+                    "an outage test stops and resumes the broker process; set OUTBOX_TEST_BROKER_PID to its pid",
+                );
+                None
+            }
+            kafka => Some(kafka),
+        }
     }
 
     pub fn brokers(&self) -> String {
         match self {
             Kafka::Mock(mock) => mock.bootstrap_servers(),
-            Kafka::External(brokers) => brokers.clone(),
+            Kafka::External { brokers, .. } => brokers.clone(),
         }
     }
 
     pub fn cluster(&self) -> &MockCluster<'static, DefaultProducerContext> {
         match self {
             Kafka::Mock(mock) => mock,
-            Kafka::External(_) => panic!("this test needs the mock cluster"),
+            Kafka::External { .. } => panic!("this test needs the mock cluster"),
+        }
+    }
+
+    /// Takes every broker down: the mock's brokers refuse connections; the
+    /// external broker process is stopped with SIGSTOP, so its connections
+    /// stay open and go silent, as with a hung broker or a network partition.
+    pub fn stop_brokers(&self) {
+        match self {
+            Kafka::Mock(mock) => mock.broker_down(-1).unwrap(),
+            Kafka::External { process, .. } => {
+                kill(process.expect("a stoppable Kafka"), Signal::SIGSTOP).unwrap()
+            }
+        }
+    }
+
+    /// Brings every broker back.
+    pub fn resume_brokers(&self) {
+        match self {
+            Kafka::Mock(mock) => mock.broker_up(-1).unwrap(),
+            Kafka::External { process, .. } => {
+                kill(process.expect("a stoppable Kafka"), Signal::SIGCONT).unwrap()
+            }
         }
     }
 
     pub async fn create_topic(&self, topic: &str, partitions: i32) {
         match self {
             Kafka::Mock(mock) => mock.create_topic(topic, partitions, 3).unwrap(),
-            Kafka::External(brokers) => {
+            Kafka::External { brokers, .. } => {
                 let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
                     .set("bootstrap.servers", brokers)
                     .create()
@@ -140,6 +219,18 @@ impl Kafka {
                     }
                 }
             }
+        }
+    }
+}
+
+impl Drop for Kafka {
+    /// A test that fails mid-outage must not leave the shared broker stopped.
+    fn drop(&mut self) {
+        if let Kafka::External {
+            process: Some(pid), ..
+        } = self
+        {
+            let _ = kill(*pid, Signal::SIGCONT);
         }
     }
 }
@@ -618,4 +709,67 @@ pub fn assert_delivered(records: &[Consumed], written: &Written) {
         leaked, 0,
         "{leaked} rows of rolled-back transactions were published"
     );
+}
+
+/// The relay's stderr, collected line by line as it arrives.
+#[derive(Clone, Default)]
+pub struct RelayLog {
+    lines: std::sync::Arc<Mutex<Vec<String>>>,
+}
+
+impl RelayLog {
+    /// Waits, with a deadline, for a line containing `needle`; returns it.
+    pub async fn wait_for_line(&self, needle: &str, deadline: Duration) -> String {
+        let until = Instant::now() + deadline;
+        loop {
+            if let Some(line) = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return line.clone();
+            }
+            assert!(
+                Instant::now() < until,
+                "timed out waiting for the relay to log {needle:?}; it logged:\n{}",
+                self.lines.lock().unwrap().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Starts the relay binary and collects its log.
+pub fn spawn_logged_relay(
+    url: &str,
+    brokers: &str,
+    prefix: &str,
+    extra: &[&str],
+) -> (Child, RelayLog) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = relay_command(url, brokers, prefix)
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the relay binary");
+    let log = RelayLog::default();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let sink = log.lines.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    (child, log)
+}
+
+impl Setup {
+    /// Starts the relay binary for this setup, in poll mode, and collects
+    /// its log.
+    pub fn logged_relay(&self, extra: &[&str]) -> (Child, RelayLog) {
+        spawn_logged_relay(&self.url, &self.kafka.brokers(), &self.prefix, extra)
+    }
 }

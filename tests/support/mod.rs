@@ -718,6 +718,11 @@ pub struct RelayLog {
 }
 
 impl RelayLog {
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
     /// Waits, with a deadline, for a line containing `needle`; returns it.
     pub async fn wait_for_line(&self, needle: &str, deadline: Duration) -> String {
         let until = Instant::now() + deadline;
@@ -741,16 +746,10 @@ impl RelayLog {
     }
 }
 
-/// Starts the relay binary and collects its log.
-pub fn spawn_logged_relay(
-    url: &str,
-    brokers: &str,
-    prefix: &str,
-    extra: &[&str],
-) -> (Child, RelayLog) {
+/// Starts a relay command and collects its log.
+pub fn spawn_logged(mut cmd: Command) -> (Child, RelayLog) {
     use tokio::io::{AsyncBufReadExt, BufReader};
-    let mut child = relay_command(url, brokers, prefix)
-        .args(extra)
+    let mut child = cmd
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -767,9 +766,10 @@ pub fn spawn_logged_relay(
 }
 
 impl Setup {
-    /// Starts the relay binary for this setup, in poll mode, and collects
-    /// its log.
+    /// Starts the relay binary for this setup and collects its log.
     pub fn logged_relay(&self, extra: &[&str]) -> (Child, RelayLog) {
-        spawn_logged_relay(&self.url, &self.kafka.brokers(), &self.prefix, extra)
+        let mut cmd = self.relay_command();
+        cmd.args(extra);
+        spawn_logged(cmd)
     }
 }

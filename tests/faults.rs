@@ -1,0 +1,242 @@
+//! Database faults and secrets, in both modes: Postgres restarted (fast and
+//! immediate) under a running relay and running writers, and a password that
+//! never shows in anything the binary prints, on any failure path.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use outbox_relay::embedded::{StopMode, TempPostgres};
+use support::*;
+use tokio::process::Command;
+use uuid::Uuid;
+
+const DEADLINE: Duration = Duration::from_secs(120);
+const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
+
+/// Writers run while Postgres is stopped fast, then immediately (a crash),
+/// and started again each time; the relay keeps running throughout.
+async fn postgres_restarts_lose_nothing(mode: &'static str) {
+    let mut pg = TempPostgres::start().await.unwrap();
+    let url = pg.create_database("shop").await.unwrap();
+    let t = Setup::on(url, Kafka::start(), mode).await;
+    let (pool, kafka) = (&t.pool, &t.kafka);
+    create_aggregates(pool, 20).await;
+    let topic = t.topic("acct", 4).await;
+    let (mut relay, log) = t.logged_relay(&["--batch-size", "50"]);
+
+    let writers: Vec<_> = (0..3)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { write_through_faults(&pool, 300, 20, 0.1).await })
+        })
+        .collect();
+    let committed_events = || async {
+        sqlx::query_scalar::<_, i64>("select coalesce(sum(version), 0)::bigint from agg")
+            .fetch_one(pool)
+            .await
+            .unwrap_or(0)
+    };
+    for stop in [StopMode::Fast, StopMode::Immediate] {
+        // Let more events commit, then take Postgres away under everyone.
+        let before = committed_events().await;
+        wait_for("writers to commit before the restart", DEADLINE, || async {
+            committed_events().await > before + 50
+        })
+        .await;
+        pg.stop(stop);
+        pg.start_again().await.unwrap();
+    }
+    let mut written = Written::default();
+    for w in writers {
+        let (w, _) = w.await.unwrap();
+        written.committed.extend(w.committed);
+        written.rolled_back.extend(w.rolled_back);
+    }
+    wait_for("the outbox to drain", DEADLINE, || async {
+        sqlx::query_scalar::<_, i64>("select count(*) from outbox")
+            .fetch_one(pool)
+            .await
+            .is_ok_and(|n| n == 0)
+    })
+    .await;
+    let expected: i64 = sqlx::query_scalar("select coalesce(sum(version), 0)::bigint from agg")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let committed: HashSet<Uuid> = written.committed.iter().copied().collect();
+    let records = consume_until(&kafka.brokers(), &[&topic], DEADLINE, |r| {
+        let seen: HashSet<Uuid> = r.iter().map(Consumed::id).collect();
+        seen.len() as i64 >= expected && committed.is_subset(&seen)
+    })
+    .await;
+    assert!(
+        relay.try_wait().unwrap().is_none(),
+        "the relay exited on a Postgres restart"
+    );
+    log.wait_for_line("recovered", Duration::from_secs(1)).await;
+    relay.kill().await.unwrap();
+    assert_delivered(&records, &written);
+    assert_order(&records);
+    assert_versions_match(pool, &records).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poll_mode_survives_postgres_restarts_under_writers() {
+    postgres_restarts_lose_nothing("poll").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tail_mode_survives_postgres_restarts_under_writers() {
+    postgres_restarts_lose_nothing("tail").await;
+}
+
+/// Runs the binary to completion with debug logging; returns (code, all output).
+async fn output_of(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let output = tokio::time::timeout(
+        Duration::from_secs(90),
+        Command::new(BIN)
+            .args(args)
+            .env("OUTBOX_LOG", "debug")
+            .envs(env.iter().copied())
+            .output(),
+    )
+    .await
+    .expect("the binary exits")
+    .unwrap();
+    let mut all = String::from_utf8_lossy(&output.stdout).into_owned();
+    all.push_str(&String::from_utf8_lossy(&output.stderr));
+    (output.status.code().unwrap_or(-1), all)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_password_in_the_url_never_appears_in_any_output() {
+    const SECRET: &str = "pw-5ecret-Zq9";
+    let t = Setup::tail(Kafka::start()).await;
+    sqlx::query(&format!(
+        "create role app login password '{SECRET}' noreplication"
+    ))
+    .execute(&t.pool)
+    .await
+    .unwrap();
+    sqlx::query("grant all on all tables in schema public to app")
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    let app_url = t
+        .url
+        .replacen("postgres:outbox-relay-temp@", &format!("app:{SECRET}@"), 1);
+    let wrong_password = t.url.replacen("outbox-relay-temp", SECRET, 1);
+    let missing_db = format!("{}_missing", app_url);
+    let fresh = fresh_database().await.replacen(
+        "postgres:outbox-relay-temp@",
+        &format!("postgres:{SECRET}@"),
+        1,
+    );
+    let brokers = t.kafka.brokers();
+
+    let mut failures = 0;
+    for (what, args) in [
+        (
+            "unreachable database",
+            vec![
+                "run",
+                "--database-url",
+                "postgres://app:pw-5ecret-Zq9@127.0.0.1:1/shop",
+                "--brokers",
+                &brokers,
+            ],
+        ),
+        (
+            "malformed URL",
+            vec![
+                "run",
+                "--database-url",
+                "postgres://app:pw-5ecret-Zq9@host:notaport/shop",
+                "--brokers",
+                &brokers,
+            ],
+        ),
+        (
+            "wrong password",
+            vec![
+                "run",
+                "--database-url",
+                &wrong_password,
+                "--brokers",
+                &brokers,
+            ],
+        ),
+        (
+            "missing database",
+            vec!["status", "--database-url", &missing_db],
+        ),
+        (
+            "tables missing",
+            vec!["run", "--database-url", &fresh, "--brokers", &brokers],
+        ),
+        (
+            "no REPLICATION attribute",
+            vec![
+                "run",
+                "--mode",
+                "tail",
+                "--database-url",
+                &app_url,
+                "--brokers",
+                &brokers,
+            ],
+        ),
+        (
+            "migrate without the right to create a publication",
+            vec![
+                "migrate",
+                "--database-url",
+                &app_url,
+                "--publication",
+                "other_pub",
+            ],
+        ),
+    ] {
+        let (code, output) = output_of(&args, &[]).await;
+        assert_ne!(code, 0, "{what}: expected a failure, got:\n{output}");
+        assert!(
+            !output.contains(SECRET),
+            "{what}: the password leaked:\n{output}"
+        );
+        assert!(!output.contains("panicked"), "{what}:\n{output}");
+        failures += 1;
+    }
+    assert_eq!(failures, 7);
+
+    // Given through the environment, it is not echoed by --help either.
+    let (_, help) = output_of(&["run", "--help"], &[("OUTBOX_DATABASE_URL", &app_url)]).await;
+    assert!(help.contains("--database-url"), "{help}");
+    assert!(
+        !help.contains(SECRET),
+        "--help showed the password:\n{help}"
+    );
+
+    // A running relay's debug log, reading the outbox with that password,
+    // while it retries a broker it cannot reach.
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "run",
+        "--database-url",
+        &app_url,
+        "--brokers",
+        "127.0.0.1:9",
+    ])
+    .env("OUTBOX_LOG", "debug")
+    .kill_on_drop(true);
+    let (mut relay, log) = spawn_logged(cmd);
+    log.wait_for_line("cannot reach Kafka brokers", DEADLINE)
+        .await;
+    relay.kill().await.unwrap();
+    let all = log.text();
+    assert!(
+        !all.contains(SECRET),
+        "a running relay logged the password:\n{all}"
+    );
+}

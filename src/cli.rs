@@ -7,8 +7,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    DatabaseConfig, Identifier, KafkaConfig, Mode, NullPayload, RelayConfig, SlotName, TailConfig,
-    TopicTemplate,
+    DatabaseConfig, Identifier, KafkaConfig, Mode, NullPayload, PoisonPolicy, RelayConfig,
+    SlotName, TailConfig, TopicTemplate,
 };
 use crate::error::Error;
 
@@ -40,6 +40,9 @@ pub enum Command {
     Status(StatusArgs),
     /// Delete inbox rows older than a retention period.
     InboxPurge(InboxPurgeArgs),
+    /// Inspect, replay or purge rows the broker rejected for good.
+    #[command(subcommand)]
+    DeadLetters(DeadLettersCommand),
     /// Run the whole pipeline on a throwaway Postgres and an in-process Kafka.
     Demo(DemoArgs),
 }
@@ -151,6 +154,10 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_NULL_PAYLOAD", value_enum, default_value_t = NullPayloadArg::JsonNull)]
     pub null_payload: NullPayloadArg,
 
+    /// A row the broker rejects for good: dead-letter (and go on), block-aggregate (park its later rows too), or halt.
+    #[arg(long, env = "OUTBOX_ON_POISON", value_enum, default_value_t = PoisonArg::DeadLetter)]
+    pub on_poison: PoisonArg,
+
     /// Rows read, published and confirmed together (also the in-flight bound).
     #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
@@ -208,6 +215,13 @@ impl KafkaArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PoisonArg {
+    DeadLetter,
+    BlockAggregate,
+    Halt,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum NullPayloadArg {
     JsonNull,
     Tombstone,
@@ -227,6 +241,11 @@ impl RunArgs {
             NullPayloadArg::JsonNull => NullPayload::JsonNull,
             NullPayloadArg::Tombstone => NullPayload::Tombstone,
         };
+        config.on_poison = match self.on_poison {
+            PoisonArg::DeadLetter => PoisonPolicy::DeadLetter,
+            PoisonArg::BlockAggregate => PoisonPolicy::BlockAggregate,
+            PoisonArg::Halt => PoisonPolicy::Halt,
+        };
         config.batch_size = self.batch_size as usize;
         config.poll_interval = self.poll_interval;
         config.shutdown_timeout = self.shutdown_timeout;
@@ -242,6 +261,70 @@ pub struct InboxPurgeArgs {
     /// Delete rows processed longer ago than this (e.g. 7d, 12h).
     #[arg(long, env = "OUTBOX_INBOX_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     pub older_than: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCommand {
+    /// Print the dead-lettered rows, oldest first, with their errors.
+    List {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Move rows back into the outbox to be published again (with the rest of their aggregates, in order).
+    Retry {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(flatten)]
+        which: Which,
+    },
+    /// Delete rows for good.
+    Purge {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(flatten)]
+        which: Which,
+        /// Only rows that failed longer ago than this (e.g. 30d).
+        #[arg(long, value_parser = humantime::parse_duration, conflicts_with_all = ["id", "all"])]
+        older_than: Option<Duration>,
+    },
+}
+
+/// Which dead-lettered rows a command takes.
+#[derive(Debug, Clone, Args)]
+pub struct Which {
+    /// The row with this id.
+    #[arg(long)]
+    pub id: Option<uuid::Uuid>,
+    /// Every row.
+    #[arg(long, conflicts_with = "id")]
+    pub all: bool,
+}
+
+impl Which {
+    /// The selection; `command` names the command for the error.
+    pub fn selection(
+        &self,
+        older_than: Option<Duration>,
+        command: &str,
+    ) -> Result<crate::dead_letter::Selection, Error> {
+        use crate::dead_letter::Selection;
+        match (self.id, self.all, older_than) {
+            (Some(id), _, _) => Ok(Selection::Id(id)),
+            (None, true, _) => Ok(Selection::All),
+            (None, false, Some(age)) => Ok(Selection::OlderThan(age)),
+            (None, false, None) => Err(Error::Config(format!(
+                "{command} needs --id UUID or --all{}; see `outbox-relay dead-letters list` for ids",
+                if command.ends_with("purge") {
+                    " or --older-than AGE"
+                } else {
+                    ""
+                }
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -410,6 +410,31 @@ pub fn is_secret_property(key: &str) -> bool {
     key.contains("password") || key.contains("secret") || key.contains("sasl.oauthbearer.config")
 }
 
+/// What the relay does with a row the broker rejects for good (too large,
+/// invalid topic, not authorized).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PoisonPolicy {
+    /// Move it to the dead-letter table and keep going; the aggregate's later
+    /// rows are published (its consumers see a gap).
+    #[default]
+    DeadLetter,
+    /// Move it to the dead-letter table and park the aggregate's later rows
+    /// there too, in order, until an operator retries them.
+    BlockAggregate,
+    /// Confirm what came before it and stop the relay with an error.
+    Halt,
+}
+
+impl fmt::Display for PoisonPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PoisonPolicy::DeadLetter => "dead-letter",
+            PoisonPolicy::BlockAggregate => "block-aggregate",
+            PoisonPolicy::Halt => "halt",
+        })
+    }
+}
+
 /// Everything `run` needs.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -420,6 +445,7 @@ pub struct RelayConfig {
     pub tail: TailConfig,
     pub topic_template: TopicTemplate,
     pub null_payload: NullPayload,
+    pub on_poison: PoisonPolicy,
     /// Rows read, published and confirmed together; also the bound on
     /// records in flight.
     pub batch_size: usize,
@@ -439,6 +465,7 @@ impl RelayConfig {
             tail: TailConfig::default(),
             topic_template: TopicTemplate::default(),
             null_payload: NullPayload::JsonNull,
+            on_poison: PoisonPolicy::default(),
             batch_size: 1000,
             poll_interval: Duration::from_millis(100),
             shutdown_timeout: Duration::from_secs(10),

@@ -85,6 +85,10 @@ pub enum Error {
         transient: bool,
     },
 
+    /// `--on-poison halt` stopped the relay at a row the broker rejected.
+    #[error("{0}")]
+    Poison(String),
+
     /// A throwaway Postgres (demo, tests) could not be started.
     #[error("{0}")]
     Embedded(String),

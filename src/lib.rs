@@ -10,6 +10,7 @@
 pub mod cli;
 pub mod config;
 pub mod database;
+pub mod dead_letter;
 pub mod demo;
 pub mod embedded;
 pub mod error;

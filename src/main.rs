@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use clap::error::ErrorKind;
-use outbox_relay::cli::{Cli, Command, LogFormat};
-use outbox_relay::{Error, database, demo, inbox, relay};
+use outbox_relay::cli::{Cli, Command, DeadLettersCommand, LogFormat};
+use outbox_relay::{Error, database, dead_letter, demo, inbox, relay};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -92,6 +92,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 humantime::format_duration(args.older_than)
             );
         }
+        Command::DeadLetters(command) => dead_letters(command).await?,
         Command::Demo(args) => {
             let shutdown = shutdown_on_signal();
             let summary = demo::run(&demo::DemoOptions::from(&args), shutdown).await?;
@@ -99,6 +100,44 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             if !summary.passed() {
                 anyhow::bail!("the demo's checks failed (see above)");
             }
+        }
+    }
+    Ok(())
+}
+
+async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<()> {
+    match command {
+        DeadLettersCommand::List { database, limit } => {
+            let db = database.to_config()?;
+            let mut conn = database::connect(&db).await?;
+            database::check_schema(&mut conn, &db).await?;
+            let rows = dead_letter::list(&mut conn, limit).await?;
+            if rows.is_empty() {
+                println!("no dead letters");
+            }
+            for row in rows {
+                println!("{row}");
+            }
+        }
+        DeadLettersCommand::Retry { database, which } => {
+            let selection = which.selection(None, "dead-letters retry")?;
+            let db = database.to_config()?;
+            let mut conn = database::connect(&db).await?;
+            database::check_schema(&mut conn, &db).await?;
+            let moved = dead_letter::retry(&mut conn, selection).await?;
+            println!("moved {moved} rows back into the outbox");
+        }
+        DeadLettersCommand::Purge {
+            database,
+            which,
+            older_than,
+        } => {
+            let selection = which.selection(older_than, "dead-letters purge")?;
+            let db = database.to_config()?;
+            let mut conn = database::connect(&db).await?;
+            database::check_schema(&mut conn, &db).await?;
+            let deleted = dead_letter::purge(&mut conn, selection).await?;
+            println!("deleted {deleted} dead letters");
         }
     }
     Ok(())

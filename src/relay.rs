@@ -10,19 +10,20 @@
 //! acknowledged prefix, in-flight records are bounded by the batch size, and
 //! duplicates after a failure are bounded by one batch.
 
+use std::collections::HashSet;
 use std::pin::pin;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::{Mode, RelayConfig};
+use crate::config::{Mode, PoisonPolicy, RelayConfig};
 use crate::database;
 use crate::error::Error;
 use crate::outbox::OutboxRow;
 use crate::record;
 use crate::sink::kafka::{KafkaSink, Outcome, Pending};
-use crate::source::{Confirm, PollSource, Source, TailSource};
+use crate::source::{Aggregate, Confirm, PollSource, Source, TailSource};
 
 /// What a relay did before it stopped.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -97,14 +98,33 @@ impl<S: Source> Relay<S> {
                 }
                 Err(e) => return Err(e),
             };
-            let (confirm, failure) = self.publish(&rows, &shutdown).await;
+            let blocked = match self.config.on_poison {
+                PoisonPolicy::BlockAggregate => match self.source.blocked_aggregates(&rows).await {
+                    Ok(blocked) => blocked,
+                    Err(e) if e.is_transient() => {
+                        health.failed("reading the outbox", &e.to_string());
+                        health.wait(&shutdown).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                },
+                _ => HashSet::new(),
+            };
+            let Published {
+                confirm,
+                failure,
+                halt,
+            } = self.publish(&rows, blocked, &shutdown).await;
             match self.source.confirm(&confirm).await {
                 Ok(()) => {
                     self.stats.published += confirm.published.len() as u64;
                     self.stats.dead_lettered += confirm.dead_letters.len() as u64;
                     report.add(confirm.published.len());
                     for (seq, error) in &confirm.dead_letters {
-                        warn!(seq, error = %error, "the broker rejected a row for good; moved it to the dead-letter table");
+                        warn!(seq, error = %error, "moved a row to the dead-letter table");
+                    }
+                    if let Some(halt) = halt {
+                        return Err(halt);
                     }
                 }
                 Err(e) if e.is_transient() => {
@@ -134,18 +154,32 @@ impl<S: Source> Relay<S> {
         Ok(self.stats)
     }
 
-    /// Publishes `rows` in order and returns the prefix to confirm, plus the
-    /// first transient failure if there was one.
+    /// Publishes `rows` in order and returns the prefix to confirm, the
+    /// first transient failure if there was one, and, under `--on-poison
+    /// halt`, the error that stops the relay. Rows of a `blocked` aggregate
+    /// (and, under `block-aggregate`, of one whose row was just rejected)
+    /// are not sent but parked in the dead-letter table, in order.
     async fn publish(
         &self,
         rows: &[OutboxRow],
+        mut blocked: HashSet<Aggregate>,
         shutdown: &CancellationToken,
-    ) -> (Confirm, Option<String>) {
+    ) -> Published {
+        let policy = self.config.on_poison;
         let mut pending = Vec::with_capacity(rows.len());
         for row in rows {
+            let aggregate = (row.aggregate_type.clone(), row.aggregate_id.clone());
+            if blocked.contains(&aggregate) {
+                pending.push(None);
+                continue;
+            }
             let record =
                 record::from_row(row, &self.config.topic_template, self.config.null_payload);
-            pending.push(self.sink.send(&record).await);
+            let sent = self.sink.send(&record).await;
+            if policy == PoisonPolicy::BlockAggregate && sent.rejected_at_once() {
+                blocked.insert(aggregate);
+            }
+            pending.push(Some(sent));
         }
         // After shutdown fires, in-flight acks get `shutdown_timeout` more.
         let timeout = self.config.shutdown_timeout;
@@ -153,27 +187,54 @@ impl<S: Source> Relay<S> {
             shutdown.cancelled().await;
             tokio::time::sleep(timeout).await;
         });
-        let mut confirm = Confirm::default();
-        let mut failure: Option<String> = None;
+        let mut out = Published::default();
         for (row, pending) in rows.iter().zip(pending) {
+            let Some(pending) = pending else {
+                if out.failure.is_none() && out.halt.is_none() {
+                    out.confirm.dead_letters.push((row.seq, parked(row)));
+                }
+                continue;
+            };
             let outcome = tokio::select! {
                 outcome = Pending::outcome(pending) => outcome,
                 _ = &mut deadline => {
-                    failure.get_or_insert_with(|| "in-flight records were not acknowledged within the shutdown timeout".into());
+                    out.failure.get_or_insert_with(|| "in-flight records were not acknowledged within the shutdown timeout".into());
                     break;
                 }
             };
-            if failure.is_some() {
+            if out.failure.is_some() || out.halt.is_some() {
                 continue;
             }
             match outcome {
-                Outcome::Acked => confirm.published.push(row.seq),
-                Outcome::Rejected(error) => confirm.dead_letters.push((row.seq, error)),
-                Outcome::Failed(error) => failure = Some(error),
+                Outcome::Acked => out.confirm.published.push(row.seq),
+                Outcome::Rejected(error) if policy == PoisonPolicy::Halt => {
+                    out.halt = Some(Error::Poison(format!(
+                        "the broker rejected row seq {} (id {}, aggregate {}/{}) for good: {error}; --on-poison halt stopped the relay with the row still in the outbox: fix the cause and restart, or restart with --on-poison dead-letter to move it aside",
+                        row.seq, row.id, row.aggregate_type, row.aggregate_id
+                    )));
+                }
+                Outcome::Rejected(error) => out.confirm.dead_letters.push((row.seq, error)),
+                Outcome::Failed(error) => out.failure = Some(error),
             }
         }
-        (confirm, failure)
+        out
     }
+}
+
+/// What publishing one batch came to.
+#[derive(Default)]
+struct Published {
+    confirm: Confirm,
+    failure: Option<String>,
+    halt: Option<Error>,
+}
+
+/// The dead-letter error of a row parked behind its aggregate's rejected row.
+fn parked(row: &OutboxRow) -> String {
+    format!(
+        "parked: aggregate {}/{} has an earlier row in the dead-letter table (--on-poison block-aggregate); replay them in order with `outbox-relay dead-letters retry`",
+        row.aggregate_type, row.aggregate_id
+    )
 }
 
 /// Logs one line when a dependency starts failing and one when it recovers,

@@ -64,6 +64,12 @@ enum PendingState {
 }
 
 impl Pending {
+    /// Whether the record was refused for good before it was enqueued (too
+    /// large, an impossible topic name): known without waiting.
+    pub fn rejected_at_once(&self) -> bool {
+        matches!(self.0, PendingState::Done(Outcome::Rejected(_)))
+    }
+
     /// Waits for the record's outcome.
     pub async fn outcome(self) -> Outcome {
         match self.0 {

@@ -8,6 +8,7 @@
 //! losing that connection loses the lock at the same moment, and a poll and
 //! a tail relay never run on one outbox together.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::time::Duration;
 
@@ -26,6 +27,9 @@ pub mod tail;
 
 pub use poll::PollSource;
 pub use tail::TailSource;
+
+/// An aggregate: `(aggregate_type, aggregate_id)`.
+pub type Aggregate = (String, String);
 
 /// What the relay confirms after a batch: a prefix of it, in order.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -56,6 +60,13 @@ pub trait Source {
         max: usize,
         shutdown: &CancellationToken,
     ) -> impl Future<Output = Result<Vec<OutboxRow>, Error>> + Send;
+
+    /// The aggregates among `rows` that have a row in the dead-letter table
+    /// (for `--on-poison block-aggregate`).
+    fn blocked_aggregates(
+        &mut self,
+        rows: &[OutboxRow],
+    ) -> impl Future<Output = Result<HashSet<Aggregate>, Error>> + Send;
 
     /// Makes the confirmed rows' progress durable (delete, move to dead
     /// letters, or flush a position). Rows not confirmed are read again.
@@ -101,6 +112,34 @@ pub(crate) async fn leader_connection(
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
+}
+
+const BLOCKED_AGGREGATES: &str = "select distinct d.aggregate_type, d.aggregate_id from dead_letter d \
+     join unnest($1::text[], $2::text[]) as b(aggregate_type, aggregate_id) \
+     on d.aggregate_type = b.aggregate_type and d.aggregate_id = b.aggregate_id";
+
+/// Which of the rows' aggregates have a row in the dead-letter table.
+pub(crate) async fn blocked_aggregates(
+    conn: Option<&mut PgConnection>,
+    rows: &[OutboxRow],
+) -> Result<HashSet<Aggregate>, Error> {
+    let Some(conn) = conn else {
+        return Err(Error::Database {
+            doing: "reading blocked aggregates",
+            source: sqlx::Error::PoolClosed,
+        });
+    };
+    let (types, ids): (Vec<&str>, Vec<&str>) = rows
+        .iter()
+        .map(|r| (r.aggregate_type.as_str(), r.aggregate_id.as_str()))
+        .unzip();
+    let blocked: Vec<Aggregate> = sqlx::query_as(BLOCKED_AGGREGATES)
+        .bind(types)
+        .bind(ids)
+        .fetch_all(conn)
+        .await
+        .map_err(Error::db("reading blocked aggregates"))?;
+    Ok(blocked.into_iter().collect())
 }
 
 /// Deletes the published rows and moves the rejected ones to the dead-letter

@@ -12,6 +12,7 @@
 //! The connection that reads and deletes holds the leader lock (see
 //! [`crate::source`]); standby instances wait for it.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use sqlx::PgConnection;
@@ -21,7 +22,9 @@ use tracing::debug;
 use crate::config::DatabaseConfig;
 use crate::error::Error;
 use crate::outbox::OutboxRow;
-use crate::source::{Confirm, Source, apply_confirm, leader_connection};
+use crate::source::{
+    Aggregate, Confirm, Source, apply_confirm, blocked_aggregates, leader_connection,
+};
 
 const SELECT_BATCH: &str = "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
      payload::text as payload, headers, created_at from outbox order by seq limit $1";
@@ -105,6 +108,14 @@ impl Source for PollSource {
             }
             wait = (wait * 2).min(max_interval);
         }
+    }
+
+    async fn blocked_aggregates(
+        &mut self,
+        rows: &[OutboxRow],
+    ) -> Result<HashSet<Aggregate>, Error> {
+        let result = blocked_aggregates(self.conn.as_mut(), rows).await;
+        self.forget_on_error(result)
     }
 
     async fn confirm(&mut self, confirm: &Confirm) -> Result<(), Error> {

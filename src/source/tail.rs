@@ -27,7 +27,7 @@
 //!   `relay_slot.copied_at` records that this copy finished: a slot whose
 //!   copy never finished is dropped and created again on the next start.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
@@ -43,7 +43,9 @@ use crate::database;
 use crate::error::Error;
 use crate::outbox::OutboxRow;
 use crate::source::pgoutput::{self, Message, OutboxColumns};
-use crate::source::{Confirm, Source, apply_confirm, leader_connection};
+use crate::source::{
+    Aggregate, Confirm, Source, apply_confirm, blocked_aggregates, leader_connection,
+};
 
 const SELECT_COPY_BATCH: &str = "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
      payload::text as payload, headers, created_at from outbox where seq > $1 order by seq limit $2";
@@ -364,6 +366,14 @@ impl Source for TailSource {
             self.handed = rows.len();
             return Ok(rows);
         }
+    }
+
+    async fn blocked_aggregates(
+        &mut self,
+        rows: &[OutboxRow],
+    ) -> Result<HashSet<Aggregate>, Error> {
+        let result = blocked_aggregates(self.leader.as_mut(), rows).await;
+        self.reset(result)
     }
 
     async fn confirm(&mut self, confirm: &Confirm) -> Result<(), Error> {

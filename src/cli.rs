@@ -166,6 +166,10 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_POLL_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
 
+    /// Address for /metrics, /healthz and /readyz (HOST:PORT), or `off`.
+    #[arg(long, env = "OUTBOX_METRICS_ADDRESS", default_value = "127.0.0.1:9879")]
+    pub metrics_address: String,
+
     /// How long SIGTERM waits for in-flight acks before exiting.
     #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
@@ -249,6 +253,14 @@ impl RunArgs {
         config.batch_size = self.batch_size as usize;
         config.poll_interval = self.poll_interval;
         config.shutdown_timeout = self.shutdown_timeout;
+        config.metrics_address = match self.metrics_address.trim() {
+            "off" => None,
+            address => Some(address.parse().map_err(|_| {
+                Error::Config(format!(
+                    "--metrics-address (OUTBOX_METRICS_ADDRESS) {address:?} is not an IP:PORT; use e.g. 127.0.0.1:9879, 0.0.0.0:9879 or off"
+                ))
+            })?),
+        };
         Ok(config)
     }
 }

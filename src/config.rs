@@ -453,9 +453,17 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     /// How long a stopping relay waits for in-flight acks.
     pub shutdown_timeout: Duration,
+    /// Where `/metrics`, `/healthz` and `/readyz` listen; `None`: nowhere.
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 impl RelayConfig {
+    /// Loopback: metrics are for a local agent or a sidecar unless the
+    /// operator opens them up.
+    pub const DEFAULT_METRICS_ADDRESS: std::net::SocketAddr = std::net::SocketAddr::V4(
+        std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9879),
+    );
+
     /// A configuration with the documented defaults.
     pub fn new(database: DatabaseConfig, kafka: KafkaConfig) -> Self {
         RelayConfig {
@@ -469,6 +477,7 @@ impl RelayConfig {
             batch_size: 1000,
             poll_interval: Duration::from_millis(100),
             shutdown_timeout: Duration::from_secs(10),
+            metrics_address: Some(Self::DEFAULT_METRICS_ADDRESS),
         }
     }
 }

@@ -231,6 +231,7 @@ pub async fn run(options: &DemoOptions, shutdown: CancellationToken) -> Result<D
     );
     config.mode = options.mode;
     config.tail = tail.clone();
+    config.metrics_address = None;
     config.topic_template = TopicTemplate::parse(
         &format!("{schema_name}.{{aggregate_type}}"),
         "demo topic template",

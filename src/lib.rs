@@ -15,6 +15,7 @@ pub mod demo;
 pub mod embedded;
 pub mod error;
 pub mod inbox;
+pub mod metrics;
 pub mod outbox;
 pub mod record;
 pub mod relay;

@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 use crate::config::{Mode, PoisonPolicy, RelayConfig};
 use crate::database;
 use crate::error::Error;
+use crate::metrics::{self, Metrics};
 use crate::outbox::OutboxRow;
 use crate::record;
 use crate::sink::kafka::{KafkaSink, Outcome, Pending};
@@ -47,41 +48,76 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<Run
     }
     drop(conn);
     let sink = KafkaSink::new(&config.kafka)?;
+    let metrics = Metrics::new();
+    // The endpoints and the backlog sampler live exactly as long as the loop.
+    let endpoints = shutdown.child_token();
+    let _stop_endpoints = endpoints.clone().drop_guard();
+    if let Some(address) = config.metrics_address {
+        let listener = metrics::bind(address).await?;
+        tokio::spawn(metrics::serve(listener, metrics.clone(), endpoints.clone()));
+        tokio::spawn(metrics::sample_backlog(
+            metrics.clone(),
+            config.database.clone(),
+            config.tail.slot.clone(),
+            BACKLOG_SAMPLE_INTERVAL,
+            endpoints.clone(),
+        ));
+    }
     info!(mode = %config.mode, database = %config.database.target(), brokers = %config.kafka.brokers, "relay starting");
     match config.mode {
         Mode::Poll => {
-            let source = PollSource::new(config.database.clone(), config.poll_interval);
-            Relay::new(config, source, sink).run(shutdown).await
+            let source = PollSource::new(
+                config.database.clone(),
+                config.poll_interval,
+                metrics.clone(),
+            );
+            Relay::new(config, source, sink, metrics)
+                .run(shutdown)
+                .await
         }
         Mode::Tail => {
-            let source = TailSource::new(config.database.clone(), config.tail.clone());
-            Relay::new(config, source, sink).run(shutdown).await
+            let source = TailSource::new(
+                config.database.clone(),
+                config.tail.clone(),
+                metrics.clone(),
+            );
+            Relay::new(config, source, sink, metrics)
+                .run(shutdown)
+                .await
         }
     }
 }
+
+/// How often the backlog gauges are read from Postgres.
+const BACKLOG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
 struct Relay<S> {
     config: RelayConfig,
     source: S,
     sink: KafkaSink,
     stats: RunStats,
+    metrics: Metrics,
 }
 
 impl<S: Source> Relay<S> {
-    fn new(config: RelayConfig, source: S, sink: KafkaSink) -> Self {
+    fn new(config: RelayConfig, source: S, sink: KafkaSink, metrics: Metrics) -> Self {
         Relay {
             config,
             source,
             sink,
             stats: RunStats::default(),
+            metrics,
         }
     }
 
     async fn run(mut self, shutdown: CancellationToken) -> Result<RunStats, Error> {
+        self.metrics
+            .set_failing(Some("waiting for the Kafka brokers to answer".into()));
         if !self.sink.wait_until_reachable(&shutdown).await {
             return Ok(self.stats);
         }
-        let mut health = Health::default();
+        self.metrics.set_failing(None);
+        let mut health = Health::new(self.metrics.clone());
         let mut report = Report::new();
         while !shutdown.is_cancelled() {
             let rows = match self
@@ -119,6 +155,8 @@ impl<S: Source> Relay<S> {
                 Ok(()) => {
                     self.stats.published += confirm.published.len() as u64;
                     self.stats.dead_lettered += confirm.dead_letters.len() as u64;
+                    self.metrics
+                        .confirmed(confirm.published.len(), confirm.dead_letters.len());
                     report.add(confirm.published.len());
                     for (seq, error) in &confirm.dead_letters {
                         warn!(seq, error = %error, "moved a row to the dead-letter table");
@@ -238,17 +276,28 @@ fn parked(row: &OutboxRow) -> String {
 }
 
 /// Logs one line when a dependency starts failing and one when it recovers,
-/// not one per retry, and paces retries with capped exponential backoff.
-#[derive(Default)]
+/// not one per retry, paces retries with capped exponential backoff, and
+/// tells `/readyz`.
 struct Health {
     failing: Option<&'static str>,
     attempts: u32,
+    metrics: Metrics,
 }
 
 impl Health {
     const MAX_DELAY: Duration = Duration::from_secs(30);
 
+    fn new(metrics: Metrics) -> Self {
+        Health {
+            failing: None,
+            attempts: 0,
+            metrics,
+        }
+    }
+
     fn failed(&mut self, doing: &'static str, cause: &str) {
+        self.metrics
+            .set_failing(Some(format!("failing {doing}: {cause}")));
         if self.failing != Some(doing) {
             warn!(
                 cause,
@@ -263,6 +312,7 @@ impl Health {
 
     fn ok(&mut self) {
         if let Some(doing) = self.failing.take() {
+            self.metrics.set_failing(None);
             info!(attempts = self.attempts, "recovered: {doing} works again");
         }
         self.attempts = 0;

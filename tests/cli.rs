@@ -10,18 +10,12 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use support::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
-
-const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
 
 /// Runs the binary to completion and returns (exit code, stderr).
 async fn run(args: &[&str]) -> (i32, String) {
     let output = tokio::time::timeout(
         Duration::from_secs(60),
-        Command::new(BIN)
-            .args(args)
-            .env("OUTBOX_LOG", "info")
-            .output(),
+        relay_binary().args(args).env("OUTBOX_LOG", "info").output(),
     )
     .await
     .expect("the relay exits")
@@ -189,10 +183,30 @@ async fn slot_and_publication_injection_is_a_validation_error() {
 }
 
 #[tokio::test]
+async fn a_bad_metrics_address_is_one_line() {
+    let (code, stderr) = run(&[
+        "run",
+        "--database-url",
+        "postgres://a:hunter2@h/d",
+        "--brokers",
+        "b:9092",
+        "--metrics-address",
+        "localhost",
+    ])
+    .await;
+    assert_eq!(code, 2);
+    assert_one_line(
+        &stderr,
+        "error: --metrics-address (OUTBOX_METRICS_ADDRESS) \"localhost\" is not an IP:PORT; use e.g. 127.0.0.1:9879, 0.0.0.0:9879 or off",
+        "hunter2",
+    );
+}
+
+#[tokio::test]
 async fn unreachable_broker_is_retried_and_said_once() {
     let url = fresh_database().await;
     migrated_pool(&url).await;
-    let mut relay = Command::new(BIN)
+    let mut relay = relay_binary()
         .args(["run", "--database-url", &url, "--brokers", "127.0.0.1:9"])
         .env("OUTBOX_LOG", "info")
         .stderr(Stdio::piped())
@@ -237,7 +251,7 @@ async fn unreachable_broker_is_retried_and_said_once() {
 async fn migrate_twice_is_a_no_op_and_status_reads_the_backlog() {
     let url = fresh_database().await;
     for _ in 0..2 {
-        let output = Command::new(BIN)
+        let output = relay_binary()
             .args(["migrate", "--database-url", &url])
             .output()
             .await
@@ -270,7 +284,7 @@ async fn migrate_twice_is_a_no_op_and_status_reads_the_backlog() {
         .execute(&pool)
         .await
         .unwrap();
-    let output = Command::new(BIN)
+    let output = relay_binary()
         .args(["status", "--database-url", &url])
         .output()
         .await

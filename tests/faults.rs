@@ -9,11 +9,9 @@ use std::time::Duration;
 
 use outbox_relay::embedded::{StopMode, TempPostgres};
 use support::*;
-use tokio::process::Command;
 use uuid::Uuid;
 
 const DEADLINE: Duration = Duration::from_secs(120);
-const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
 
 /// Writers run while Postgres is stopped fast, then immediately (a crash),
 /// and started again each time; the relay keeps running throughout.
@@ -96,7 +94,7 @@ async fn tail_mode_survives_postgres_restarts_under_writers() {
 async fn output_of(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let output = tokio::time::timeout(
         Duration::from_secs(90),
-        Command::new(BIN)
+        relay_binary()
             .args(args)
             .env("OUTBOX_LOG", "debug")
             .envs(env.iter().copied())
@@ -220,7 +218,7 @@ async fn a_password_in_the_url_never_appears_in_any_output() {
 
     // A running relay's debug log, reading the outbox with that password,
     // while it retries a broker it cannot reach.
-    let mut cmd = Command::new(BIN);
+    let mut cmd = relay_binary();
     cmd.args([
         "run",
         "--database-url",

@@ -12,11 +12,9 @@ use outbox_relay::outbox::{self, Event};
 use serde_json::json;
 use sqlx::PgPool;
 use support::*;
-use tokio::process::Command;
 use uuid::Uuid;
 
 const DEADLINE: Duration = Duration::from_secs(90);
-const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
 
 /// Inserts one event per entry, in order; `big` ones carry a 2 MB payload.
 async fn insert(pool: &PgPool, rows: &[(&str, bool)]) -> Vec<Uuid> {
@@ -44,7 +42,7 @@ async fn dead_letters(pool: &PgPool) -> Vec<(Uuid, String)> {
 
 /// Runs an `outbox-relay` command to completion; returns (code, stdout+stderr).
 async fn cli(args: &[&str]) -> (i32, String) {
-    let out = Command::new(BIN).args(args).output().await.unwrap();
+    let out = relay_binary().args(args).output().await.unwrap();
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.code().unwrap_or(-1), text)

@@ -19,6 +19,7 @@ use tracing::info;
 use crate::config::DatabaseConfig;
 use crate::database;
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::outbox::OutboxRow;
 
 pub mod pgoutput;
@@ -87,8 +88,10 @@ const MOVE_TO_DEAD_LETTER: &str = "with moved as (delete from outbox where seq =
 /// lock for this schema. `None` on shutdown.
 pub(crate) async fn leader_connection(
     database: &DatabaseConfig,
+    metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> Result<Option<PgConnection>, Error> {
+    metrics.set_active(false);
     let mut conn = database::connect(database).await?;
     database::check_schema(&mut conn, database).await?;
     let lock = format!("outbox-relay:{}", database.schema());
@@ -101,6 +104,7 @@ pub(crate) async fn leader_connection(
             .map_err(Error::db("taking the leader lock"))?;
         if locked {
             info!(database = %database.target(), "active: this instance holds the relay lock");
+            metrics.set_active(true);
             return Ok(Some(conn));
         }
         if !standing_by {

@@ -21,6 +21,7 @@ use tracing::debug;
 
 use crate::config::DatabaseConfig;
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::outbox::OutboxRow;
 use crate::source::{
     Aggregate, Confirm, Source, apply_confirm, blocked_aggregates, leader_connection,
@@ -32,6 +33,7 @@ const SELECT_BATCH: &str = "select seq, id, aggregate_type, aggregate_id, event_
 /// Reads the outbox table with SQL.
 pub struct PollSource {
     database: DatabaseConfig,
+    metrics: Metrics,
     conn: Option<PgConnection>,
     max_interval: Duration,
 }
@@ -39,9 +41,10 @@ pub struct PollSource {
 impl PollSource {
     /// A source that connects on first use. `max_interval` is the longest
     /// wait between two polls of an idle outbox.
-    pub fn new(database: DatabaseConfig, max_interval: Duration) -> Self {
+    pub fn new(database: DatabaseConfig, max_interval: Duration, metrics: Metrics) -> Self {
         PollSource {
             database,
+            metrics,
             conn: None,
             max_interval,
         }
@@ -54,7 +57,7 @@ impl PollSource {
         shutdown: &CancellationToken,
     ) -> Result<Option<&mut PgConnection>, Error> {
         if self.conn.is_none() {
-            match leader_connection(&self.database, shutdown).await? {
+            match leader_connection(&self.database, &self.metrics, shutdown).await? {
                 Some(conn) => self.conn = Some(conn),
                 None => return Ok(None),
             }
@@ -67,6 +70,7 @@ impl PollSource {
     fn forget_on_error<T>(&mut self, result: Result<T, Error>) -> Result<T, Error> {
         if result.is_err() {
             self.conn = None;
+            self.metrics.set_active(false);
         }
         result
     }

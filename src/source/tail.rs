@@ -41,6 +41,7 @@ use tracing::{debug, info, warn};
 use crate::config::{DatabaseConfig, TailConfig};
 use crate::database;
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::outbox::OutboxRow;
 use crate::source::pgoutput::{self, Message, OutboxColumns};
 use crate::source::{
@@ -72,6 +73,7 @@ const SLOT_BUSY_GRACE: Duration = Duration::from_secs(10);
 pub struct TailSource {
     database: DatabaseConfig,
     tail: TailConfig,
+    metrics: Metrics,
     /// Holds the leader lock; reads the slot's state, deletes confirmed rows.
     leader: Option<PgConnection>,
     phase: Phase,
@@ -112,10 +114,11 @@ struct Stream {
 }
 
 impl TailSource {
-    pub fn new(database: DatabaseConfig, tail: TailConfig) -> Self {
+    pub fn new(database: DatabaseConfig, tail: TailConfig, metrics: Metrics) -> Self {
         TailSource {
             database,
             tail,
+            metrics,
             leader: None,
             phase: Phase::Idle,
             handed: 0,
@@ -128,6 +131,7 @@ impl TailSource {
         if result.is_err() {
             self.phase = Phase::Idle;
             self.leader = None;
+            self.metrics.set_active(false);
         }
         result
     }
@@ -136,7 +140,7 @@ impl TailSource {
     /// initial copy or the stream. `false` on shutdown.
     async fn establish(&mut self, shutdown: &CancellationToken) -> Result<bool, Error> {
         if self.leader.is_none() {
-            match leader_connection(&self.database, shutdown).await? {
+            match leader_connection(&self.database, &self.metrics, shutdown).await? {
                 Some(conn) => self.leader = Some(conn),
                 None => return Ok(false),
             }

@@ -240,6 +240,14 @@ pub fn topic_prefix() -> String {
     format!("t{}", &Uuid::new_v4().simple().to_string()[..10])
 }
 
+/// The relay binary, with its metrics endpoint on a port of its own (tests
+/// run many relays at once).
+pub fn relay_binary() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+    cmd.env("OUTBOX_METRICS_ADDRESS", "127.0.0.1:0");
+    cmd
+}
+
 /// The relay binary with `run` arguments for this database and Kafka, in
 /// poll mode.
 pub fn relay_command(url: &str, brokers: &str, prefix: &str) -> Command {
@@ -248,7 +256,7 @@ pub fn relay_command(url: &str, brokers: &str, prefix: &str) -> Command {
 
 /// The relay binary with `run` arguments, in `mode`.
 pub fn relay_command_in(mode: &str, url: &str, brokers: &str, prefix: &str) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+    let mut cmd = relay_binary();
     cmd.args([
         "run",
         "--mode",

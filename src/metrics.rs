@@ -1,0 +1,254 @@
+//! What an operator scrapes and probes: Prometheus metrics at `/metrics`,
+//! liveness at `/healthz`, readiness at `/readyz`, on `--metrics-address`
+//! (loopback by default).
+//!
+//! Counters move only when the relay confirms a batch, so
+//! `outbox_relay_published_total` counts rows Kafka acknowledged and the
+//! outbox forgot. The backlog gauges (rows waiting, the oldest one's age, the
+//! slot's lag) are read from Postgres every few seconds by a separate
+//! connection, so a relay that is stuck still shows its lag growing.
+//! `/readyz` answers 503, with the reason, while the relay is failing to
+//! reach Postgres or Kafka.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::config::{DatabaseConfig, SlotName};
+use crate::database;
+use crate::error::Error;
+
+/// The relay's metrics and health, shared by the loop, the sources and the
+/// HTTP endpoints. Cloning is cheap.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    published: Counter,
+    dead_lettered: Counter,
+    batches: Counter,
+    failures: Counter,
+    active: Gauge,
+    backlog_rows: Gauge,
+    oldest_unpublished_seconds: Gauge<f64, AtomicU64>,
+    slot_lag_bytes: Gauge,
+    /// Why the relay is not ready; `None` when it is.
+    unready: Mutex<Option<String>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("outbox_relay");
+        let published = Counter::default();
+        let dead_lettered = Counter::default();
+        let batches = Counter::default();
+        let failures = Counter::default();
+        let active = Gauge::default();
+        let backlog_rows = Gauge::default();
+        let oldest_unpublished_seconds = Gauge::<f64, AtomicU64>::default();
+        let slot_lag_bytes = Gauge::default();
+        registry.register(
+            "published",
+            "Rows acknowledged by Kafka and confirmed",
+            published.clone(),
+        );
+        registry.register(
+            "dead_lettered",
+            "Rows moved to the dead-letter table (rejected for good, or parked behind such a row)",
+            dead_lettered.clone(),
+        );
+        registry.register("batches", "Batches confirmed", batches.clone());
+        registry.register(
+            "failures",
+            "Failed attempts to read, publish or confirm (each is retried)",
+            failures.clone(),
+        );
+        registry.register(
+            "active",
+            "1 while this instance holds the relay lock, 0 while it stands by",
+            active.clone(),
+        );
+        registry.register(
+            "backlog_rows",
+            "Rows in the outbox, not yet confirmed",
+            backlog_rows.clone(),
+        );
+        registry.register(
+            "oldest_unpublished_seconds",
+            "Age of the oldest row in the outbox (0 when empty)",
+            oldest_unpublished_seconds.clone(),
+        );
+        registry.register(
+            "slot_lag_bytes",
+            "WAL bytes the tail-mode slot holds back (-1 without a slot)",
+            slot_lag_bytes.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                published,
+                dead_lettered,
+                batches,
+                failures,
+                active,
+                backlog_rows,
+                oldest_unpublished_seconds,
+                slot_lag_bytes,
+                unready: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// A batch was confirmed.
+    pub fn confirmed(&self, published: usize, dead_lettered: usize) {
+        self.inner.batches.inc();
+        self.inner.published.inc_by(published as u64);
+        self.inner.dead_lettered.inc_by(dead_lettered as u64);
+    }
+
+    /// Whether this instance is the active one.
+    pub fn set_active(&self, active: bool) {
+        self.inner.active.set(i64::from(active));
+    }
+
+    /// The relay is failing (`Some(reason)`) or works again (`None`).
+    pub fn set_failing(&self, reason: Option<String>) {
+        if reason.is_some() {
+            self.inner.failures.inc();
+        }
+        if let Ok(mut unready) = self.inner.unready.lock() {
+            *unready = reason;
+        }
+    }
+
+    fn set_backlog(&self, status: &database::Status) {
+        self.inner.backlog_rows.set(status.unpublished);
+        self.inner
+            .oldest_unpublished_seconds
+            .set(status.oldest_age.map_or(0.0, |a| a.as_secs_f64()));
+        let lag = status.slot.as_ref().and_then(|s| s.lag_bytes).unwrap_or(-1);
+        self.inner.slot_lag_bytes.set(lag);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.inner.registry);
+        out
+    }
+
+    fn unready(&self) -> Option<String> {
+        self.inner.unready.lock().ok().and_then(|u| u.clone())
+    }
+}
+
+/// Binds the metrics address; a failure is one line naming the flag.
+pub async fn bind(address: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(address).await.map_err(|e| {
+        Error::Config(format!(
+            "--metrics-address (OUTBOX_METRICS_ADDRESS) {address}: cannot listen: {e}; choose a free address, or `off`"
+        ))
+    })
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`.
+pub async fn serve(listener: TcpListener, metrics: Metrics, shutdown: CancellationToken) {
+    if let Ok(address) = listener.local_addr() {
+        info!(address = %address, "metrics and health endpoints listening");
+    }
+    let app = Router::new()
+        .route("/metrics", get(render))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(metrics);
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+    if let Err(e) = served {
+        debug!(error = %e, "the metrics endpoint stopped");
+    }
+}
+
+async fn render(State(metrics): State<Metrics>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.render(),
+    )
+}
+
+async fn ready(State(metrics): State<Metrics>) -> (StatusCode, String) {
+    match metrics.unready() {
+        None => (StatusCode::OK, "ready\n".into()),
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+    }
+}
+
+/// Reads the backlog gauges from Postgres every `every` until `shutdown`;
+/// a failed read leaves the last values.
+pub async fn sample_backlog(
+    metrics: Metrics,
+    database: DatabaseConfig,
+    slot: SlotName,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match database::status(&database, &slot).await {
+            Ok(status) => metrics.set_backlog(&status),
+            Err(e) => debug!(error = %e, "could not read the backlog for the metrics"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_render_in_the_text_format() {
+        let m = Metrics::new();
+        m.confirmed(7, 1);
+        m.confirmed(3, 0);
+        m.set_active(true);
+        let text = m.render();
+        assert!(text.contains("outbox_relay_published_total 10\n"), "{text}");
+        assert!(
+            text.contains("outbox_relay_dead_lettered_total 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("outbox_relay_batches_total 2\n"), "{text}");
+        assert!(text.contains("outbox_relay_active 1\n"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}

@@ -1,0 +1,122 @@
+//! `/metrics`, `/healthz` and `/readyz` on a running relay: the counters
+//! match what was published and dead-lettered, the backlog gauge shows rows
+//! piling up while Kafka is down, and readiness says so. Uses the mock
+//! cluster on purpose: it takes every broker down and back on request.
+
+mod support;
+
+use std::time::Duration;
+
+use outbox_relay::outbox::{self, Event};
+use serde_json::json;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const DEADLINE: Duration = Duration::from_secs(90);
+
+/// One HTTP/1.1 GET; returns (status, body).
+async fn get(address: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A metric's value in the text exposition.
+fn value(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+async fn metric(address: &str, name: &str) -> f64 {
+    let (status, body) = get(address, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    value(&body, name).unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+}
+
+async fn insert_events(pool: &sqlx::PgPool, n: usize, pad: usize) {
+    let events: Vec<Event> = (0..n)
+        .map(|i| Event::new("m", format!("k{i}"), "e", json!({"pad": "x".repeat(pad)})))
+        .collect();
+    let mut conn = pool.acquire().await.unwrap();
+    outbox::insert_all(&mut conn, &events).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_and_readiness_follow_what_the_relay_does() {
+    let t = Setup::new(Kafka::mock()).await;
+    t.topic("m", 3).await;
+    let (mut relay, log) = t.logged_relay(&["--kafka-config", "message.timeout.ms=2000"]);
+    let line = log
+        .wait_for_line("metrics and health endpoints listening", DEADLINE)
+        .await;
+    let address = line
+        .split("address=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the log line names the address")
+        .to_owned();
+
+    let (status, body) = get(&address, "/healthz").await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+
+    insert_events(&t.pool, 20, 10).await;
+    wait_for("the outbox to drain", DEADLINE, || async {
+        outbox_count(&t.pool).await == 0
+    })
+    .await;
+    assert_eq!(metric(&address, "outbox_relay_published_total").await, 20.0);
+    assert_eq!(metric(&address, "outbox_relay_active").await, 1.0);
+    assert_eq!(get(&address, "/readyz").await.0, 200);
+
+    // Kafka goes away: rows pile up, the gauge shows them, readiness drops.
+    for broker in 1..=3 {
+        t.kafka.cluster().broker_down(broker).unwrap();
+    }
+    insert_events(&t.pool, 10, 10).await;
+    wait_for("/readyz to report the failure", DEADLINE, || async {
+        let (status, body) = get(&address, "/readyz").await;
+        status == 503 && body.contains("publishing to Kafka")
+    })
+    .await;
+    wait_for(
+        "the backlog gauge to show the waiting rows",
+        DEADLINE,
+        || async { metric(&address, "outbox_relay_backlog_rows").await >= 10.0 },
+    )
+    .await;
+    assert!(metric(&address, "outbox_relay_failures_total").await >= 1.0);
+
+    // And comes back: everything goes out, readiness returns.
+    for broker in 1..=3 {
+        t.kafka.cluster().broker_up(broker).unwrap();
+    }
+    wait_for("the outbox to drain", DEADLINE, || async {
+        outbox_count(&t.pool).await == 0
+    })
+    .await;
+    assert_eq!(metric(&address, "outbox_relay_published_total").await, 30.0);
+    assert_eq!(get(&address, "/readyz").await.0, 200);
+
+    // A row the broker can never take is counted.
+    insert_events(&t.pool, 1, 2_000_000).await;
+    wait_for("the dead-letter counter", DEADLINE, || async {
+        metric(&address, "outbox_relay_dead_lettered_total").await == 1.0
+    })
+    .await;
+    relay.kill().await.unwrap();
+}

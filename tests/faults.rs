@@ -4,12 +4,10 @@
 
 mod support;
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use outbox_relay::embedded::{StopMode, TempPostgres};
 use support::*;
-use uuid::Uuid;
 
 const DEADLINE: Duration = Duration::from_secs(120);
 
@@ -52,23 +50,8 @@ async fn postgres_restarts_lose_nothing(mode: &'static str) {
         written.committed.extend(w.committed);
         written.rolled_back.extend(w.rolled_back);
     }
-    wait_for("the outbox to drain", DEADLINE, || async {
-        sqlx::query_scalar::<_, i64>("select count(*) from outbox")
-            .fetch_one(pool)
-            .await
-            .is_ok_and(|n| n == 0)
-    })
-    .await;
-    let expected: i64 = sqlx::query_scalar("select coalesce(sum(version), 0)::bigint from agg")
-        .fetch_one(pool)
-        .await
-        .unwrap();
-    let committed: HashSet<Uuid> = written.committed.iter().copied().collect();
-    let records = consume_until(&kafka.brokers(), &[&topic], DEADLINE, |r| {
-        let seen: HashSet<Uuid> = r.iter().map(Consumed::id).collect();
-        seen.len() as i64 >= expected && committed.is_subset(&seen)
-    })
-    .await;
+    let (records, _) =
+        consume_everything_committed(pool, &kafka.brokers(), &topic, &written, DEADLINE).await;
     assert!(
         relay.try_wait().unwrap().is_none(),
         "the relay exited on a Postgres restart"

@@ -93,23 +93,11 @@ async fn kill_9_and_a_postgres_restart_lose_nothing_and_keep_order() {
     );
 
     let mut relay = t.relay(&["--batch-size", &batch.to_string()]);
-    wait_for("the outbox to drain", DEADLINE, || async {
-        outbox_count(pool).await == 0
-    })
-    .await;
-    // Every committed event bumped its aggregate's version: their sum is the
-    // number of rows committed, including those whose commit outcome the
-    // writers never learned.
-    let expected: i64 = sqlx::query_scalar("select coalesce(sum(version), 0)::bigint from agg")
-        .fetch_one(pool)
-        .await
-        .unwrap();
-    let committed: HashSet<Uuid> = written.committed.iter().copied().collect();
-    let records = consume_until(&kafka.brokers(), &[&topic], DEADLINE, |r| {
-        let seen: HashSet<Uuid> = r.iter().map(Consumed::id).collect();
-        seen.len() as i64 >= expected && committed.is_subset(&seen)
-    })
-    .await;
+    // Every committed event bumped its aggregate's version: their sum counts
+    // the rows committed, including those whose commit outcome the writers
+    // never learned.
+    let (records, expected) =
+        consume_everything_committed(pool, &kafka.brokers(), &topic, &written, DEADLINE).await;
     relay.kill().await.unwrap();
 
     assert_delivered(&records, &written);

@@ -415,6 +415,37 @@ pub async fn write_through_faults(
     (written, uncertain)
 }
 
+/// After writers that may not know every commit's outcome: waits for the
+/// outbox to drain, then reads `topic` until it holds as many distinct ids
+/// as events were committed (the sum of the aggregates' versions) and every
+/// id known to be committed. Returns the records and that count.
+pub async fn consume_everything_committed(
+    pool: &PgPool,
+    brokers: &str,
+    topic: &str,
+    written: &Written,
+    deadline: Duration,
+) -> (Vec<Consumed>, i64) {
+    wait_for("the outbox to drain", deadline, || async {
+        sqlx::query_scalar::<_, i64>("select count(*) from outbox")
+            .fetch_one(pool)
+            .await
+            .is_ok_and(|n| n == 0)
+    })
+    .await;
+    let expected: i64 = sqlx::query_scalar("select coalesce(sum(version), 0)::bigint from agg")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let committed: HashSet<Uuid> = written.committed.iter().copied().collect();
+    let records = consume_until(brokers, &[topic], deadline, |r| {
+        let seen: HashSet<Uuid> = r.iter().map(Consumed::id).collect();
+        seen.len() as i64 >= expected && committed.is_subset(&seen)
+    })
+    .await;
+    (records, expected)
+}
+
 /// Every aggregate's delivered versions reach the version its row holds:
 /// with [`assert_order`] (1, 2, 3, ... in order) nothing committed is
 /// missing, even for transactions whose commit outcome the writer never

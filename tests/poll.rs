@@ -29,7 +29,8 @@ async fn kill_9_in_a_loop_loses_nothing_and_keeps_order() {
         })
         .collect();
     let mut kills = 0;
-    while writers.iter().any(|w| !w.is_finished()) {
+    // At least ten starts, each killed at a random point, while writers run.
+    while kills < 10 || writers.iter().any(|w| !w.is_finished()) {
         let mut relay = t.relay(&["--batch-size", &batch.to_string()]);
         let pause = rand::rng().random_range(100..700);
         tokio::time::sleep(Duration::from_millis(pause)).await;
@@ -43,8 +44,8 @@ async fn kill_9_in_a_loop_loses_nothing_and_keeps_order() {
         written.rolled_back.extend(w.rolled_back);
     }
     assert!(
-        kills >= 2,
-        "the writers finished before the relay was killed twice"
+        kills >= 10,
+        "the relay was started and killed only {kills} times"
     );
 
     let mut relay = t.relay(&["--batch-size", &batch.to_string()]);

@@ -65,7 +65,8 @@ async fn kill_9_and_a_postgres_restart_lose_nothing_and_keep_order() {
         .collect();
     let mut kills = 0;
     let mut restarted = false;
-    while writers.iter().any(|w| !w.is_finished()) {
+    // At least ten starts, each killed at a random point, while writers run.
+    while kills < 10 || writers.iter().any(|w| !w.is_finished()) {
         let mut relay = t.relay(&["--batch-size", &batch.to_string()]);
         let pause = rand::rng().random_range(200..900);
         tokio::time::sleep(Duration::from_millis(pause)).await;

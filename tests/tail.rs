@@ -588,3 +588,51 @@ async fn an_invalidated_slot_is_a_clear_line_and_recreating_it_loses_nothing() {
     assert_delivered(&records, &missed);
     assert_order(&records);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_slot_never_moves_past_rows_kafka_has_not_acknowledged() {
+    // The mock cluster: every broker goes down on request.
+    let t = Setup::tail(Kafka::mock()).await;
+    let (pool, kafka) = (&t.pool, &t.kafka);
+    create_aggregates(pool, 5).await;
+    let topic = t.topic("acct", 2).await;
+    let (mut relay, log) = t.logged_relay(&["--kafka-config", "message.timeout.ms=2000"]);
+    log.wait_for_line("streaming the outbox from the WAL", DEADLINE)
+        .await;
+
+    for broker in 1..=3 {
+        kafka.cluster().broker_down(broker).unwrap();
+    }
+    let before: String = sqlx::query_scalar("select pg_current_wal_lsn()::text")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let written = write(pool, 30, 5, 0.0).await;
+    // The records fail only after the message timeout, by which time the
+    // relay has reported its position to Postgres at least once more.
+    log.wait_for_line("failed publishing to Kafka", DEADLINE)
+        .await;
+    let ahead: bool = sqlx::query_scalar(
+        "select confirmed_flush_lsn > $1::pg_lsn from pg_replication_slots where slot_name = $2",
+    )
+    .bind(&before)
+    .bind(&t.slot)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(
+        !ahead,
+        "the slot was confirmed past rows Kafka never acknowledged"
+    );
+
+    // Killed in that state and started again with Kafka back: all arrive.
+    relay.kill().await.unwrap();
+    for broker in 1..=3 {
+        kafka.cluster().broker_up(broker).unwrap();
+    }
+    let mut relay = t.relay(&[]);
+    let records = consume_ids(&kafka.brokers(), &[&topic], &written.committed, DEADLINE).await;
+    relay.kill().await.unwrap();
+    assert_delivered(&records, &written);
+    assert_order(&records);
+}

@@ -794,6 +794,11 @@ fn replication_config(db: &DatabaseConfig, tail: &TailConfig) -> ReplicationConf
     if let (Some(cert), Some(key)) = (&settings.cert, &settings.key) {
         tls = tls.with_client_cert(cert.clone(), key.clone());
     }
+    // verify-full to an IP address checks the certificate's IP SAN, as libpq
+    // does; the client wants the address named as the name to verify.
+    if mode == SslMode::VerifyFull && target.host.parse::<std::net::IpAddr>().is_ok() {
+        tls = tls.with_sni_hostname(target.host.clone());
+    }
     ReplicationConfig::new(
         target.host.clone(),
         target.user.clone(),

@@ -8,7 +8,8 @@
 //! slot's lag) are read from Postgres every few seconds by a separate
 //! connection, so a relay that is stuck still shows its lag growing.
 //! `/readyz` answers 503, with the reason, while the relay is failing to
-//! reach Postgres or Kafka.
+//! reach Postgres or Kafka; a database failure ends with the next working
+//! read of the outbox, a Kafka failure with the next confirmed batch.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -32,6 +33,14 @@ use crate::config::{DatabaseConfig, SlotName};
 use crate::database;
 use crate::error::Error;
 
+/// What a failure is about, so that a working read of the outbox can clear
+/// a database failure while the relay has nothing to publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dependency {
+    Database,
+    Kafka,
+}
+
 /// The relay's metrics and health, shared by the loop, the sources and the
 /// HTTP endpoints. Cloning is cheap.
 #[derive(Clone)]
@@ -49,8 +58,9 @@ struct Inner {
     backlog_rows: Gauge,
     oldest_unpublished_seconds: Gauge<f64, AtomicU64>,
     slot_lag_bytes: Gauge,
-    /// Why the relay is not ready; `None` when it is.
-    unready: Mutex<Option<String>>,
+    /// Why the relay is not ready, and which dependency is at fault;
+    /// `None` when it is ready.
+    unready: Mutex<Option<(Dependency, String)>>,
 }
 
 impl Default for Metrics {
@@ -134,13 +144,28 @@ impl Metrics {
         self.inner.active.set(i64::from(active));
     }
 
-    /// The relay is failing (`Some(reason)`) or works again (`None`).
-    pub fn set_failing(&self, reason: Option<String>) {
-        if reason.is_some() {
-            self.inner.failures.inc();
-        }
+    /// The relay is failing on `dependency`, for `reason`.
+    pub fn failing(&self, dependency: Dependency, reason: String) {
+        self.inner.failures.inc();
         if let Ok(mut unready) = self.inner.unready.lock() {
-            *unready = reason;
+            *unready = Some((dependency, reason));
+        }
+    }
+
+    /// The relay works again end to end.
+    pub fn recovered(&self) {
+        if let Ok(mut unready) = self.inner.unready.lock() {
+            *unready = None;
+        }
+    }
+
+    /// The source just read the outbox: a database failure is over, even if
+    /// there is nothing to publish yet.
+    pub fn database_ok(&self) {
+        if let Ok(mut unready) = self.inner.unready.lock()
+            && matches!(*unready, Some((Dependency::Database, _)))
+        {
+            *unready = None;
         }
     }
 
@@ -162,7 +187,11 @@ impl Metrics {
     }
 
     fn unready(&self) -> Option<String> {
-        self.inner.unready.lock().ok().and_then(|u| u.clone())
+        self.inner
+            .unready
+            .lock()
+            .ok()
+            .and_then(|u| u.as_ref().map(|(_, reason)| reason.clone()))
     }
 }
 
@@ -241,6 +270,17 @@ mod tests {
         m.confirmed(7, 1);
         m.confirmed(3, 0);
         m.set_active(true);
+        m.failing(Dependency::Database, "down".into());
+        assert_eq!(m.unready().as_deref(), Some("down"));
+        m.database_ok();
+        assert_eq!(m.unready(), None);
+        m.failing(Dependency::Kafka, "down".into());
+        m.database_ok();
+        assert_eq!(
+            m.unready().as_deref(),
+            Some("down"),
+            "a read does not clear Kafka"
+        );
         let text = m.render();
         assert!(text.contains("outbox_relay_published_total 10\n"), "{text}");
         assert!(
@@ -249,6 +289,7 @@ mod tests {
         );
         assert!(text.contains("outbox_relay_batches_total 2\n"), "{text}");
         assert!(text.contains("outbox_relay_active 1\n"), "{text}");
+        assert!(text.contains("outbox_relay_failures_total 2\n"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use crate::config::{Mode, PoisonPolicy, RelayConfig};
 use crate::database;
 use crate::error::Error;
-use crate::metrics::{self, Metrics};
+use crate::metrics::{self, Dependency, Metrics};
 use crate::outbox::OutboxRow;
 use crate::record;
 use crate::sink::kafka::{KafkaSink, Outcome, Pending};
@@ -111,12 +111,14 @@ impl<S: Source> Relay<S> {
     }
 
     async fn run(mut self, shutdown: CancellationToken) -> Result<RunStats, Error> {
-        self.metrics
-            .set_failing(Some("waiting for the Kafka brokers to answer".into()));
+        self.metrics.failing(
+            Dependency::Kafka,
+            "waiting for the Kafka brokers to answer".into(),
+        );
         if !self.sink.wait_until_reachable(&shutdown).await {
             return Ok(self.stats);
         }
-        self.metrics.set_failing(None);
+        self.metrics.recovered();
         let mut health = Health::new(self.metrics.clone());
         let mut report = Report::new();
         while !shutdown.is_cancelled() {
@@ -296,8 +298,12 @@ impl Health {
     }
 
     fn failed(&mut self, doing: &'static str, cause: &str) {
+        let dependency = match doing {
+            "publishing to Kafka" => Dependency::Kafka,
+            _ => Dependency::Database,
+        };
         self.metrics
-            .set_failing(Some(format!("failing {doing}: {cause}")));
+            .failing(dependency, format!("failing {doing}: {cause}"));
         if self.failing != Some(doing) {
             warn!(
                 cause,
@@ -312,7 +318,7 @@ impl Health {
 
     fn ok(&mut self) {
         if let Some(doing) = self.failing.take() {
-            self.metrics.set_failing(None);
+            self.metrics.recovered();
             info!(attempts = self.attempts, "recovered: {doing} works again");
         }
         self.attempts = 0;

@@ -120,3 +120,39 @@ async fn metrics_and_readiness_follow_what_the_relay_does() {
     .await;
     relay.kill().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readiness_returns_after_a_database_outage_with_nothing_to_publish() {
+    let mut pg = outbox_relay::embedded::TempPostgres::start().await.unwrap();
+    let url = pg.create_database("shop").await.unwrap();
+    let t = Setup::on(url, Kafka::mock(), "poll").await;
+    let (mut relay, log) = t.logged_relay(&[]);
+    let line = log
+        .wait_for_line("metrics and health endpoints listening", DEADLINE)
+        .await;
+    let address = line
+        .split("address=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the log line names the address")
+        .to_owned();
+    wait_for("the relay to be ready", DEADLINE, || async {
+        get(&address, "/readyz").await.0 == 200
+    })
+    .await;
+
+    pg.stop(outbox_relay::embedded::StopMode::Fast);
+    wait_for("/readyz to report the database", DEADLINE, || async {
+        let (status, body) = get(&address, "/readyz").await;
+        status == 503 && body.contains("reading the outbox")
+    })
+    .await;
+    pg.start_again().await.unwrap();
+    // The outbox stays empty: readiness must come back from reading alone.
+    wait_for("/readyz to recover", DEADLINE, || async {
+        get(&address, "/readyz").await.0 == 200
+    })
+    .await;
+    assert_eq!(outbox_count(&t.pool).await, 0);
+    relay.kill().await.unwrap();
+}

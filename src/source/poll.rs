@@ -100,6 +100,7 @@ impl Source for PollSource {
                 .await
                 .map_err(Error::db("reading outbox rows"));
             let rows = self.forget_on_error(rows)?;
+            self.metrics.database_ok();
             if !rows.is_empty() {
                 return Ok(rows);
             }

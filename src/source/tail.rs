@@ -345,7 +345,10 @@ impl Source for TailSource {
                 Phase::Idle => {
                     let established = self.establish(shutdown).await;
                     match self.reset(established)? {
-                        true => continue,
+                        true => {
+                            self.metrics.database_ok();
+                            continue;
+                        }
                         false => return Ok(Vec::new()),
                     }
                 }

@@ -34,6 +34,18 @@ async fn get(address: &str, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// Where the relay's endpoints listen, from its log line.
+async fn endpoint_address(log: &RelayLog) -> String {
+    let line = log
+        .wait_for_line("metrics and health endpoints listening", DEADLINE)
+        .await;
+    line.split("address=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the log line names the address")
+        .to_owned()
+}
+
 /// A metric's value in the text exposition.
 fn value(metrics: &str, name: &str) -> Option<f64> {
     metrics
@@ -61,15 +73,7 @@ async fn metrics_and_readiness_follow_what_the_relay_does() {
     let t = Setup::new(Kafka::mock()).await;
     t.topic("m", 3).await;
     let (mut relay, log) = t.logged_relay(&["--kafka-config", "message.timeout.ms=2000"]);
-    let line = log
-        .wait_for_line("metrics and health endpoints listening", DEADLINE)
-        .await;
-    let address = line
-        .split("address=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("the log line names the address")
-        .to_owned();
+    let address = endpoint_address(&log).await;
 
     let (status, body) = get(&address, "/healthz").await;
     assert_eq!((status, body.as_str()), (200, "ok\n"));
@@ -127,15 +131,7 @@ async fn readiness_returns_after_a_database_outage_with_nothing_to_publish() {
     let url = pg.create_database("shop").await.unwrap();
     let t = Setup::on(url, Kafka::mock(), "poll").await;
     let (mut relay, log) = t.logged_relay(&[]);
-    let line = log
-        .wait_for_line("metrics and health endpoints listening", DEADLINE)
-        .await;
-    let address = line
-        .split("address=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("the log line names the address")
-        .to_owned();
+    let address = endpoint_address(&log).await;
     wait_for("the relay to be ready", DEADLINE, || async {
         get(&address, "/readyz").await.0 == 200
     })

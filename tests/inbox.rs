@@ -80,6 +80,22 @@ async fn produce(brokers: &str, topic: &str, deliveries: &[&Payment]) {
 }
 
 /// The balances, or none while the table does not exist yet.
+/// A consumer of partition 0 of `topic` that resumes at `group`'s committed
+/// offset and commits only by hand.
+fn stored_offset_consumer(brokers: &str, group: &str, topic: &str) -> BaseConsumer {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Stored).unwrap();
+    c.assign(&tpl).unwrap();
+    c
+}
+
 async fn balances_if_any(pool: &PgPool) -> HashMap<String, i64> {
     sqlx::query_as::<_, (String, i64)>("select account, amount from balances")
         .fetch_all(pool)
@@ -206,19 +222,7 @@ async fn a_crash_between_database_commit_and_offset_commit_is_absorbed() {
     )
     .await;
 
-    let consumer = || -> BaseConsumer {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", kafka.brokers())
-            .set("group.id", "crashy")
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, 0, Offset::Stored).unwrap();
-        c.assign(&tpl).unwrap();
-        c
-    };
+    let consumer = || stored_offset_consumer(&kafka.brokers(), "crashy", &topic);
     // Applies one record through the inbox; returns whether it was new.
     let apply = |message: (Uuid, serde_json::Value)| {
         let pool = pool.clone();
@@ -311,19 +315,7 @@ async fn a_consumer_resuming_inside_a_batch_of_relay_records_misses_none() {
     .await;
     relay.kill().await.unwrap();
 
-    let consumer = || -> BaseConsumer {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", kafka.brokers())
-            .set("group.id", "resumer")
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, 0, Offset::Stored).unwrap();
-        c.assign(&tpl).unwrap();
-        c
-    };
+    let consumer = || stored_offset_consumer(&kafka.brokers(), "resumer", &topic);
     // Reads until `n` records arrived or nothing more comes; returns (offset, id).
     let read = |c: &BaseConsumer, n: usize| {
         let mut out = Vec::new();

@@ -89,10 +89,13 @@ async fn a_broker_outage_loses_nothing_and_keeps_order() {
     kafka.resume_brokers();
 
     extend(&mut written, write(pool, 100, 20, 0.1).await);
-    let records = consume_ids(&kafka.brokers(), &[&topic], &written.committed, DEADLINE).await;
-    wait_for("the outbox to drain after the outage", DEADLINE, || async {
-        outbox_count(pool).await == 0
-    })
+    let records = consume_and_drain(
+        pool,
+        &kafka.brokers(),
+        &[&topic],
+        &written.committed,
+        DEADLINE,
+    )
     .await;
     log.wait_for_line("recovered: publishing to Kafka works again", DEADLINE)
         .await;
@@ -168,10 +171,13 @@ async fn sigterm_during_an_outage_exits_zero_and_confirms_nothing_unacked() {
 
     kafka.resume_brokers();
     let mut relay = t.relay(&relay_args);
-    let records = consume_ids(&kafka.brokers(), &[&topic], &written.committed, DEADLINE).await;
-    wait_for("the outbox to drain after the outage", DEADLINE, || async {
-        outbox_count(pool).await == 0
-    })
+    let records = consume_and_drain(
+        pool,
+        &kafka.brokers(),
+        &[&topic],
+        &written.committed,
+        DEADLINE,
+    )
     .await;
     relay.kill().await.unwrap();
 

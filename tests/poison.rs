@@ -59,11 +59,7 @@ async fn dead_letter_moves_the_poison_aside_and_keeps_going() {
     .await;
     let mut relay = t.relay(&[]);
     let good = [ids[0], ids[2], ids[3]];
-    let records = consume_ids(&t.kafka.brokers(), &[&topic], &good, DEADLINE).await;
-    wait_for("the outbox to drain", DEADLINE, || async {
-        outbox_count(&t.pool).await == 0
-    })
-    .await;
+    let records = consume_and_drain(&t.pool, &t.kafka.brokers(), &[&topic], &good, DEADLINE).await;
     relay.kill().await.unwrap();
     let seen: HashSet<Uuid> = records.iter().map(Consumed::id).collect();
     assert!(
@@ -104,11 +100,7 @@ async fn block_aggregate_parks_the_rest_of_the_aggregate_and_a_retry_replays_it_
     // A later row of the blocked aggregate is parked too; the other flows.
     let later = insert(&t.pool, &[("x", false), ("y", false)]).await;
     let flowing: Vec<Uuid> = y.iter().copied().chain([ids[0], later[1]]).collect();
-    let records = consume_ids(&brokers, &[&topic], &flowing, DEADLINE).await;
-    wait_for("the outbox to drain", DEADLINE, || async {
-        outbox_count(&t.pool).await == 0
-    })
-    .await;
+    let records = consume_and_drain(&t.pool, &brokers, &[&topic], &flowing, DEADLINE).await;
     relay.kill().await.unwrap();
     let seen: HashSet<Uuid> = records.iter().map(Consumed::id).collect();
     for id in [x[1], x[2], x[3], later[0]] {

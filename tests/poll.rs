@@ -49,10 +49,13 @@ async fn kill_9_in_a_loop_loses_nothing_and_keeps_order() {
     );
 
     let mut relay = t.relay(&["--batch-size", &batch.to_string()]);
-    let records = consume_ids(&kafka.brokers(), &[&topic], &written.committed, DEADLINE).await;
-    wait_for("the outbox to drain", DEADLINE, || async {
-        outbox_count(pool).await == 0
-    })
+    let records = consume_and_drain(
+        pool,
+        &kafka.brokers(),
+        &[&topic],
+        &written.committed,
+        DEADLINE,
+    )
     .await;
     relay.kill().await.unwrap();
 
@@ -121,10 +124,13 @@ async fn rows_present_before_the_first_start_are_published() {
     assert_eq!(outbox_count(pool).await as usize, written.committed.len());
     let topic = t.topic("acct", 3).await;
     let mut relay = t.relay(&[]);
-    let records = consume_ids(&kafka.brokers(), &[&topic], &written.committed, DEADLINE).await;
-    wait_for("the outbox to drain", DEADLINE, || async {
-        outbox_count(pool).await == 0
-    })
+    let records = consume_and_drain(
+        pool,
+        &kafka.brokers(),
+        &[&topic],
+        &written.committed,
+        DEADLINE,
+    )
     .await;
     relay.kill().await.unwrap();
 
@@ -161,7 +167,8 @@ async fn records_follow_the_documented_mapping() {
     .unwrap();
 
     let mut relay = t.relay(&[]);
-    let records = consume_ids(
+    let records = consume_and_drain(
+        pool,
         &kafka.brokers(),
         &[&routed, &explicit],
         &[a, b, c],
@@ -253,10 +260,6 @@ async fn injected_broker_errors_lose_nothing_and_keep_order() {
     written.rolled_back.extend(more.rolled_back);
 
     let records = consume_ids(&kafka.brokers(), &[&topic], &written.committed, DEADLINE).await;
-    wait_for("the outbox to drain", DEADLINE, || async {
-        outbox_count(pool).await == 0
-    })
-    .await;
     relay.kill().await.unwrap();
     let seen: HashSet<Uuid> = records.iter().map(Consumed::id).collect();
     assert!(
@@ -328,7 +331,14 @@ async fn sigterm_with_rows_in_flight_exits_zero_and_confirms_only_what_was_acked
             .unwrap();
     }
     let mut relay = t.relay(&["--batch-size", "200"]);
-    let records = consume_ids(&kafka.brokers(), &[&topic], &written.committed, DEADLINE).await;
+    let records = consume_and_drain(
+        pool,
+        &kafka.brokers(),
+        &[&topic],
+        &written.committed,
+        DEADLINE,
+    )
+    .await;
     relay.kill().await.unwrap();
     let seen: HashSet<Uuid> = records.iter().map(Consumed::id).collect();
     assert!(
@@ -363,10 +373,6 @@ async fn a_row_for_an_impossible_topic_is_dead_lettered_and_the_rest_flow() {
 
     let mut relay = t.relay(&[]);
     let records = consume_ids(&kafka.brokers(), &[&topic], &[ids[0], ids[2]], DEADLINE).await;
-    wait_for("the outbox to drain", DEADLINE, || async {
-        outbox_count(pool).await == 0
-    })
-    .await;
     relay.kill().await.unwrap();
 
     let seen: HashSet<Uuid> = records.iter().map(Consumed::id).collect();

@@ -605,6 +605,23 @@ pub async fn consume_ids(
     .await
 }
 
+/// Reads until every id in `expected` was seen, then waits for the outbox
+/// to drain (every published row confirmed); returns what was read.
+pub async fn consume_and_drain(
+    pool: &PgPool,
+    brokers: &str,
+    topics: &[&str],
+    expected: &[Uuid],
+    deadline: Duration,
+) -> Vec<Consumed> {
+    let records = consume_ids(brokers, topics, expected, deadline).await;
+    wait_for("the outbox to drain", deadline, || async {
+        outbox_count(pool).await == 0
+    })
+    .await;
+    records
+}
+
 /// Per-aggregate order: every aggregate lives in one partition, and its
 /// first deliveries carry versions 1, 2, 3, ... in offset order. Returns the
 /// number of duplicate deliveries.

@@ -45,6 +45,8 @@ pub enum Command {
     DeadLetters(DeadLettersCommand),
     /// Run the whole pipeline on a throwaway Postgres and an in-process Kafka.
     Demo(DemoArgs),
+    /// Measure both modes' drain rate, CPU, memory and live latency beside the limits of Postgres and Kafka.
+    Bench(BenchArgs),
 }
 
 /// Where the outbox lives.
@@ -364,6 +366,49 @@ pub struct DemoArgs {
     /// Distinct aggregates the writers touch.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub aggregates: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Modes to measure, in order.
+    #[arg(long = "mode", value_parser = parse_mode, default_values = ["poll", "tail"])]
+    pub modes: Vec<Mode>,
+
+    /// Backlog rows each mode drains.
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1000..=10_000_000))]
+    pub rows: u64,
+
+    /// Distinct aggregates (Kafka keys) the rows spread over.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub aggregates: u32,
+
+    /// Approximate JSON payload size per row, in bytes.
+    #[arg(long, default_value_t = 150, value_parser = clap::value_parser!(u64).range(80..=100_000))]
+    pub payload_bytes: u64,
+
+    /// Live phase: rows per second the writers commit (one row per transaction).
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub rate: u32,
+
+    /// Live phase length (e.g. 30s); 0s skips it.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub live: Duration,
+
+    /// A real Kafka broker to use instead of the in-process mock cluster (HOST:PORT).
+    #[arg(long, env = "OUTBOX_BROKERS")]
+    pub brokers: Option<String>,
+
+    /// Partitions of each bench topic.
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..=1000))]
+    pub partitions: i32,
+
+    /// The relay's --batch-size.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch_size: u32,
+
+    /// Also write the figures to this file as JSON.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
 }
 
 fn parse_mode(s: &str) -> Result<Mode, String> {

@@ -92,6 +92,10 @@ pub enum Error {
     /// A throwaway Postgres (demo, tests) could not be started.
     #[error("{0}")]
     Embedded(String),
+
+    /// `outbox-relay bench` could not measure something.
+    #[error("bench: {0}")]
+    Bench(String),
 }
 
 impl Error {

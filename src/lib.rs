@@ -7,6 +7,7 @@
 //! contiguous prefix of rows that Kafka acknowledged. [`outbox`] and
 //! [`inbox`] are the two library halves a service and its consumers use.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod database;

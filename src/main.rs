@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use clap::error::ErrorKind;
 use outbox_relay::cli::{Cli, Command, DeadLettersCommand, LogFormat};
-use outbox_relay::{Error, database, dead_letter, demo, inbox, relay};
+use outbox_relay::{Error, bench, database, dead_letter, demo, inbox, relay};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -34,7 +34,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let default_level = if matches!(cli.command, Command::Demo(_)) {
+    let default_level = if matches!(cli.command, Command::Demo(_) | Command::Bench(_)) {
         "warn"
     } else {
         "info"
@@ -94,6 +94,29 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             );
         }
         Command::DeadLetters(command) => dead_letters(command).await?,
+        Command::Bench(args) => {
+            let options = bench::BenchOptions {
+                relay_binary: std::env::current_exe()
+                    .map_err(|e| anyhow::anyhow!("cannot find this binary to run the relay from: {e}"))?,
+                modes: args.modes.clone(),
+                rows: args.rows,
+                aggregates: args.aggregates,
+                payload_bytes: args.payload_bytes as usize,
+                rate: args.rate,
+                live: args.live,
+                brokers: args.brokers.clone(),
+                partitions: args.partitions,
+                batch_size: args.batch_size,
+            };
+            let report = bench::run(&options, shutdown_on_signal()).await?;
+            println!("{report}");
+            if let Some(path) = &args.json {
+                let json = serde_json::to_string_pretty(&report)?;
+                std::fs::write(path, json + "\n").map_err(|e| {
+                    anyhow::anyhow!("--json {}: cannot write the figures: {e}", path.display())
+                })?;
+            }
+        }
         Command::Demo(args) => {
             let shutdown = shutdown_on_signal();
             let summary = demo::run(&demo::DemoOptions::from(&args), shutdown).await?;

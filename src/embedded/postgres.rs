@@ -138,6 +138,11 @@ impl TempPostgres {
         )
     }
 
+    /// The directory of the server binaries it runs (`pg_recvlogical` too).
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin
+    }
+
     /// The superuser's password.
     pub fn password(&self) -> &'static str {
         PASSWORD

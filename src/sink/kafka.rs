@@ -43,6 +43,20 @@ const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("client.id", "outbox-relay"),
 ];
 
+/// The relay's producer settings for `config`: [`PRODUCER_DEFAULTS`], then
+/// the operator's properties.
+pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.brokers);
+    for (key, value) in PRODUCER_DEFAULTS {
+        client.set(*key, *value);
+    }
+    for (key, value) in &config.properties {
+        client.set(key, value);
+    }
+    client
+}
+
 /// What happened to one record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -142,14 +156,7 @@ pub struct KafkaSink {
 impl KafkaSink {
     /// Creates the producer; connecting happens in the background.
     pub fn new(config: &KafkaConfig) -> Result<Self, Error> {
-        let mut client = ClientConfig::new();
-        client.set("bootstrap.servers", &config.brokers);
-        for (key, value) in PRODUCER_DEFAULTS {
-            client.set(*key, *value);
-        }
-        for (key, value) in &config.properties {
-            client.set(key, value);
-        }
+        let mut client = producer_config(config);
         client.set_log_level(RDKafkaLogLevel::Debug);
         let producer = client.create_with_context(SinkContext).map_err(|e| {
             Error::Config(format!(

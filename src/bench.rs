@@ -1,0 +1,1042 @@
+//! `outbox-relay bench`: how fast each mode publishes, measured beside the
+//! limits of the parts it sits between, in the same run on the same rows.
+//!
+//! For each mode, on a throwaway Postgres and a Kafka cluster (the
+//! in-process mock cluster, or `--brokers`):
+//! - **limits**: Postgres' insert rate for the backlog's rows (batched
+//!   inserts on two connections); `pg_recvlogical`'s decode rate for the
+//!   WAL those inserts wrote (tail mode's ceiling: the same `pgoutput`
+//!   decoding with nothing done per row); a plain librdkafka producer's rate
+//!   for the same records with the relay's producer settings (the sink's
+//!   ceiling);
+//! - **drain**: the relay, a separate process started from this binary,
+//!   publishing the whole backlog: from its start until the outbox is empty
+//!   (every row acknowledged and confirmed), with its CPU time and peak RSS
+//!   read from `/proc`;
+//! - **live**: writers committing single-row transactions at a fixed rate
+//!   while the relay runs; the latency of each row is from just before its
+//!   COMMIT to its arrival at a consumer in this process (so it includes the
+//!   consumer's fetch: an upper bound on commit-to-ack).
+//!
+//! The machine is shared and noisy, so every speed is printed with its ratio
+//! to a limit measured in the same run. Nothing here is a test: targets are
+//! reported, not asserted.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+use serde::Serialize;
+use serde_json::{Value, json};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{
+    DatabaseConfig, Identifier, KafkaConfig, Mode, NullPayload, TailConfig, TopicTemplate,
+};
+use crate::database;
+use crate::embedded::TempPostgres;
+use crate::error::Error;
+use crate::outbox::{self, Event, OutboxRow};
+use crate::record::{self, Record};
+use crate::sink::kafka::producer_config;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// The `outbox-relay` binary the relay runs from (this one).
+    pub relay_binary: PathBuf,
+    pub modes: Vec<Mode>,
+    /// Backlog rows for the drain.
+    pub rows: u64,
+    pub aggregates: u32,
+    /// Approximate JSON payload size per row.
+    pub payload_bytes: usize,
+    /// Live phase: rows per second, for this long (0 skips it).
+    pub rate: u32,
+    pub live: Duration,
+    /// A real broker instead of the mock cluster.
+    pub brokers: Option<String>,
+    pub partitions: i32,
+    /// The relay's `--batch-size`.
+    pub batch_size: u32,
+}
+
+/// The figures of one run, as printed and as written with `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub machine: Machine,
+    pub kafka: String,
+    pub rows: u64,
+    pub aggregates: u32,
+    pub payload_bytes: usize,
+    pub batch_size: u32,
+    pub modes: Vec<ModeReport>,
+}
+
+/// Where the figures were measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub kernel: String,
+    pub postgres: String,
+    pub outbox_relay: String,
+    pub measured_at: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModeReport {
+    pub mode: String,
+    pub limits: Limits,
+    pub drain: Drain,
+    pub live: Option<Live>,
+}
+
+/// The ceilings, measured on this mode's rows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Limits {
+    /// Postgres inserting the backlog.
+    pub insert_rows_per_sec: f64,
+    /// `pg_recvlogical` decoding the backlog's WAL (tail mode only).
+    pub pg_recvlogical_rows_per_sec: Option<f64>,
+    /// A plain producer sending the backlog's records.
+    pub producer_records_per_sec: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Drain {
+    pub rows: u64,
+    pub seconds: f64,
+    pub rows_per_sec: f64,
+    pub relay_cpu_seconds_per_1k_rows: f64,
+    pub relay_peak_rss_mb: f64,
+    /// Drain rate over this mode's reference limit.
+    pub ratio: f64,
+    /// Which limit `ratio` is against.
+    pub ratio_to: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Live {
+    pub target_rows_per_sec: u32,
+    pub achieved_rows_per_sec: f64,
+    pub rows: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// The drain targets, as ratios to the limits.
+const POLL_TARGET: f64 = 0.5;
+const TAIL_TARGET: f64 = 0.8;
+const P99_TARGET_MS: f64 = 50.0;
+const RSS_TARGET_MB: f64 = 100.0;
+
+/// At most this many records go to the plain producer: enough for a steady
+/// rate without holding a million-row backlog in this process's memory.
+const PRODUCER_SAMPLE: u64 = 200_000;
+
+/// Runs every mode in `options` and returns the figures.
+pub async fn run(options: &BenchOptions, shutdown: CancellationToken) -> Result<BenchReport, Error> {
+    let pg = TempPostgres::start().await?;
+    let run_id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let kafka = BenchKafka::start(options.brokers.as_deref())?;
+    let mut report = BenchReport {
+        machine: Machine::describe(&pg).await?,
+        kafka: kafka.describe(options.partitions),
+        rows: options.rows,
+        aggregates: options.aggregates,
+        payload_bytes: options.payload_bytes,
+        batch_size: options.batch_size,
+        modes: Vec::new(),
+    };
+    for &mode in &options.modes {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let bench = ModeBench::prepare(&pg, &kafka, options, mode, run_id).await?;
+        report.modes.push(bench.run(&shutdown).await?);
+    }
+    Ok(report)
+}
+
+/// The broker: the in-process mock cluster, or a real one.
+enum BenchKafka {
+    Mock(MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
+    External(String),
+}
+
+impl BenchKafka {
+    fn start(brokers: Option<&str>) -> Result<Self, Error> {
+        match brokers {
+            Some(brokers) => Ok(BenchKafka::External(brokers.to_owned())),
+            None => Ok(BenchKafka::Mock(
+                MockCluster::new(3).map_err(Error::kafka("starting the mock cluster"))?,
+            )),
+        }
+    }
+
+    fn brokers(&self) -> String {
+        match self {
+            BenchKafka::Mock(mock) => mock.bootstrap_servers(),
+            BenchKafka::External(brokers) => brokers.clone(),
+        }
+    }
+
+    fn describe(&self, partitions: i32) -> String {
+        match self {
+            BenchKafka::Mock(_) => format!(
+                "librdkafka mock cluster, 3 brokers, in the bench process; {partitions} partitions, replication 3"
+            ),
+            BenchKafka::External(brokers) => {
+                format!("{brokers}; {partitions} partitions, replication 1")
+            }
+        }
+    }
+
+    async fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), Error> {
+        match self {
+            BenchKafka::Mock(mock) => mock
+                .create_topic(topic, partitions, 3)
+                .map_err(Error::kafka("creating a bench topic")),
+            BenchKafka::External(brokers) => {
+                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                    .set("bootstrap.servers", brokers)
+                    .create()
+                    .map_err(Error::kafka("creating an admin client"))?;
+                let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+                let results = admin
+                    .create_topics([&new], &AdminOptions::new())
+                    .await
+                    .map_err(Error::kafka("creating a bench topic"))?;
+                for result in results {
+                    if let Err((name, code)) = result {
+                        return Err(bench(format!(
+                            "cannot create topic {name} on {brokers}: {code}"
+                        )));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// One mode's database, topics and relay settings.
+struct ModeBench<'a> {
+    pg: &'a TempPostgres,
+    kafka: &'a BenchKafka,
+    options: &'a BenchOptions,
+    mode: Mode,
+    url: String,
+    db: DatabaseConfig,
+    pool: PgPool,
+    tail: TailConfig,
+    /// Where the relay publishes the backlog.
+    topic: String,
+    work_dir: tempfile::TempDir,
+}
+
+impl<'a> ModeBench<'a> {
+    async fn prepare(
+        pg: &'a TempPostgres,
+        kafka: &'a BenchKafka,
+        options: &'a BenchOptions,
+        mode: Mode,
+        run_id: &str,
+    ) -> Result<ModeBench<'a>, Error> {
+        let name = format!("bench_{mode}");
+        let url = pg.create_database(&name).await?;
+        let schema = Identifier::parse("public", "bench schema")?;
+        let db = DatabaseConfig::from_url(&url, schema, "bench database")?;
+        let tail = TailConfig::default();
+        database::migrate(&db, &tail.publication).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect_with(db.connect_options().clone())
+            .await
+            .map_err(Error::db("opening the bench pool"))?;
+        let topic = format!("bench-{run_id}-{mode}");
+        kafka.create_topic(&topic, options.partitions).await?;
+        let work_dir = tempfile::Builder::new()
+            .prefix("outbox-relay-bench-")
+            .tempdir()
+            .map_err(|e| bench(format!("cannot create a temp dir: {e}")))?;
+        Ok(ModeBench {
+            pg,
+            kafka,
+            options,
+            mode,
+            url,
+            db,
+            pool,
+            tail,
+            topic,
+            work_dir,
+        })
+    }
+
+    async fn run(self, shutdown: &CancellationToken) -> Result<ModeReport, Error> {
+        let options = self.options;
+        // Tail mode reads the backlog from the WAL, so its slot must exist
+        // before the rows are written: a first start creates it (and copies
+        // the empty table), then stops. pg_recvlogical's slot starts at the
+        // same point.
+        let recvlogical_slot = "bench_pg_recvlogical";
+        if self.mode == Mode::Tail {
+            let mut relay = self.start_relay("setup")?;
+            self.wait_for_slot(&mut relay).await?;
+            relay.stop().await?;
+            sqlx::query("select pg_create_logical_replication_slot($1, 'pgoutput')")
+                .bind(recvlogical_slot)
+                .execute(&self.pool)
+                .await
+                .map_err(Error::db("creating pg_recvlogical's slot"))?;
+        }
+
+        let events = backlog(options);
+        let insert_rate = self.insert(events).await?;
+        let end_lsn: String = sqlx::query_scalar("select pg_current_wal_lsn()::text")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(Error::db("reading the WAL position"))?;
+
+        let recvlogical_rate = if self.mode == Mode::Tail {
+            let rate = self.pg_recvlogical(recvlogical_slot, &end_lsn).await?;
+            sqlx::query("select pg_drop_replication_slot($1)")
+                .bind(recvlogical_slot)
+                .execute(&self.pool)
+                .await
+                .map_err(Error::db("dropping pg_recvlogical's slot"))?;
+            Some(rate)
+        } else {
+            None
+        };
+        let producer_rate = self.plain_producer().await?;
+
+        let mut relay = self.start_relay("run")?;
+        let started = Instant::now();
+        self.wait_until_drained(&mut relay, shutdown).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let usage = relay.usage()?;
+        let rows_per_sec = options.rows as f64 / seconds;
+        let (reference, ratio_to) = match recvlogical_rate {
+            Some(rate) => (rate, "pg_recvlogical"),
+            None => (insert_rate, "insert"),
+        };
+        let drain = Drain {
+            rows: options.rows,
+            seconds,
+            rows_per_sec,
+            relay_cpu_seconds_per_1k_rows: usage.cpu_seconds / options.rows as f64 * 1000.0,
+            relay_peak_rss_mb: usage.peak_rss_mb,
+            ratio: rows_per_sec / reference,
+            ratio_to: ratio_to.into(),
+        };
+
+        let live = if options.live.is_zero() || options.rate == 0 || shutdown.is_cancelled() {
+            None
+        } else {
+            Some(self.live(&mut relay, shutdown).await?)
+        };
+        relay.stop().await?;
+        self.pool.close().await;
+        Ok(ModeReport {
+            mode: self.mode.to_string(),
+            limits: Limits {
+                insert_rows_per_sec: insert_rate,
+                pg_recvlogical_rows_per_sec: recvlogical_rate,
+                producer_records_per_sec: producer_rate,
+            },
+            drain,
+            live,
+        })
+    }
+
+    /// Inserts the backlog on two connections, 1,000 rows per transaction,
+    /// and returns rows per second. Each connection takes whole aggregates,
+    /// so every aggregate's rows are in order.
+    async fn insert(&self, events: Vec<Event>) -> Result<f64, Error> {
+        const WRITERS: usize = 2;
+        const CHUNK: usize = 1000;
+        let rows = events.len();
+        let mut shares: Vec<Vec<Event>> = (0..WRITERS).map(|_| Vec::new()).collect();
+        for event in events {
+            let share = aggregate_number(&event.aggregate_id) % WRITERS;
+            shares[share].push(event);
+        }
+        let started = Instant::now();
+        let mut writers = Vec::new();
+        for share in shares {
+            let pool = self.pool.clone();
+            writers.push(tokio::spawn(async move {
+                let mut conn = pool.acquire().await.map_err(Error::db("inserting rows"))?;
+                for chunk in share.chunks(CHUNK) {
+                    let mut tx = conn.begin().await.map_err(Error::db("inserting rows"))?;
+                    outbox::insert_all(&mut tx, chunk)
+                        .await
+                        .map_err(Error::db("inserting rows"))?;
+                    tx.commit().await.map_err(Error::db("inserting rows"))?;
+                }
+                Ok::<_, Error>(())
+            }));
+        }
+        for writer in writers {
+            writer
+                .await
+                .map_err(|e| bench(format!("an insert task failed: {e}")))??;
+        }
+        Ok(rows as f64 / started.elapsed().as_secs_f64())
+    }
+
+    /// Runs `pg_recvlogical` over the WAL from its slot to `end_lsn`,
+    /// decoding with `pgoutput` for the relay's publication into /dev/null,
+    /// and returns the backlog's rows per second.
+    async fn pg_recvlogical(&self, slot: &str, end_lsn: &str) -> Result<f64, Error> {
+        let binary = self.pg.bin_dir().join("pg_recvlogical");
+        let publication = format!("publication_names={}", self.tail.publication.as_str());
+        let started = Instant::now();
+        let output = Command::new(&binary)
+            .args(["-h", "127.0.0.1", "-U", "postgres", "--no-loop", "--start"])
+            .args(["-p", &self.pg.port().to_string()])
+            .args(["-d", &format!("bench_{}", self.mode)])
+            .args(["-S", slot, "-E", end_lsn, "-f", "/dev/null"])
+            .args(["-o", "proto_version=1", "-o", &publication])
+            .env("PGPASSWORD", self.pg.password())
+            .stdin(Stdio::null())
+            .output();
+        let output = tokio::time::timeout(Duration::from_secs(600), output)
+            .await
+            .map_err(|_| bench("pg_recvlogical did not reach the end of the backlog within 10 minutes".into()))?
+            .map_err(|e| bench(format!("cannot run {}: {e}", binary.display())))?;
+        let elapsed = started.elapsed().as_secs_f64();
+        if !output.status.success() {
+            return Err(bench(format!(
+                "pg_recvlogical failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        Ok(self.options.rows as f64 / elapsed)
+    }
+
+    /// Sends the backlog's records (up to [`PRODUCER_SAMPLE`]) with a plain
+    /// producer configured as the relay's, to a topic of its own, and returns
+    /// records per second from the first send to the last ack.
+    async fn plain_producer(&self) -> Result<f64, Error> {
+        let limit = i64::try_from(self.options.rows.min(PRODUCER_SAMPLE)).unwrap_or(i64::MAX);
+        let rows: Vec<OutboxRow> = sqlx::query_as(
+            "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
+             payload::text as payload, headers, created_at from outbox order by seq limit $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::db("reading the backlog"))?;
+        let topic = format!("{}-producer", self.topic);
+        self.kafka
+            .create_topic(&topic, self.options.partitions)
+            .await?;
+        let template = TopicTemplate::parse(&topic, "bench topic")?;
+        let records: Vec<Record> = rows
+            .iter()
+            .map(|row| record::from_row(row, &template, NullPayload::JsonNull))
+            .collect();
+        let config = KafkaConfig {
+            brokers: self.kafka.brokers(),
+            properties: Vec::new(),
+        };
+        tokio::task::spawn_blocking(move || produce_all(&config, &records))
+            .await
+            .map_err(|e| bench(format!("the plain producer task failed: {e}")))?
+    }
+
+    /// Starts the relay binary on this mode's database; its log goes to a
+    /// file named after `phase`.
+    fn start_relay(&self, phase: &str) -> Result<RelayProcess, Error> {
+        let log_path = self
+            .work_dir
+            .path()
+            .join(format!("relay-{}-{phase}.log", self.mode));
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| bench(format!("cannot create {}: {e}", log_path.display())))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| bench(format!("cannot open {}: {e}", log_path.display())))?;
+        let child = Command::new(&self.options.relay_binary)
+            .arg("run")
+            .args(["--mode", &self.mode.to_string()])
+            .args(["--brokers", &self.kafka.brokers()])
+            .args(["--topic-template", &self.topic])
+            .args(["--batch-size", &self.options.batch_size.to_string()])
+            .args(["--metrics-address", "off"])
+            .args(["--slot", self.tail.slot.as_str()])
+            .args(["--publication", self.tail.publication.as_str()])
+            // In the environment, not the arguments: `ps` shows arguments.
+            .env("OUTBOX_DATABASE_URL", &self.url)
+            .env("OUTBOX_SCHEMA", "public")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                bench(format!(
+                    "cannot start the relay {}: {e}",
+                    self.options.relay_binary.display()
+                ))
+            })?;
+        Ok(RelayProcess { child, log_path })
+    }
+
+    /// Waits until the relay's slot exists and its first copy finished.
+    async fn wait_for_slot(&self, relay: &mut RelayProcess) -> Result<(), Error> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready: Option<bool> = sqlx::query_scalar(
+                "select copied_at is not null from relay_slot where slot_name = $1",
+            )
+            .bind(self.tail.slot.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(Error::db("reading the relay's slot"))?;
+            if ready == Some(true) {
+                return Ok(());
+            }
+            relay.check_running()?;
+            if Instant::now() > deadline {
+                return Err(relay.failed("did not create its replication slot within 60 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the outbox is empty: every row acknowledged and confirmed.
+    async fn wait_until_drained(
+        &self,
+        relay: &mut RelayProcess,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Error> {
+        let mut conn = PgConnection::connect_with(self.db.connect_options())
+            .await
+            .map_err(Error::db("watching the outbox"))?;
+        loop {
+            let left: Option<i64> =
+                sqlx::query_scalar("select seq from outbox order by seq limit 1")
+                    .fetch_optional(&mut conn)
+                    .await
+                    .map_err(Error::db("watching the outbox"))?;
+            if left.is_none() {
+                return Ok(());
+            }
+            relay.check_running()?;
+            if shutdown.is_cancelled() {
+                return Err(bench("interrupted".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Writers commit one row per transaction at `rate` for `live` (after one
+    /// second of warm-up, not counted); a consumer in this process takes the
+    /// time each row arrives.
+    async fn live(&self, relay: &mut RelayProcess, shutdown: &CancellationToken) -> Result<Live, Error> {
+        const WRITERS: u64 = 4;
+        let rate = u64::from(self.options.rate);
+        let warmup = rate;
+        let total = warmup + rate * self.options.live.as_secs().max(1);
+        let topic = format!("{}-live", self.topic);
+        self.kafka
+            .create_topic(&topic, self.options.partitions)
+            .await?;
+        let consumer = live_consumer(&self.kafka.brokers(), &topic, self.options.partitions)?;
+        // Nanoseconds after `origin`, taken just before each row's COMMIT.
+        let committed: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
+        let origin = Instant::now();
+        let pad = "x".repeat(self.options.payload_bytes.saturating_sub(60));
+        let mut writers = Vec::new();
+        for w in 0..WRITERS {
+            let pool = self.pool.clone();
+            let committed = committed.clone();
+            let topic = topic.clone();
+            let aggregates = u64::from(self.options.aggregates);
+            let pad = pad.clone();
+            let stop = shutdown.clone();
+            writers.push(tokio::spawn(async move {
+                let mut conn = pool.acquire().await.map_err(Error::db("writing live rows"))?;
+                let mut k = w;
+                while k < total && !stop.is_cancelled() {
+                    let due = origin + Duration::from_secs_f64(k as f64 / rate as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                    let event = Event::new(
+                        "bench",
+                        format!("agg-{}", k % aggregates),
+                        "BenchEvent",
+                        json!({"k": k, "pad": pad}),
+                    )
+                    .with_topic(topic.clone());
+                    let mut tx = conn.begin().await.map_err(Error::db("writing live rows"))?;
+                    outbox::insert(&mut tx, &event)
+                        .await
+                        .map_err(Error::db("writing live rows"))?;
+                    committed[k as usize].store(origin.elapsed().as_nanos() as u64, Ordering::Release);
+                    tx.commit().await.map_err(Error::db("writing live rows"))?;
+                    k += WRITERS;
+                }
+                Ok::<_, Error>(())
+            }));
+        }
+
+        let mut seen = vec![false; total as usize];
+        let mut latencies = Vec::with_capacity(total as usize);
+        let mut received = 0u64;
+        let deadline = origin + Duration::from_secs_f64(total as f64 / rate as f64) + Duration::from_secs(60);
+        while received < total {
+            let message = tokio::select! {
+                message = consumer.recv() => message.map_err(Error::kafka("consuming live records"))?,
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    return Err(relay.failed(&format!("published {received} of {total} live rows within the deadline")));
+                }
+                _ = shutdown.cancelled() => return Err(bench("interrupted".into())),
+            };
+            let arrived = origin.elapsed().as_nanos() as u64;
+            let k = message
+                .payload()
+                .and_then(|p| serde_json::from_slice::<Value>(p).ok())
+                .and_then(|v| v.get("k").and_then(Value::as_u64))
+                .filter(|&k| k < total)
+                .ok_or_else(|| bench("a live record without its row number".into()))?;
+            if std::mem::replace(&mut seen[k as usize], true) {
+                continue;
+            }
+            received += 1;
+            if k >= warmup {
+                let at = committed[k as usize].load(Ordering::Acquire);
+                latencies.push(arrived.saturating_sub(at));
+            }
+        }
+        for writer in writers {
+            writer
+                .await
+                .map_err(|e| bench(format!("a live writer failed: {e}")))??;
+        }
+        let first = committed[warmup as usize].load(Ordering::Acquire);
+        let last = committed[total as usize - 1].load(Ordering::Acquire);
+        let span = Duration::from_nanos(last.saturating_sub(first)).as_secs_f64();
+        latencies.sort_unstable();
+        let ms = |ns: u64| ns as f64 / 1e6;
+        Ok(Live {
+            target_rows_per_sec: self.options.rate,
+            achieved_rows_per_sec: (total - warmup - 1) as f64 / span.max(1e-9),
+            rows: latencies.len() as u64,
+            p50_ms: ms(percentile(&latencies, 0.50)),
+            p99_ms: ms(percentile(&latencies, 0.99)),
+            max_ms: ms(latencies.last().copied().unwrap_or(0)),
+        })
+    }
+}
+
+/// The backlog: `rows` events over `aggregates` aggregates, payloads of
+/// about `payload_bytes`.
+fn backlog(options: &BenchOptions) -> Vec<Event> {
+    let pad = "x".repeat(options.payload_bytes.saturating_sub(60));
+    let aggregates = u64::from(options.aggregates.max(1));
+    (0..options.rows)
+        .map(|k| {
+            Event::new(
+                "bench",
+                format!("agg-{}", k % aggregates),
+                "BenchEvent",
+                json!({"k": k, "amount_cents": k % 10_000, "currency": "EUR", "pad": pad}),
+            )
+        })
+        .collect()
+}
+
+/// The number in `agg-N`.
+fn aggregate_number(aggregate_id: &str) -> usize {
+    aggregate_id
+        .strip_prefix("agg-")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The value at quantile `q` of sorted `values` (nearest rank).
+fn percentile(values: &[u64], q: f64) -> u64 {
+    if values.is_empty() {
+        return 0;
+    }
+    let rank = (q * values.len() as f64).ceil() as usize;
+    values[rank.clamp(1, values.len()) - 1]
+}
+
+/// Counts a plain producer's acknowledgements.
+#[derive(Default)]
+struct Acks {
+    acked: AtomicU64,
+    failed: AtomicU64,
+}
+
+struct AckContext(Arc<Acks>);
+
+impl ClientContext for AckContext {}
+
+impl ProducerContext for AckContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => self.0.acked.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.0.failed.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+/// Produces every record with the relay's producer settings and a delivery
+/// callback (no per-record future), waits for all acks, returns records/s.
+fn produce_all(config: &KafkaConfig, records: &[Record]) -> Result<f64, Error> {
+    let acks = Arc::new(Acks::default());
+    let producer: ThreadedProducer<AckContext> = producer_config(config)
+        .create_with_context(AckContext(acks.clone()))
+        .map_err(Error::kafka("creating the plain producer"))?;
+    let started = Instant::now();
+    for record in records {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (key, value) in &record.headers {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        let mut base = BaseRecord::to(&record.topic)
+            .key(record.key.as_bytes())
+            .headers(headers);
+        if let Some(value) = &record.value {
+            base = base.payload(value.as_slice());
+        }
+        loop {
+            match producer.send(base) {
+                Ok(()) => break,
+                Err((rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::QueueFull,
+                ), back)) => {
+                    base = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((e, _)) => return Err(Error::kafka("producing with the plain producer")(e)),
+            }
+        }
+    }
+    producer
+        .flush(Duration::from_secs(120))
+        .map_err(Error::kafka("flushing the plain producer"))?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let failed = acks.failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        return Err(bench(format!(
+            "the plain producer had {failed} of {} records fail",
+            records.len()
+        )));
+    }
+    Ok(records.len() as f64 / elapsed)
+}
+
+/// A consumer that reads every partition of `topic` from the start, fetching
+/// with little delay.
+fn live_consumer(brokers: &str, topic: &str, partitions: i32) -> Result<StreamConsumer, Error> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "outbox-relay-bench")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .set("fetch.error.backoff.ms", "5")
+        .create()
+        .map_err(Error::kafka("creating the live consumer"))?;
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..partitions {
+        assignment
+            .add_partition_offset(topic, partition, Offset::Beginning)
+            .map_err(Error::kafka("assigning the live topic"))?;
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(Error::kafka("assigning the live topic"))?;
+    Ok(consumer)
+}
+
+/// The relay under measurement.
+struct RelayProcess {
+    child: Child,
+    log_path: PathBuf,
+}
+
+/// CPU and memory the relay used so far.
+struct Usage {
+    cpu_seconds: f64,
+    peak_rss_mb: f64,
+}
+
+impl RelayProcess {
+    fn pid(&self) -> Result<i32, Error> {
+        self.child
+            .id()
+            .map(|id| id as i32)
+            .ok_or_else(|| bench("the relay has already exited".into()))
+    }
+
+    /// User plus system CPU time and the peak resident set, from `/proc`.
+    fn usage(&self) -> Result<Usage, Error> {
+        let pid = self.pid()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_err(|e| bench(format!("cannot read the relay's /proc/{pid}/stat: {e}")))?;
+        // Fields after the command name, which is in parentheses: state is
+        // field 3, utime 14, stime 15 (proc(5)).
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as f64;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map_err(|e| bench(format!("cannot read the relay's /proc/{pid}/status: {e}")))?;
+        let peak_kb = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        Ok(Usage {
+            cpu_seconds: (ticks(11) + ticks(12)) as f64 / hz,
+            peak_rss_mb: peak_kb / 1024.0,
+        })
+    }
+
+    fn check_running(&mut self) -> Result<(), Error> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(self.failed(&format!("exited ({status})"))),
+            Err(e) => Err(bench(format!("cannot watch the relay: {e}"))),
+        }
+    }
+
+    /// An error naming what went wrong, with the end of the relay's log.
+    fn failed(&self, what: &str) -> Error {
+        let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bench(format!("the relay {what}; its last log lines: {}", tail.join(" | ")))
+    }
+
+    /// SIGTERM, and wait for it to finish its in-flight records.
+    async fn stop(&mut self) -> Result<(), Error> {
+        if let Ok(pid) = self.pid() {
+            kill(Pid::from_raw(pid), Signal::SIGTERM).ok();
+        }
+        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
+            Ok(Ok(status)) if status.success() => Ok(()),
+            Ok(Ok(status)) => Err(self.failed(&format!("exited with {status} when stopped"))),
+            Ok(Err(e)) => Err(bench(format!("cannot wait for the relay: {e}"))),
+            Err(_) => {
+                self.child.kill().await.ok();
+                Err(self.failed("did not stop within 30 s of SIGTERM"))
+            }
+        }
+    }
+}
+
+impl Machine {
+    async fn describe(pg: &TempPostgres) -> Result<Self, Error> {
+        let mut conn = PgConnection::connect(&pg.url("postgres"))
+            .await
+            .map_err(Error::db("connecting to the bench Postgres"))?;
+        let postgres: String = sqlx::query_scalar("show server_version")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(Error::db("reading the Postgres version"))?;
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix("model name"))
+                    .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|k| k.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".into());
+        Ok(Machine {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpu_model,
+            kernel,
+            postgres,
+            outbox_relay: env!("CARGO_PKG_VERSION").into(),
+            measured_at: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+        })
+    }
+}
+
+fn bench(message: String) -> Error {
+    Error::Bench(message)
+}
+
+/// Whether each mode met its targets, by name.
+pub fn targets(report: &BenchReport) -> BTreeMap<String, bool> {
+    let mut out = BTreeMap::new();
+    for mode in &report.modes {
+        let target = if mode.mode == "tail" {
+            TAIL_TARGET
+        } else {
+            POLL_TARGET
+        };
+        out.insert(
+            format!("{} drain >= {target} x {}", mode.mode, mode.drain.ratio_to),
+            mode.drain.ratio >= target,
+        );
+        out.insert(
+            format!("{} relay peak RSS < {RSS_TARGET_MB} MB", mode.mode),
+            mode.drain.relay_peak_rss_mb < RSS_TARGET_MB,
+        );
+        if let Some(live) = &mode.live {
+            out.insert(
+                format!("{} live p99 < {P99_TARGET_MS} ms", mode.mode),
+                live.p99_ms < P99_TARGET_MS,
+            );
+        }
+    }
+    out
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = &self.machine;
+        writeln!(
+            f,
+            "outbox-relay {} bench, {}: {} rows (~{}-byte payloads, {} aggregates), --batch-size {}",
+            m.outbox_relay, m.measured_at, self.rows, self.payload_bytes, self.aggregates, self.batch_size
+        )?;
+        writeln!(
+            f,
+            "machine: {} CPUs ({}), Linux {}, Postgres {} (throwaway, fsync=off)",
+            m.cpus, m.cpu_model, m.kernel, m.postgres
+        )?;
+        writeln!(f, "kafka:   {}", self.kafka)?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "{:<5} {:>12} {:>22} {:>11} {:>9} {:>9} {:>9} {:>9}",
+            "mode", "drain rows/s", "ratio to limit", "CPU s/1k", "peak RSS", "live p50", "live p99", "live max"
+        )?;
+        for mode in &self.modes {
+            let d = &mode.drain;
+            let (p50, p99, max) = match &mode.live {
+                Some(l) => (
+                    format!("{:.1} ms", l.p50_ms),
+                    format!("{:.1} ms", l.p99_ms),
+                    format!("{:.0} ms", l.max_ms),
+                ),
+                None => ("-".into(), "-".into(), "-".into()),
+            };
+            writeln!(
+                f,
+                "{:<5} {:>12.0} {:>22} {:>11.4} {:>6.1} MB {:>9} {:>9} {:>9}",
+                mode.mode,
+                d.rows_per_sec,
+                format!("{:.2} x {}", d.ratio, d.ratio_to),
+                d.relay_cpu_seconds_per_1k_rows,
+                d.relay_peak_rss_mb,
+                p50,
+                p99,
+                max
+            )?;
+        }
+        writeln!(f)?;
+        writeln!(f, "limits, same run, same rows:")?;
+        for mode in &self.modes {
+            let l = &mode.limits;
+            write!(
+                f,
+                "  {:<5} insert {:.0} rows/s; plain producer {:.0} records/s",
+                mode.mode, l.insert_rows_per_sec, l.producer_records_per_sec
+            )?;
+            if let Some(rate) = l.pg_recvlogical_rows_per_sec {
+                write!(f, "; pg_recvlogical {rate:.0} rows/s")?;
+            }
+            writeln!(f)?;
+        }
+        for mode in &self.modes {
+            if let Some(l) = &mode.live {
+                writeln!(
+                    f,
+                    "  {:<5} live: {} rows at {:.0} rows/s (target {}), latency from COMMIT to a consumer",
+                    mode.mode, l.rows, l.achieved_rows_per_sec, l.target_rows_per_sec
+                )?;
+            }
+        }
+        writeln!(f)?;
+        writeln!(f, "targets:")?;
+        for (target, met) in targets(self) {
+            writeln!(f, "  {} {target}", if met { "met   " } else { "MISSED" })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_is_the_nearest_rank() {
+        let values: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&values, 0.50), 50);
+        assert_eq!(percentile(&values, 0.99), 99);
+        assert_eq!(percentile(&values, 1.0), 100);
+        assert_eq!(percentile(&[7], 0.99), 7);
+        assert_eq!(percentile(&[], 0.5), 0);
+    }
+
+    #[test]
+    fn backlog_rows_have_the_asked_size_and_spread() {
+        let options = BenchOptions {
+            relay_binary: PathBuf::new(),
+            modes: vec![Mode::Poll],
+            rows: 2000,
+            aggregates: 1000,
+            payload_bytes: 150,
+            rate: 0,
+            live: Duration::ZERO,
+            brokers: None,
+            partitions: 6,
+            batch_size: 1000,
+        };
+        let events = backlog(&options);
+        assert_eq!(events.len(), 2000);
+        let sizes: Vec<usize> = events
+            .iter()
+            .map(|e| e.payload.as_ref().map_or(0, |p| p.to_string().len()))
+            .collect();
+        assert!(sizes.iter().all(|&s| (130..=170).contains(&s)), "{sizes:?}");
+        let aggregates: std::collections::HashSet<&str> =
+            events.iter().map(|e| e.aggregate_id.as_str()).collect();
+        assert_eq!(aggregates.len(), 1000);
+        assert_eq!(aggregate_number("agg-417"), 417);
+    }
+}

@@ -75,6 +75,8 @@ pub struct BenchOptions {
     pub partitions: i32,
     /// The relay's `--batch-size`.
     pub batch_size: u32,
+    /// Keep the relay's logs here instead of a temp dir removed afterwards.
+    pub relay_log_dir: Option<PathBuf>,
 }
 
 /// The figures of one run, as printed and as written with `--json`.
@@ -153,7 +155,10 @@ const RSS_TARGET_MB: f64 = 100.0;
 const PRODUCER_SAMPLE: u64 = 200_000;
 
 /// Runs every mode in `options` and returns the figures.
-pub async fn run(options: &BenchOptions, shutdown: CancellationToken) -> Result<BenchReport, Error> {
+pub async fn run(
+    options: &BenchOptions,
+    shutdown: CancellationToken,
+) -> Result<BenchReport, Error> {
     let pg = TempPostgres::start().await?;
     let run_id = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let kafka = BenchKafka::start(options.brokers.as_deref())?;
@@ -250,7 +255,9 @@ struct ModeBench<'a> {
     tail: TailConfig,
     /// Where the relay publishes the backlog.
     topic: String,
-    work_dir: tempfile::TempDir,
+    /// Where the relay's logs go: `--relay-log-dir`, else a temp dir.
+    log_dir: PathBuf,
+    _temp_dir: Option<tempfile::TempDir>,
 }
 
 impl<'a> ModeBench<'a> {
@@ -274,10 +281,20 @@ impl<'a> ModeBench<'a> {
             .map_err(Error::db("opening the bench pool"))?;
         let topic = format!("bench-{run_id}-{mode}");
         kafka.create_topic(&topic, options.partitions).await?;
-        let work_dir = tempfile::Builder::new()
-            .prefix("outbox-relay-bench-")
-            .tempdir()
-            .map_err(|e| bench(format!("cannot create a temp dir: {e}")))?;
+        let (log_dir, _temp_dir) = match &options.relay_log_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| bench(format!("--relay-log-dir {}: {e}", dir.display())))?;
+                (dir.clone(), None)
+            }
+            None => {
+                let temp = tempfile::Builder::new()
+                    .prefix("outbox-relay-bench-")
+                    .tempdir()
+                    .map_err(|e| bench(format!("cannot create a temp dir: {e}")))?;
+                (temp.path().to_owned(), Some(temp))
+            }
+        };
         Ok(ModeBench {
             pg,
             kafka,
@@ -288,7 +305,8 @@ impl<'a> ModeBench<'a> {
             pool,
             tail,
             topic,
-            work_dir,
+            log_dir,
+            _temp_dir,
         })
     }
 
@@ -423,7 +441,11 @@ impl<'a> ModeBench<'a> {
             .output();
         let output = tokio::time::timeout(Duration::from_secs(600), output)
             .await
-            .map_err(|_| bench("pg_recvlogical did not reach the end of the backlog within 10 minutes".into()))?
+            .map_err(|_| {
+                bench(
+                    "pg_recvlogical did not reach the end of the backlog within 10 minutes".into(),
+                )
+            })?
             .map_err(|e| bench(format!("cannot run {}: {e}", binary.display())))?;
         let elapsed = started.elapsed().as_secs_f64();
         if !output.status.success() {
@@ -471,8 +493,7 @@ impl<'a> ModeBench<'a> {
     /// file named after `phase`.
     fn start_relay(&self, phase: &str) -> Result<RelayProcess, Error> {
         let log_path = self
-            .work_dir
-            .path()
+            .log_dir
             .join(format!("relay-{}-{phase}.log", self.mode));
         let log = std::fs::File::create(&log_path)
             .map_err(|e| bench(format!("cannot create {}: {e}", log_path.display())))?;
@@ -556,7 +577,11 @@ impl<'a> ModeBench<'a> {
     /// Writers commit one row per transaction at `rate` for `live` (after one
     /// second of warm-up, not counted); a consumer in this process takes the
     /// time each row arrives.
-    async fn live(&self, relay: &mut RelayProcess, shutdown: &CancellationToken) -> Result<Live, Error> {
+    async fn live(
+        &self,
+        relay: &mut RelayProcess,
+        shutdown: &CancellationToken,
+    ) -> Result<Live, Error> {
         const WRITERS: u64 = 4;
         let rate = u64::from(self.options.rate);
         let warmup = rate;
@@ -567,7 +592,8 @@ impl<'a> ModeBench<'a> {
             .await?;
         let consumer = live_consumer(&self.kafka.brokers(), &topic, self.options.partitions)?;
         // Nanoseconds after `origin`, taken just before each row's COMMIT.
-        let committed: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
+        let committed: Arc<Vec<AtomicU64>> =
+            Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
         let origin = Instant::now();
         let pad = "x".repeat(self.options.payload_bytes.saturating_sub(60));
         let mut writers = Vec::new();
@@ -579,7 +605,10 @@ impl<'a> ModeBench<'a> {
             let pad = pad.clone();
             let stop = shutdown.clone();
             writers.push(tokio::spawn(async move {
-                let mut conn = pool.acquire().await.map_err(Error::db("writing live rows"))?;
+                let mut conn = pool
+                    .acquire()
+                    .await
+                    .map_err(Error::db("writing live rows"))?;
                 let mut k = w;
                 while k < total && !stop.is_cancelled() {
                     let due = origin + Duration::from_secs_f64(k as f64 / rate as f64);
@@ -595,7 +624,8 @@ impl<'a> ModeBench<'a> {
                     outbox::insert(&mut tx, &event)
                         .await
                         .map_err(Error::db("writing live rows"))?;
-                    committed[k as usize].store(origin.elapsed().as_nanos() as u64, Ordering::Release);
+                    committed[k as usize]
+                        .store(origin.elapsed().as_nanos() as u64, Ordering::Release);
                     tx.commit().await.map_err(Error::db("writing live rows"))?;
                     k += WRITERS;
                 }
@@ -606,7 +636,8 @@ impl<'a> ModeBench<'a> {
         let mut seen = vec![false; total as usize];
         let mut latencies = Vec::with_capacity(total as usize);
         let mut received = 0u64;
-        let deadline = origin + Duration::from_secs_f64(total as f64 / rate as f64) + Duration::from_secs(60);
+        let deadline =
+            origin + Duration::from_secs_f64(total as f64 / rate as f64) + Duration::from_secs(60);
         while received < total {
             let message = tokio::select! {
                 message = consumer.recv() => message.map_err(Error::kafka("consuming live records"))?,
@@ -695,7 +726,11 @@ struct Acks {
 
 struct AckContext(Arc<Acks>);
 
-impl ClientContext for AckContext {}
+impl ClientContext for AckContext {
+    /// Quiet: librdkafka warns that the gapless guarantee is experimental;
+    /// failures are counted by [`AckContext::delivery`].
+    fn log(&self, _: rdkafka::config::RDKafkaLogLevel, _: &str, _: &str) {}
+}
 
 impl ProducerContext for AckContext {
     type DeliveryOpaque = ();
@@ -733,9 +768,12 @@ fn produce_all(config: &KafkaConfig, records: &[Record]) -> Result<f64, Error> {
         loop {
             match producer.send(base) {
                 Ok(()) => break,
-                Err((rdkafka::error::KafkaError::MessageProduction(
-                    rdkafka::types::RDKafkaErrorCode::QueueFull,
-                ), back)) => {
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    back,
+                )) => {
                     base = back;
                     std::thread::sleep(Duration::from_millis(1));
                 }
@@ -811,7 +849,12 @@ impl RelayProcess {
             .rsplit_once(')')
             .map(|(_, rest)| rest.split_whitespace().collect())
             .unwrap_or_default();
-        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
             .ok()
             .flatten()
@@ -842,7 +885,10 @@ impl RelayProcess {
         let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(5).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        bench(format!("the relay {what}; its last log lines: {}", tail.join(" | ")))
+        bench(format!(
+            "the relay {what}; its last log lines: {}",
+            tail.join(" | ")
+        ))
     }
 
     /// SIGTERM, and wait for it to finish its in-flight records.
@@ -930,7 +976,12 @@ impl fmt::Display for BenchReport {
         writeln!(
             f,
             "outbox-relay {} bench, {}: {} rows (~{}-byte payloads, {} aggregates), --batch-size {}",
-            m.outbox_relay, m.measured_at, self.rows, self.payload_bytes, self.aggregates, self.batch_size
+            m.outbox_relay,
+            m.measured_at,
+            self.rows,
+            self.payload_bytes,
+            self.aggregates,
+            self.batch_size
         )?;
         writeln!(
             f,
@@ -942,7 +993,14 @@ impl fmt::Display for BenchReport {
         writeln!(
             f,
             "{:<5} {:>12} {:>22} {:>11} {:>9} {:>9} {:>9} {:>9}",
-            "mode", "drain rows/s", "ratio to limit", "CPU s/1k", "peak RSS", "live p50", "live p99", "live max"
+            "mode",
+            "drain rows/s",
+            "ratio to limit",
+            "CPU s/1k",
+            "peak RSS",
+            "live p50",
+            "live p99",
+            "live max"
         )?;
         for mode in &self.modes {
             let d = &mode.drain;
@@ -1026,6 +1084,7 @@ mod tests {
             brokers: None,
             partitions: 6,
             batch_size: 1000,
+            relay_log_dir: None,
         };
         let events = backlog(&options);
         assert_eq!(events.len(), 2000);

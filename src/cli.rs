@@ -406,6 +406,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
 
+    /// Keep the relay's logs in this directory (with OUTBOX_LOG=debug: one line per batch).
+    #[arg(long)]
+    pub relay_log_dir: Option<std::path::PathBuf>,
+
     /// Also write the figures to this file as JSON.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,

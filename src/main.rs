@@ -96,8 +96,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::DeadLetters(command) => dead_letters(command).await?,
         Command::Bench(args) => {
             let options = bench::BenchOptions {
-                relay_binary: std::env::current_exe()
-                    .map_err(|e| anyhow::anyhow!("cannot find this binary to run the relay from: {e}"))?,
+                relay_binary: std::env::current_exe().map_err(|e| {
+                    anyhow::anyhow!("cannot find this binary to run the relay from: {e}")
+                })?,
                 modes: args.modes.clone(),
                 rows: args.rows,
                 aggregates: args.aggregates,
@@ -107,6 +108,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 brokers: args.brokers.clone(),
                 partitions: args.partitions,
                 batch_size: args.batch_size,
+                relay_log_dir: args.relay_log_dir.clone(),
             };
             let report = bench::run(&options, shutdown_on_signal()).await?;
             println!("{report}");

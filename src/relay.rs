@@ -122,6 +122,7 @@ impl<S: Source> Relay<S> {
         let mut health = Health::new(self.metrics.clone());
         let mut report = Report::new();
         while !shutdown.is_cancelled() {
+            let reading = Instant::now();
             let rows = match self
                 .source
                 .next_batch(self.config.batch_size, &shutdown)
@@ -148,13 +149,23 @@ impl<S: Source> Relay<S> {
                 },
                 _ => HashSet::new(),
             };
+            let publishing = Instant::now();
             let Published {
                 confirm,
                 failure,
                 halt,
             } = self.publish(&rows, blocked, &shutdown).await;
+            let confirming = Instant::now();
             match self.source.confirm(&confirm).await {
                 Ok(()) => {
+                    debug!(
+                        rows = rows.len(),
+                        confirmed = confirm.len(),
+                        read_ms = (publishing - reading).as_secs_f64() * 1e3,
+                        publish_ms = (confirming - publishing).as_secs_f64() * 1e3,
+                        confirm_ms = confirming.elapsed().as_secs_f64() * 1e3,
+                        "batch"
+                    );
                     self.stats.published += confirm.published.len() as u64;
                     self.stats.dead_lettered += confirm.dead_letters.len() as u64;
                     self.metrics

@@ -486,7 +486,10 @@ impl Stream {
                         event = self.client.recv() => event,
                     }
                 } else {
-                    match self.client.recv().now_or_never() {
+                    // Unconstrained: tokio's cooperative budget would make
+                    // `recv` report "nothing yet" after 128 events in one
+                    // poll, ending every batch at 128 rows.
+                    match tokio::task::unconstrained(self.client.recv()).now_or_never() {
                         Some(event) => event,
                         None => break,
                     }

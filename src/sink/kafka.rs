@@ -37,7 +37,9 @@ const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("acks", "all"),
     ("enable.gapless.guarantee", "true"),
     ("partitioner", "murmur2_random"),
-    ("linger.ms", "5"),
+    // The relay enqueues a whole batch at once and then waits for its acks,
+    // so lingering only delays the last records of every batch.
+    ("linger.ms", "1"),
     ("message.timeout.ms", "30000"),
     ("queue.buffering.max.messages", "200000"),
     ("client.id", "outbox-relay"),

@@ -218,17 +218,19 @@ impl<S: Source> Relay<S> {
     ) -> Published {
         let policy = self.config.on_poison;
         let mut pending = Vec::with_capacity(rows.len());
+        let block = policy == PoisonPolicy::BlockAggregate;
         for row in rows {
-            let aggregate = (row.aggregate_type.clone(), row.aggregate_id.clone());
-            if blocked.contains(&aggregate) {
+            // Only `block-aggregate` looks rows up by aggregate; the others
+            // skip building the key.
+            if block && blocked.contains(&(row.aggregate_type.clone(), row.aggregate_id.clone())) {
                 pending.push(None);
                 continue;
             }
             let record =
                 record::from_row(row, &self.config.topic_template, self.config.null_payload);
             let sent = self.sink.send(&record).await;
-            if policy == PoisonPolicy::BlockAggregate && sent.rejected_at_once() {
-                blocked.insert(aggregate);
+            if block && sent.rejected_at_once() {
+                blocked.insert((row.aggregate_type.clone(), row.aggregate_id.clone()));
             }
             pending.push(Some(sent));
         }

@@ -88,6 +88,10 @@ pub struct BenchReport {
     pub aggregates: u32,
     pub payload_bytes: usize,
     pub batch_size: u32,
+    /// A plain producer's records, sent one at a time at the live rate,
+    /// from send to the same kind of consumer: what the broker and the
+    /// consumer add to the live latency by themselves.
+    pub kafka_floor: Option<Live>,
     pub modes: Vec<ModeReport>,
 }
 
@@ -169,8 +173,12 @@ pub async fn run(
         aggregates: options.aggregates,
         payload_bytes: options.payload_bytes,
         batch_size: options.batch_size,
+        kafka_floor: None,
         modes: Vec::new(),
     };
+    if !options.live.is_zero() {
+        report.kafka_floor = Some(kafka_floor(&kafka, options, run_id, &shutdown).await?);
+    }
     for &mode in &options.modes {
         if shutdown.is_cancelled() {
             break;
@@ -633,53 +641,171 @@ impl<'a> ModeBench<'a> {
             }));
         }
 
-        let mut seen = vec![false; total as usize];
-        let mut latencies = Vec::with_capacity(total as usize);
-        let mut received = 0u64;
-        let deadline =
-            origin + Duration::from_secs_f64(total as f64 / rate as f64) + Duration::from_secs(60);
-        while received < total {
-            let message = tokio::select! {
-                message = consumer.recv() => message.map_err(Error::kafka("consuming live records"))?,
-                _ = tokio::time::sleep_until(deadline.into()) => {
-                    return Err(relay.failed(&format!("published {received} of {total} live rows within the deadline")));
-                }
-                _ = shutdown.cancelled() => return Err(bench("interrupted".into())),
-            };
-            let arrived = origin.elapsed().as_nanos() as u64;
-            let k = message
-                .payload()
-                .and_then(|p| serde_json::from_slice::<Value>(p).ok())
-                .and_then(|v| v.get("k").and_then(Value::as_u64))
-                .filter(|&k| k < total)
-                .ok_or_else(|| bench("a live record without its row number".into()))?;
-            if std::mem::replace(&mut seen[k as usize], true) {
-                continue;
+        let received = receive_timed(&consumer, &committed, origin, warmup, rate, shutdown).await;
+        let latencies = match received {
+            Ok(latencies) => latencies,
+            Err(Missing { received, total }) => {
+                return Err(relay.failed(&format!(
+                    "published {received} of {total} live rows within the deadline"
+                )));
             }
-            received += 1;
-            if k >= warmup {
-                let at = committed[k as usize].load(Ordering::Acquire);
-                latencies.push(arrived.saturating_sub(at));
-            }
-        }
+        };
         for writer in writers {
             writer
                 .await
                 .map_err(|e| bench(format!("a live writer failed: {e}")))??;
         }
-        let first = committed[warmup as usize].load(Ordering::Acquire);
-        let last = committed[total as usize - 1].load(Ordering::Acquire);
-        let span = Duration::from_nanos(last.saturating_sub(first)).as_secs_f64();
-        latencies.sort_unstable();
+        Ok(latencies.summary(self.options.rate))
+    }
+}
+
+/// A consumer's arrival times, against the send (or commit) times in
+/// `sent`, of records whose payload carries their index `k`.
+struct Latencies {
+    /// Nanoseconds, sorted, without the warm-up's.
+    values: Vec<u64>,
+    /// Nanoseconds after the origin of the first and last timed send.
+    span: (u64, u64),
+}
+
+/// Not every record arrived before the deadline.
+struct Missing {
+    received: u64,
+    total: u64,
+}
+
+impl Latencies {
+    fn summary(&self, target: u32) -> Live {
         let ms = |ns: u64| ns as f64 / 1e6;
-        Ok(Live {
-            target_rows_per_sec: self.options.rate,
-            achieved_rows_per_sec: (total - warmup - 1) as f64 / span.max(1e-9),
-            rows: latencies.len() as u64,
-            p50_ms: ms(percentile(&latencies, 0.50)),
-            p99_ms: ms(percentile(&latencies, 0.99)),
-            max_ms: ms(latencies.last().copied().unwrap_or(0)),
+        let span = Duration::from_nanos(self.span.1.saturating_sub(self.span.0)).as_secs_f64();
+        Live {
+            target_rows_per_sec: target,
+            achieved_rows_per_sec: self.values.len().saturating_sub(1) as f64 / span.max(1e-9),
+            rows: self.values.len() as u64,
+            p50_ms: ms(percentile(&self.values, 0.50)),
+            p99_ms: ms(percentile(&self.values, 0.99)),
+            max_ms: ms(self.values.last().copied().unwrap_or(0)),
+        }
+    }
+}
+
+/// Reads until every record `k < sent.len()` arrived once (duplicates are
+/// ignored), or the deadline: a minute after the last one is due at `rate`.
+async fn receive_timed(
+    consumer: &StreamConsumer,
+    sent: &[AtomicU64],
+    origin: Instant,
+    warmup: u64,
+    rate: u64,
+    shutdown: &CancellationToken,
+) -> Result<Latencies, Missing> {
+    let total = sent.len() as u64;
+    let mut seen = vec![false; sent.len()];
+    let mut values = Vec::with_capacity(sent.len());
+    let mut received = 0u64;
+    let deadline =
+        origin + Duration::from_secs_f64(total as f64 / rate as f64) + Duration::from_secs(60);
+    while received < total {
+        let message = tokio::select! {
+            message = consumer.recv() => message,
+            _ = tokio::time::sleep_until(deadline.into()) => break,
+            _ = shutdown.cancelled() => break,
+        };
+        let arrived = origin.elapsed().as_nanos() as u64;
+        let Some(k) = message
+            .ok()
+            .and_then(|m| {
+                m.payload()
+                    .and_then(|p| serde_json::from_slice::<Value>(p).ok())
+            })
+            .and_then(|v| v.get("k").and_then(Value::as_u64))
+            .filter(|&k| k < total)
+        else {
+            continue;
+        };
+        if std::mem::replace(&mut seen[k as usize], true) {
+            continue;
+        }
+        received += 1;
+        if k >= warmup {
+            values.push(arrived.saturating_sub(sent[k as usize].load(Ordering::Acquire)));
+        }
+    }
+    if received < total {
+        return Err(Missing { received, total });
+    }
+    values.sort_unstable();
+    let first = sent[warmup.min(total - 1) as usize].load(Ordering::Acquire);
+    let last = sent[total as usize - 1].load(Ordering::Acquire);
+    Ok(Latencies {
+        values,
+        span: (first, last),
+    })
+}
+
+/// The broker's and the consumer's share of the live latency: a plain
+/// producer with the relay's settings sends one record at a time at `rate`
+/// and the same kind of consumer times its arrival.
+async fn kafka_floor(
+    kafka: &BenchKafka,
+    options: &BenchOptions,
+    run_id: &str,
+    shutdown: &CancellationToken,
+) -> Result<Live, Error> {
+    let rate = u64::from(options.rate);
+    let warmup = rate;
+    let total = warmup + rate * options.live.as_secs().max(1);
+    let topic = format!("bench-{run_id}-floor");
+    kafka.create_topic(&topic, options.partitions).await?;
+    let consumer = live_consumer(&kafka.brokers(), &topic, options.partitions)?;
+    let config = KafkaConfig {
+        brokers: kafka.brokers(),
+        properties: Vec::new(),
+    };
+    let producer: rdkafka::producer::FutureProducer = producer_config(&config)
+        .set_log_level(rdkafka::config::RDKafkaLogLevel::Error)
+        .create()
+        .map_err(Error::kafka("creating the floor producer"))?;
+    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
+    let origin = Instant::now();
+    let pad = "x".repeat(options.payload_bytes.saturating_sub(60));
+    let aggregates = u64::from(options.aggregates.max(1));
+    let sending = {
+        let sent = sent.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            for k in 0..total {
+                if stop.is_cancelled() {
+                    break;
+                }
+                let due = origin + Duration::from_secs_f64(k as f64 / rate as f64);
+                tokio::time::sleep_until(due.into()).await;
+                let key = format!("agg-{}", k % aggregates);
+                let payload = json!({"k": k, "pad": pad}).to_string();
+                sent[k as usize].store(origin.elapsed().as_nanos() as u64, Ordering::Release);
+                let record = rdkafka::producer::FutureRecord::to(&topic)
+                    .key(&key)
+                    .payload(&payload);
+                // Not awaited: the relay does not wait for one ack before
+                // the next record either.
+                if let Err((e, _)) = producer.send_result(record) {
+                    return Err(Error::kafka("sending a floor record")(e));
+                }
+            }
+            producer
+                .flush(Duration::from_secs(60))
+                .map_err(Error::kafka("flushing the floor producer"))
         })
+    };
+    let received = receive_timed(&consumer, &sent, origin, warmup, rate, shutdown).await;
+    sending
+        .await
+        .map_err(|e| bench(format!("the floor producer failed: {e}")))??;
+    match received {
+        Ok(latencies) => Ok(latencies.summary(options.rate)),
+        Err(Missing { received, total }) => Err(bench(format!(
+            "a plain producer's records reached the consumer only {received} of {total} within the deadline"
+        ))),
     }
 }
 
@@ -1043,10 +1169,17 @@ impl fmt::Display for BenchReport {
             if let Some(l) = &mode.live {
                 writeln!(
                     f,
-                    "  {:<5} live: {} rows at {:.0} rows/s (target {}), latency from COMMIT to a consumer",
+                    "  {:<5} live: {} rows at {:.0} rows/s (target {}), one per transaction; latency from just before COMMIT to a consumer",
                     mode.mode, l.rows, l.achieved_rows_per_sec, l.target_rows_per_sec
                 )?;
             }
+        }
+        if let Some(l) = &self.kafka_floor {
+            writeln!(
+                f,
+                "  kafka floor: a plain producer's records at {:.0}/s, send to consumer: p50 {:.1} ms, p99 {:.1} ms, max {:.0} ms",
+                l.achieved_rows_per_sec, l.p50_ms, l.p99_ms, l.max_ms
+            )?;
         }
         writeln!(f)?;
         writeln!(f, "targets:")?;

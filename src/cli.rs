@@ -172,6 +172,10 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_METRICS_ADDRESS", default_value = "127.0.0.1:9879")]
     pub metrics_address: String,
 
+    /// How long one call to Postgres may go unanswered before the connection is dropped and opened again.
+    #[arg(long, env = "OUTBOX_DATABASE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub database_timeout: Duration,
+
     /// How long SIGTERM waits for in-flight acks before exiting.
     #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
@@ -236,7 +240,17 @@ pub enum NullPayloadArg {
 impl RunArgs {
     /// Validates everything before anything connects.
     pub fn to_config(&self) -> Result<RelayConfig, Error> {
-        let mut config = RelayConfig::new(self.database.to_config()?, self.kafka.to_config()?);
+        if self.database_timeout < Duration::from_secs(1) {
+            return Err(Error::Config(format!(
+                "--database-timeout (OUTBOX_DATABASE_TIMEOUT) {} is too short to wait for any query; give at least 1s, e.g. 30s",
+                humantime::format_duration(self.database_timeout)
+            )));
+        }
+        let database = self
+            .database
+            .to_config()?
+            .with_call_timeout(self.database_timeout);
+        let mut config = RelayConfig::new(database, self.kafka.to_config()?);
         config.mode = self.mode;
         config.tail = self.tail.to_config()?;
         config.topic_template = TopicTemplate::parse(

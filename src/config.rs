@@ -68,6 +68,8 @@ pub struct DatabaseConfig {
     /// Kept for the replication connection, which is not made by sqlx.
     password: String,
     tls: TlsSettings,
+    /// How long the relay waits for Postgres to answer one call.
+    call_timeout: Duration,
 }
 
 /// The URL's `sslmode`, `sslrootcert`, `sslcert` and `sslkey`, as libpq
@@ -136,8 +138,17 @@ impl DatabaseConfig {
             database: options.get_database().unwrap_or(&user).to_owned(),
             user,
         };
+        // Server-side keepalives: if the relay's host vanishes (a network
+        // partition, not a crash), Postgres drops the session within about
+        // 25 s instead of the OS default of two hours, and with it the
+        // leader lock, so a standby can take over.
         let options = options
-            .options([("search_path", schema.quoted())])
+            .options([
+                ("search_path", schema.quoted()),
+                ("tcp_keepalives_idle", "10".into()),
+                ("tcp_keepalives_interval", "5".into()),
+                ("tcp_keepalives_count", "3".into()),
+            ])
             .application_name("outbox-relay");
         Ok(DatabaseConfig {
             options,
@@ -145,7 +156,23 @@ impl DatabaseConfig {
             schema,
             password,
             tls,
+            call_timeout: Self::DEFAULT_CALL_TIMEOUT,
         })
+    }
+
+    /// The default of [`DatabaseConfig::call_timeout`].
+    pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// How long the relay waits for an answer to one call (a batch read, a
+    /// confirm) before it drops the connection and reconnects: a server
+    /// that stopped answering, or a connection that died without a word.
+    pub fn call_timeout(&self) -> Duration {
+        self.call_timeout
+    }
+
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
     }
 
     /// Connection options, with `search_path` set to the configured schema so

@@ -73,6 +73,68 @@ async fn tail_mode_survives_postgres_restarts_under_writers() {
     postgres_restarts_lose_nothing("tail").await;
 }
 
+/// Postgres stops answering without closing a connection (every server
+/// process stopped, as on a hung host or behind a network partition) under
+/// a running relay. The relay notices within its --database-timeout and
+/// says so, instead of waiting forever on a dead connection; once Postgres
+/// answers again it publishes everything, in order.
+async fn a_postgres_that_stops_answering_is_noticed(mode: &'static str) {
+    let pg = TempPostgres::start().await.unwrap();
+    let url = pg.create_database("shop").await.unwrap();
+    let t = Setup::on(url, Kafka::start(), mode).await;
+    let (pool, kafka) = (&t.pool, &t.kafka);
+    create_aggregates(pool, 10).await;
+    let topic = t.topic("acct", 4).await;
+    let (mut relay, log) = t.logged_relay(&["--database-timeout", "2s"]);
+    let before = write(pool, 50, 10, 0.0).await;
+    consume_and_drain(
+        pool,
+        &kafka.brokers(),
+        &[&topic],
+        &before.committed,
+        DEADLINE,
+    )
+    .await;
+
+    pg.freeze();
+    let noticed = log
+        .wait_for_line("no answer from Postgres within 2s", Duration::from_secs(30))
+        .await;
+    pg.thaw();
+    assert!(
+        noticed.contains("retrying with backoff"),
+        "the relay named the hang but not what it does about it: {noticed}"
+    );
+    let after = write(pool, 50, 10, 0.0).await;
+    let mut written = before;
+    written.committed.extend(after.committed);
+    let records = consume_and_drain(
+        pool,
+        &kafka.brokers(),
+        &[&topic],
+        &written.committed,
+        DEADLINE,
+    )
+    .await;
+    assert!(
+        relay.try_wait().unwrap().is_none(),
+        "the relay exited while Postgres did not answer"
+    );
+    relay.kill().await.unwrap();
+    assert_delivered(&records, &written);
+    assert_order(&records);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poll_mode_notices_a_postgres_that_stops_answering() {
+    a_postgres_that_stops_answering_is_noticed("poll").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tail_mode_notices_a_postgres_that_stops_answering() {
+    a_postgres_that_stops_answering_is_noticed("tail").await;
+}
+
 /// Runs the binary to completion with debug logging; returns (code, all output).
 async fn output_of(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let output = tokio::time::timeout(

@@ -177,6 +177,8 @@ impl TempPostgres {
 
     /// Stops the server and waits until it exited.
     pub fn stop(&mut self, mode: StopMode) {
+        // A frozen server would never act on the signal.
+        self.thaw();
         if let Some(server) = self.server.take() {
             let signal = match mode {
                 StopMode::Fast => Signal::SIGINT,
@@ -185,6 +187,48 @@ impl TempPostgres {
             };
             let _ = server.stop.send(signal);
             let _ = server.supervisor.join();
+        }
+    }
+
+    /// Stops every process of the server (SIGSTOP) without closing a
+    /// connection: to its clients it looks like a hung host or a network
+    /// partition. [`TempPostgres::thaw`] resumes them.
+    pub fn freeze(&self) {
+        self.signal_all(Signal::SIGSTOP);
+    }
+
+    /// Resumes a frozen server.
+    pub fn thaw(&self) {
+        self.signal_all(Signal::SIGCONT);
+    }
+
+    /// Sends `signal` to the postmaster and each of its children.
+    fn signal_all(&self, signal: Signal) {
+        let Some(server) = &self.server else {
+            return;
+        };
+        let postmaster = server.pid.as_raw();
+        let children = fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+                let stat = fs::read_to_string(entry.path().join("stat")).ok()?;
+                // The parent pid is the second field after the parenthesised name.
+                let ppid: i32 = stat
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()?;
+                (ppid == postmaster).then_some(pid)
+            });
+        let mut pids: Vec<i32> = children.collect();
+        pids.push(postmaster);
+        for pid in pids {
+            let _ = kill(Pid::from_raw(pid), signal);
         }
     }
 

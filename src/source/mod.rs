@@ -84,6 +84,30 @@ const MOVE_TO_DEAD_LETTER: &str = "with moved as (delete from outbox where seq =
      from moved m join unnest($1::bigint[], $2::text[]) as e(seq, error) on e.seq = m.seq \
      on conflict (id) do update set error = excluded.error, attempts = dead_letter.attempts + 1, failed_at = now()";
 
+/// Runs one call to Postgres, giving up after `limit` (the configured call
+/// timeout)
+/// with a transient error. The caller drops the connection on any error, so
+/// a call abandoned mid-way never leaves it half-read.
+pub(crate) async fn timed<T>(
+    limit: Duration,
+    doing: &'static str,
+    call: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::Database {
+            doing,
+            source: sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no answer from Postgres within {}; the connection is dropped and opened again",
+                    humantime::format_duration(limit)
+                ),
+            )),
+        }),
+    }
+}
+
 /// Opens a connection and waits, as a standby, until it holds the leader
 /// lock for this schema. `None` on shutdown.
 pub(crate) async fn leader_connection(
@@ -97,11 +121,14 @@ pub(crate) async fn leader_connection(
     let lock = format!("outbox-relay:{}", database.schema());
     let mut standing_by = false;
     loop {
-        let locked: bool = sqlx::query_scalar(TRY_LOCK)
-            .bind(&lock)
-            .fetch_one(&mut conn)
-            .await
-            .map_err(Error::db("taking the leader lock"))?;
+        let locked: bool = timed(database.call_timeout(), "taking the leader lock", async {
+            sqlx::query_scalar(TRY_LOCK)
+                .bind(&lock)
+                .fetch_one(&mut conn)
+                .await
+                .map_err(Error::db("taking the leader lock"))
+        })
+        .await?;
         if locked {
             info!(database = %database.target(), "active: this instance holds the relay lock");
             metrics.set_active(true);

@@ -24,7 +24,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::outbox::OutboxRow;
 use crate::source::{
-    Aggregate, Confirm, Source, apply_confirm, blocked_aggregates, leader_connection,
+    Aggregate, Confirm, Source, apply_confirm, blocked_aggregates, leader_connection, timed,
 };
 
 const SELECT_BATCH: &str = "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
@@ -89,16 +89,20 @@ impl Source for PollSource {
             if shutdown.is_cancelled() {
                 return Ok(Vec::new());
             }
+            let limit_time = self.database.call_timeout();
             let conn = match self.leader_connection(shutdown).await {
                 Ok(Some(conn)) => conn,
                 Ok(None) => return Ok(Vec::new()),
                 Err(e) => return self.forget_on_error(Err(e)),
             };
-            let rows = sqlx::query_as::<_, OutboxRow>(SELECT_BATCH)
-                .bind(limit)
-                .fetch_all(conn)
-                .await
-                .map_err(Error::db("reading outbox rows"));
+            let rows = timed(limit_time, "reading outbox rows", async {
+                sqlx::query_as::<_, OutboxRow>(SELECT_BATCH)
+                    .bind(limit)
+                    .fetch_all(conn)
+                    .await
+                    .map_err(Error::db("reading outbox rows"))
+            })
+            .await;
             let rows = self.forget_on_error(rows)?;
             self.metrics.database_ok();
             if !rows.is_empty() {
@@ -119,7 +123,12 @@ impl Source for PollSource {
         &mut self,
         rows: &[OutboxRow],
     ) -> Result<HashSet<Aggregate>, Error> {
-        let result = blocked_aggregates(self.conn.as_mut(), rows).await;
+        let result = timed(
+            self.database.call_timeout(),
+            "reading blocked aggregates",
+            blocked_aggregates(self.conn.as_mut(), rows),
+        )
+        .await;
         self.forget_on_error(result)
     }
 
@@ -133,7 +142,12 @@ impl Source for PollSource {
                 source: sqlx::Error::PoolClosed,
             });
         };
-        let result = apply_confirm(conn, confirm).await;
+        let result = timed(
+            self.database.call_timeout(),
+            "confirming published rows",
+            apply_confirm(conn, confirm),
+        )
+        .await;
         if result.is_ok() {
             debug!(
                 published = confirm.published.len(),

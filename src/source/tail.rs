@@ -45,7 +45,7 @@ use crate::metrics::Metrics;
 use crate::outbox::OutboxRow;
 use crate::source::pgoutput::{self, Message, OutboxColumns};
 use crate::source::{
-    Aggregate, Confirm, Source, apply_confirm, blocked_aggregates, leader_connection,
+    Aggregate, Confirm, Source, apply_confirm, blocked_aggregates, leader_connection, timed,
 };
 
 const SELECT_COPY_BATCH: &str = "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
@@ -299,12 +299,16 @@ impl TailSource {
         let Phase::Copy(copy) = &mut self.phase else {
             return Ok(None);
         };
-        let rows = sqlx::query_as::<_, OutboxRow>(SELECT_COPY_BATCH)
-            .bind(copy.after_seq)
-            .bind(i64::try_from(max).unwrap_or(i64::MAX))
-            .fetch_all(&mut copy.snapshot)
-            .await
-            .map_err(Error::db("copying the rows already in the outbox"))?;
+        let doing = "copying the rows already in the outbox";
+        let rows = timed(self.database.call_timeout(), doing, async {
+            sqlx::query_as::<_, OutboxRow>(SELECT_COPY_BATCH)
+                .bind(copy.after_seq)
+                .bind(i64::try_from(max).unwrap_or(i64::MAX))
+                .fetch_all(&mut copy.snapshot)
+                .await
+                .map_err(Error::db(doing))
+        })
+        .await?;
         if !rows.is_empty() {
             copy.batch_last_seqs = rows.iter().map(|r| r.seq).collect();
             return Ok(Some(rows));
@@ -379,7 +383,12 @@ impl Source for TailSource {
         &mut self,
         rows: &[OutboxRow],
     ) -> Result<HashSet<Aggregate>, Error> {
-        let result = blocked_aggregates(self.leader.as_mut(), rows).await;
+        let result = timed(
+            self.database.call_timeout(),
+            "reading blocked aggregates",
+            blocked_aggregates(self.leader.as_mut(), rows),
+        )
+        .await;
         self.reset(result)
     }
 
@@ -393,7 +402,12 @@ impl Source for TailSource {
                     source: sqlx::Error::PoolClosed,
                 });
             };
-            let applied = apply_confirm(conn, confirm).await;
+            let applied = timed(
+                self.database.call_timeout(),
+                "confirming published rows",
+                apply_confirm(conn, confirm),
+            )
+            .await;
             self.reset(applied)?;
         }
         let n = confirm.len();
@@ -484,6 +498,21 @@ impl Stream {
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(Vec::new()),
                         event = self.client.recv() => event,
+                        // A quiet stream is normal, but it is also what a
+                        // dead connection looks like: once per call timeout
+                        // the server is asked on the leader connection, so a
+                        // partition ends in a reconnect, not a silent hang.
+                        _ = tokio::time::sleep(database.call_timeout()) => {
+                            let doing = "checking that Postgres still answers";
+                            timed(database.call_timeout(), doing, async {
+                                sqlx::query("select 1")
+                                    .execute(&mut *leader)
+                                    .await
+                                    .map_err(Error::db(doing))
+                            })
+                            .await?;
+                            continue;
+                        }
                     }
                 } else {
                     // Unconstrained: tokio's cooperative budget would make
@@ -505,7 +534,7 @@ impl Stream {
                 self.handle(event, &mut rows, database)?;
             }
             if self.replaying {
-                self.skip_published(&mut rows, leader).await?;
+                self.skip_published(&mut rows, leader, database).await?;
             }
             if !rows.is_empty() {
                 return Ok(rows);
@@ -606,16 +635,21 @@ impl Stream {
         &mut self,
         rows: &mut Vec<OutboxRow>,
         leader: &mut PgConnection,
+        database: &DatabaseConfig,
     ) -> Result<(), Error> {
         if rows.is_empty() {
             return Ok(());
         }
         let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-        let present: Vec<i64> = sqlx::query_scalar(STILL_IN_OUTBOX)
-            .bind(&seqs)
-            .fetch_all(leader)
-            .await
-            .map_err(Error::db("checking which replayed rows were published"))?;
+        let doing = "checking which replayed rows were published";
+        let present: Vec<i64> = timed(database.call_timeout(), doing, async {
+            sqlx::query_scalar(STILL_IN_OUTBOX)
+                .bind(&seqs)
+                .fetch_all(leader)
+                .await
+                .map_err(Error::db(doing))
+        })
+        .await?;
         let first = rows
             .iter()
             .position(|r| present.contains(&r.seq))

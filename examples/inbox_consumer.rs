@@ -12,15 +12,21 @@
 //! Killed anywhere and restarted, it re-reads from the last committed offset
 //! and the inbox skips what was already applied, so balances are exact even
 //! when every message arrives two or three times.
+//!
+//! It logs each partition assignment and revocation to stderr, so the group's
+//! members show which of them holds which partition.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use outbox_relay::inbox::{self, Claim};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::BorrowedMessage;
-use rdkafka::{ClientConfig, Message};
+use rdkafka::{ClientConfig, Message, TopicPartitionList};
 use serde::Deserialize;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -50,6 +56,34 @@ struct Args {
 struct Payment {
     account: String,
     amount: i64,
+}
+
+/// Reports the group's rebalances; librdkafka does the assigning.
+struct LogRebalances;
+
+impl ClientContext for LogRebalances {}
+
+impl ConsumerContext for LogRebalances {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(partitions) => eprintln!("assigned: {}", describe(partitions)),
+            Rebalance::Revoke(partitions) => eprintln!("revoked: {}", describe(partitions)),
+            Rebalance::Error(e) => eprintln!("rebalance: {e}"),
+        }
+    }
+}
+
+fn describe(partitions: &TopicPartitionList) -> String {
+    let names: Vec<String> = partitions
+        .elements()
+        .iter()
+        .map(|p| format!("{}[{}]", p.topic(), p.partition()))
+        .collect();
+    if names.is_empty() {
+        "no partitions".into()
+    } else {
+        names.join(", ")
+    }
 }
 
 #[tokio::main]
@@ -83,7 +117,9 @@ async fn main() -> anyhow::Result<()> {
             .context("--kafka-config takes KEY=VALUE")?;
         config.set(key, value);
     }
-    let consumer: StreamConsumer = config.create().context("creating the Kafka consumer")?;
+    let consumer: StreamConsumer<LogRebalances> = config
+        .create_with_context(LogRebalances)
+        .context("creating the Kafka consumer")?;
     consumer.subscribe(&[&args.topic]).context("subscribing")?;
 
     let idle = (args.idle_exit_secs > 0).then(|| Duration::from_secs(args.idle_exit_secs));
@@ -114,8 +150,17 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         // Only after the database commit: a crash before this line means
-        // redelivery, which the inbox absorbs.
-        consumer.commit_message(&message, CommitMode::Sync)?;
+        // redelivery, which the inbox absorbs. So does a failed commit, which
+        // is reported and not fatal: Kafka refuses commits from a member
+        // caught in a rebalance (REBALANCE_IN_PROGRESS, ILLEGAL_GENERATION,
+        // UNKNOWN_MEMBER_ID), and librdkafka rejoins by itself.
+        if let Err(e) = consumer.commit_message(&message, CommitMode::Sync) {
+            eprintln!(
+                "committing offset {} of partition {}: {e}",
+                message.offset() + 1,
+                message.partition()
+            );
+        }
     }
 }
 

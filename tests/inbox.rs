@@ -177,7 +177,8 @@ async fn the_example_consumer_applies_each_payment_once_through_kills_and_redeli
     let kafka = Kafka::start();
     let topic = format!("{}.payments", topic_prefix());
     kafka.create_topic(&topic, 2).await;
-    let payments = payments(200);
+    // Enough that a consumer is still applying them when it is killed.
+    let payments = payments(1000);
     let mut deliveries: Vec<&Payment> = Vec::new();
     for p in &payments {
         let copies = rand::rng().random_range(2..=3);

@@ -24,6 +24,7 @@ use axum::routing::get;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -58,6 +59,7 @@ struct Inner {
     backlog_rows: Gauge,
     oldest_unpublished_seconds: Gauge<f64, AtomicU64>,
     slot_lag_bytes: Gauge,
+    ack_latency: Histogram,
     /// Why the relay is not ready, and which dependency is at fault;
     /// `None` when it is ready.
     unready: Mutex<Option<(Dependency, String)>>,
@@ -80,6 +82,7 @@ impl Metrics {
         let backlog_rows = Gauge::default();
         let oldest_unpublished_seconds = Gauge::<f64, AtomicU64>::default();
         let slot_lag_bytes = Gauge::default();
+        let ack_latency = Histogram::new(ACK_LATENCY_BUCKETS.iter().copied());
         registry.register(
             "published",
             "Rows acknowledged by Kafka and confirmed",
@@ -116,6 +119,11 @@ impl Metrics {
             "WAL bytes the tail-mode slot holds back (-1 without a slot)",
             slot_lag_bytes.clone(),
         );
+        registry.register(
+            "ack_latency_seconds",
+            "Seconds from a row's created_at (by default its transaction's start, on the database's clock) to Kafka's acknowledgement",
+            ack_latency.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -127,6 +135,7 @@ impl Metrics {
                 backlog_rows,
                 oldest_unpublished_seconds,
                 slot_lag_bytes,
+                ack_latency,
                 unready: Mutex::new(None),
             }),
         }
@@ -137,6 +146,11 @@ impl Metrics {
         self.inner.batches.inc();
         self.inner.published.inc_by(published as u64);
         self.inner.dead_lettered.inc_by(dead_lettered as u64);
+    }
+
+    /// Kafka acknowledged a row `seconds` after its `created_at`.
+    pub fn acked(&self, seconds: f64) {
+        self.inner.ack_latency.observe(seconds.max(0.0));
     }
 
     /// Whether this instance is the active one.
@@ -194,6 +208,13 @@ impl Metrics {
             .and_then(|u| u.as_ref().map(|(_, reason)| reason.clone()))
     }
 }
+
+/// Bucket bounds of `ack_latency_seconds`: fine below 100 ms, where a
+/// healthy relay is, coarse up to the minutes of an outage.
+const ACK_LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
+    0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+];
 
 /// Binds the metrics address; a failure is one line naming the flag.
 pub async fn bind(address: SocketAddr) -> Result<TcpListener, Error> {

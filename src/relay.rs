@@ -259,7 +259,11 @@ impl<S: Source> Relay<S> {
                 continue;
             }
             match outcome {
-                Outcome::Acked => out.confirm.published.push(row.seq),
+                Outcome::Acked => {
+                    let age = chrono::Utc::now() - row.created_at;
+                    self.metrics.acked(age.as_seconds_f64());
+                    out.confirm.published.push(row.seq);
+                }
                 Outcome::Rejected(error) if policy == PoisonPolicy::Halt => {
                     out.halt = Some(Error::Poison(format!(
                         "the broker rejected row seq {} (id {}, aggregate {}/{}) for good: {error}; --on-poison halt stopped the relay with the row still in the outbox: fix the cause and restart, or restart with --on-poison dead-letter to move it aside",

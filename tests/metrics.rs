@@ -84,6 +84,11 @@ async fn metrics_and_readiness_follow_what_the_relay_does() {
     })
     .await;
     assert_eq!(metric(&address, "outbox_relay_published_total").await, 20.0);
+    // Every acknowledged row's latency is observed once.
+    assert_eq!(
+        metric(&address, "outbox_relay_ack_latency_seconds_count").await,
+        20.0
+    );
     assert_eq!(metric(&address, "outbox_relay_active").await, 1.0);
     assert_eq!(get(&address, "/readyz").await.0, 200);
 

@@ -35,7 +35,6 @@ use nix::unistd::Pid;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
@@ -54,7 +53,7 @@ use crate::embedded::TempPostgres;
 use crate::error::Error;
 use crate::outbox::{self, Event, OutboxRow};
 use crate::record::{self, Record};
-use crate::sink::kafka::producer_config;
+use crate::sink::kafka::{kafka_headers, producer_config};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -937,16 +936,9 @@ fn produce_all(config: &KafkaConfig, records: &[Record]) -> Result<f64, Error> {
         .map_err(Error::kafka("creating the plain producer"))?;
     let started = Instant::now();
     for record in records {
-        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
-        for (key, value) in &record.headers {
-            headers = headers.insert(Header {
-                key,
-                value: Some(value),
-            });
-        }
         let mut base = BaseRecord::to(&record.topic)
             .key(record.key.as_bytes())
-            .headers(headers);
+            .headers(kafka_headers(record));
         if let Some(value) = &record.value {
             base = base.payload(value.as_slice());
         }

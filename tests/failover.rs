@@ -7,6 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use outbox_relay::embedded::TempPostgres;
 use support::*;
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -83,4 +84,71 @@ async fn poll_mode_standby_takes_over_from_a_killed_leader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tail_mode_standby_takes_over_from_a_killed_leader() {
     a_standby_takes_over_when_the_active_relay_dies("tail").await;
+}
+
+/// A failover of Postgres itself: a replica that was in sync is promoted
+/// under the same URL (here: a base backup started in the dead primary's
+/// place). It has the outbox's rows but not the relay's replication slot,
+/// as after any real failover. The running relay reconnects; in tail mode
+/// it finds its slot gone, creates it again and republishes the rows still
+/// in the outbox. Every committed row arrives, in order per aggregate.
+async fn a_promoted_replica_under_the_same_url_loses_nothing(mode: &'static str) {
+    let mut pg = TempPostgres::start().await.unwrap();
+    let url = pg.create_database("shop").await.unwrap();
+    let t = Setup::on(url, Kafka::start(), mode).await;
+    let kafka = &t.kafka;
+    create_aggregates(&t.pool, 20).await;
+    let topic = t.topic("acct", 4).await;
+    let (mut relay, log) = t.logged_relay(&["--batch-size", "20"]);
+
+    let mut written = write(&t.pool, 100, 20, 0.1).await;
+    consume_and_drain(
+        &t.pool,
+        &kafka.brokers(),
+        &[&topic],
+        &written.committed,
+        DEADLINE,
+    )
+    .await;
+    // Rows the relay may not have published yet when the primary dies.
+    let in_flight = write(&t.pool, 100, 20, 0.1).await;
+    written.committed.extend(in_flight.committed);
+    written.rolled_back.extend(in_flight.rolled_back);
+    t.pool.close().await;
+    pg.fail_over_to_copy().await.unwrap();
+
+    let pool = migrated_pool(&t.url).await;
+    let after = write(&pool, 100, 20, 0.1).await;
+    written.committed.extend(after.committed);
+    written.rolled_back.extend(after.rolled_back);
+    let records = consume_and_drain(
+        &pool,
+        &kafka.brokers(),
+        &[&topic],
+        &written.committed,
+        DEADLINE,
+    )
+    .await;
+    assert!(
+        relay.try_wait().unwrap().is_none(),
+        "the relay exited on the failover:\n{}",
+        log.text()
+    );
+    if mode == "tail" {
+        log.wait_for_line("the replication slot is gone", Duration::from_secs(1))
+            .await;
+    }
+    relay.kill().await.unwrap();
+    assert_delivered(&records, &written);
+    assert_order(&records);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poll_mode_follows_a_replica_promoted_under_the_same_url() {
+    a_promoted_replica_under_the_same_url_loses_nothing("poll").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tail_mode_recreates_its_slot_on_a_replica_promoted_under_the_same_url() {
+    a_promoted_replica_under_the_same_url_loses_nothing("tail").await;
 }

@@ -190,6 +190,50 @@ impl TempPostgres {
         }
     }
 
+    /// A failover to a replica that was in sync: takes a base backup of the
+    /// running server (`pg_basebackup`, WAL included), kills the server,
+    /// and starts the copy in its place, on the same port, so clients
+    /// reconnect to the same URL. Like a promoted replica, the copy has the
+    /// data but none of the replication slots.
+    pub async fn fail_over_to_copy(&mut self) -> Result<(), Error> {
+        let copy = self.dir.path().join("copy");
+        let mut backup = Command::new(self.bin.join("pg_basebackup"));
+        backup
+            .arg("-D")
+            .arg(&copy)
+            .args([
+                "-X",
+                "stream",
+                "--checkpoint=fast",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ])
+            .args(["-p", &self.port.to_string()])
+            .env("PGPASSWORD", PASSWORD)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null());
+        if let Some(user) = &self.owner {
+            backup.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+        }
+        let output = tokio::task::spawn_blocking(move || backup.output())
+            .await
+            .map_err(|e| embedded(format!("pg_basebackup: {e}")))?
+            .map_err(|e| embedded(format!("cannot run pg_basebackup: {e}")))?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            return Err(embedded(format!("pg_basebackup failed: {}", stderr.trim())));
+        }
+        self.stop(StopMode::Kill);
+        let old = self.dir.path().join("data.old");
+        fs::rename(self.data_dir(), &old)
+            .and_then(|()| fs::rename(&copy, self.data_dir()))
+            .map_err(|e| embedded(format!("cannot put the copy in place: {e}")))?;
+        self.start_again().await
+    }
+
     /// Stops every process of the server (SIGSTOP) without closing a
     /// connection: to its clients it looks like a hung host or a network
     /// partition. [`TempPostgres::thaw`] resumes them.

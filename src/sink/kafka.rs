@@ -59,6 +59,18 @@ pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
     client
 }
 
+/// The record's headers, in order, as librdkafka takes them.
+pub fn kafka_headers(record: &Record) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+    for (key, value) in &record.headers {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    headers
+}
+
 /// What happened to one record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -227,16 +239,9 @@ impl KafkaSink {
         if let Some(problem) = invalid_topic(&record.topic) {
             return Pending(PendingState::Done(Outcome::Rejected(problem)));
         }
-        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
-        for (key, value) in &record.headers {
-            headers = headers.insert(Header {
-                key,
-                value: Some(value),
-            });
-        }
         let mut future = FutureRecord::to(&record.topic)
             .key(record.key.as_bytes())
-            .headers(headers);
+            .headers(kafka_headers(record));
         if let Some(value) = &record.value {
             future = future.payload(value.as_slice());
         }

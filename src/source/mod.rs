@@ -149,8 +149,22 @@ const BLOCKED_AGGREGATES: &str = "select distinct d.aggregate_type, d.aggregate_
      join unnest($1::text[], $2::text[]) as b(aggregate_type, aggregate_id) \
      on d.aggregate_type = b.aggregate_type and d.aggregate_id = b.aggregate_id";
 
-/// Which of the rows' aggregates have a row in the dead-letter table.
+/// Which of the rows' aggregates have a row in the dead-letter table,
+/// within the call timeout `limit`.
 pub(crate) async fn blocked_aggregates(
+    conn: Option<&mut PgConnection>,
+    rows: &[OutboxRow],
+    limit: Duration,
+) -> Result<HashSet<Aggregate>, Error> {
+    timed(
+        limit,
+        "reading blocked aggregates",
+        read_blocked_aggregates(conn, rows),
+    )
+    .await
+}
+
+async fn read_blocked_aggregates(
     conn: Option<&mut PgConnection>,
     rows: &[OutboxRow],
 ) -> Result<HashSet<Aggregate>, Error> {
@@ -174,8 +188,21 @@ pub(crate) async fn blocked_aggregates(
 }
 
 /// Deletes the published rows and moves the rejected ones to the dead-letter
-/// table, in one transaction.
-pub(crate) async fn apply_confirm(conn: &mut PgConnection, confirm: &Confirm) -> Result<(), Error> {
+/// table, in one transaction, within the call timeout `limit`.
+pub(crate) async fn apply_confirm(
+    conn: &mut PgConnection,
+    confirm: &Confirm,
+    limit: Duration,
+) -> Result<(), Error> {
+    timed(
+        limit,
+        "confirming published rows",
+        confirm_in_transaction(conn, confirm),
+    )
+    .await
+}
+
+async fn confirm_in_transaction(conn: &mut PgConnection, confirm: &Confirm) -> Result<(), Error> {
     let doing = "confirming published rows";
     let mut tx = conn.begin().await.map_err(Error::db(doing))?;
     if !confirm.published.is_empty() {

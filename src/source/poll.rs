@@ -123,12 +123,8 @@ impl Source for PollSource {
         &mut self,
         rows: &[OutboxRow],
     ) -> Result<HashSet<Aggregate>, Error> {
-        let result = timed(
-            self.database.call_timeout(),
-            "reading blocked aggregates",
-            blocked_aggregates(self.conn.as_mut(), rows),
-        )
-        .await;
+        let result =
+            blocked_aggregates(self.conn.as_mut(), rows, self.database.call_timeout()).await;
         self.forget_on_error(result)
     }
 
@@ -142,12 +138,7 @@ impl Source for PollSource {
                 source: sqlx::Error::PoolClosed,
             });
         };
-        let result = timed(
-            self.database.call_timeout(),
-            "confirming published rows",
-            apply_confirm(conn, confirm),
-        )
-        .await;
+        let result = apply_confirm(conn, confirm, self.database.call_timeout()).await;
         if result.is_ok() {
             debug!(
                 published = confirm.published.len(),

@@ -383,12 +383,8 @@ impl Source for TailSource {
         &mut self,
         rows: &[OutboxRow],
     ) -> Result<HashSet<Aggregate>, Error> {
-        let result = timed(
-            self.database.call_timeout(),
-            "reading blocked aggregates",
-            blocked_aggregates(self.leader.as_mut(), rows),
-        )
-        .await;
+        let result =
+            blocked_aggregates(self.leader.as_mut(), rows, self.database.call_timeout()).await;
         self.reset(result)
     }
 
@@ -402,12 +398,7 @@ impl Source for TailSource {
                     source: sqlx::Error::PoolClosed,
                 });
             };
-            let applied = timed(
-                self.database.call_timeout(),
-                "confirming published rows",
-                apply_confirm(conn, confirm),
-            )
-            .await;
+            let applied = apply_confirm(conn, confirm, self.database.call_timeout()).await;
             self.reset(applied)?;
         }
         let n = confirm.len();

@@ -24,7 +24,7 @@ use crate::metrics::{self, Dependency, Metrics};
 use crate::outbox::OutboxRow;
 use crate::record;
 use crate::sink::kafka::{KafkaSink, Outcome, Pending};
-use crate::source::{Aggregate, Confirm, PollSource, Source, TailSource};
+use crate::source::{Aggregate, Confirm, PollSource, Source, TailSource, timed};
 
 /// What a relay did before it stopped.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -40,15 +40,11 @@ pub struct RunStats {
 /// returns. Errors a retry cannot fix (bad credentials, missing tables) end
 /// it early; transient ones are retried with backoff.
 pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<RunStats, Error> {
-    // Fail fast, with one clear line, on what waiting cannot fix.
-    let mut conn = database::connect(&config.database).await?;
-    database::check_schema(&mut conn, &config.database).await?;
-    if config.mode == Mode::Tail {
-        crate::source::tail::check_prerequisites(&mut conn, &config.database, &config.tail).await?;
-    }
-    drop(conn);
-    let sink = KafkaSink::new(&config.kafka)?;
     let metrics = Metrics::new();
+    if !check_database(&config, &metrics, &shutdown).await? {
+        return Ok(RunStats::default());
+    }
+    let sink = KafkaSink::new(&config.kafka)?;
     // The endpoints and the backlog sampler live exactly as long as the loop.
     let endpoints = shutdown.child_token();
     let _stop_endpoints = endpoints.clone().drop_guard();
@@ -86,6 +82,60 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<Run
                 .await
         }
     }
+}
+
+/// The startup checks. They fail fast, with one clear line, on what waiting
+/// cannot fix: a database that cannot be reached at all, a refused login,
+/// missing tables, tail mode's prerequisites. A database that answered and
+/// then went away during the checks (a restart, a failover) is waited for
+/// with backoff, as it is once the relay runs. Returns false if `shutdown`
+/// fired while waiting.
+async fn check_database(
+    config: &RelayConfig,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<bool, Error> {
+    let mut first = Some(database::connect(&config.database).await?);
+    let mut health = Health::new(metrics.clone());
+    while !shutdown.is_cancelled() {
+        let checked = match first.take() {
+            Some(mut conn) => startup_checks(&mut conn, config).await,
+            None => connect_and_check(config).await,
+        };
+        match checked {
+            Ok(()) => {
+                health.ok();
+                return Ok(true);
+            }
+            Err(e) if e.is_transient() => {
+                health.failed("checking the database", &e.to_string());
+                health.wait(shutdown).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(false)
+}
+
+async fn connect_and_check(config: &RelayConfig) -> Result<(), Error> {
+    let mut conn = database::connect(&config.database).await?;
+    startup_checks(&mut conn, config).await
+}
+
+async fn startup_checks(conn: &mut sqlx::PgConnection, config: &RelayConfig) -> Result<(), Error> {
+    let checks = async {
+        database::check_schema(conn, &config.database).await?;
+        if config.mode == Mode::Tail {
+            crate::source::tail::check_prerequisites(conn, &config.database, &config.tail).await?;
+        }
+        Ok(())
+    };
+    timed(
+        config.database.call_timeout(),
+        "checking the database",
+        checks,
+    )
+    .await
 }
 
 /// How often the backlog gauges are read from Postgres.

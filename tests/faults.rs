@@ -21,6 +21,9 @@ async fn postgres_restarts_lose_nothing(mode: &'static str) {
     create_aggregates(pool, 20).await;
     let topic = t.topic("acct", 4).await;
     let (mut relay, log) = t.logged_relay(&["--batch-size", "50"]);
+    // A database that cannot be reached at the very first connection is a
+    // deployment error (exit 1); the restarts below are under a running relay.
+    log.wait_for_line("relay starting", DEADLINE).await;
 
     let writers: Vec<_> = (0..3)
         .map(|_| {

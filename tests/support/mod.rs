@@ -802,6 +802,21 @@ impl RelayLog {
     }
 }
 
+impl Drop for RelayLog {
+    /// A failing test shows what the relay said, which is most of the
+    /// diagnosis when a fault test times out.
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Ok(lines) = self.lines.lock()
+        {
+            eprintln!(
+                "--- relay log ---\n{}\n--- end of relay log ---",
+                lines.join("\n")
+            );
+        }
+    }
+}
+
 /// Starts a relay command and collects its log.
 pub fn spawn_logged(mut cmd: Command) -> (Child, RelayLog) {
     use tokio::io::{AsyncBufReadExt, BufReader};

@@ -7,6 +7,7 @@ mod support;
 use std::time::Duration;
 
 use outbox_relay::embedded::{StopMode, TempPostgres};
+use sqlx::Connection;
 use support::*;
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -74,6 +75,71 @@ async fn poll_mode_survives_postgres_restarts_under_writers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tail_mode_survives_postgres_restarts_under_writers() {
     postgres_restarts_lose_nothing("tail").await;
+}
+
+/// Postgres restarts while a tail relay is still checking it at start, after
+/// its first connection succeeded (a rolling restart or a failover as the
+/// relay is deployed). The relay waits for Postgres, as it does once running,
+/// then publishes everything; it does not exit. The check is held at a known
+/// point by a lock on the catalog that tail mode's publication check reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgres_restart_during_the_startup_checks_is_waited_for() {
+    let mut pg = TempPostgres::start().await.unwrap();
+    let url = pg.create_database("shop").await.unwrap();
+    let t = Setup::on(url.clone(), Kafka::start(), "tail").await;
+    let (pool, kafka) = (&t.pool, &t.kafka);
+    create_aggregates(pool, 10).await;
+    let topic = t.topic("acct", 4).await;
+    let written = write(pool, 100, 10, 0.0).await;
+
+    let mut holder = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("begin").execute(&mut holder).await.unwrap();
+    sqlx::query("lock table pg_catalog.pg_publication in access exclusive mode")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let (mut relay, log) = t.logged_relay(&[]);
+    wait_for("the relay's startup check to wait", DEADLINE, || async {
+        sqlx::query_scalar::<_, i64>(
+            "select count(*) from pg_stat_activity \
+             where datname = current_database() and wait_event_type = 'Lock' \
+             and query like '%pg_publication%'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap()
+            == 1
+    })
+    .await;
+    pg.stop(StopMode::Fast);
+    pg.start_again().await.unwrap();
+    drop(holder);
+
+    tokio::select! {
+        status = relay.wait() => panic!(
+            "the relay exited ({status:?}) when Postgres restarted during its startup checks; it logged:\n{}",
+            log.text()
+        ),
+        _ = log.wait_for_line("relay starting", DEADLINE) => {}
+    }
+    let failed = log
+        .wait_for_line("failed checking the database", Duration::from_secs(1))
+        .await;
+    assert!(
+        failed.contains("retrying with backoff"),
+        "the relay named the failure but not what it does about it: {failed}"
+    );
+    let records = consume_and_drain(
+        pool,
+        &kafka.brokers(),
+        &[&topic],
+        &written.committed,
+        DEADLINE,
+    )
+    .await;
+    relay.kill().await.unwrap();
+    assert_delivered(&records, &written);
+    assert_order(&records);
 }
 
 /// Postgres stops answering without closing a connection (every server

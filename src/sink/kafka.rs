@@ -13,8 +13,8 @@
 //! fatal error ([`KafkaSink::is_fatal`]): some idempotence states only a new
 //! producer id clears.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
@@ -143,9 +143,14 @@ impl LastAck {
 }
 
 /// Forwards librdkafka's own log lines to `tracing` at debug level: the relay
-/// logs state changes itself, once each, instead of one line per retry.
-#[derive(Clone, Default)]
-pub struct SinkContext;
+/// logs state changes itself, once each, instead of one line per retry. Keeps
+/// the client's last connection error, which says why brokers cannot be
+/// reached (refused, TLS certificate, SASL login) where a failed request only
+/// says that they cannot.
+#[derive(Default)]
+pub struct SinkContext {
+    last_error: Arc<Mutex<Option<String>>>,
+}
 
 impl ClientContext for SinkContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
@@ -154,6 +159,13 @@ impl ClientContext for SinkContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         debug!(%error, "librdkafka error: {reason}");
+        // "All brokers are down" follows each broker's own error and would
+        // hide its cause.
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::AllBrokersDown)
+            && let Ok(mut last) = self.last_error.lock()
+        {
+            *last = Some(reason.to_owned());
+        }
     }
 }
 
@@ -165,6 +177,8 @@ pub struct KafkaSink {
     /// The producer's `message.timeout.ms`: how long it keeps trying to
     /// deliver a record before failing it.
     message_timeout: Duration,
+    /// The client's last connection error (see [`SinkContext`]).
+    last_error: Arc<Mutex<Option<String>>>,
 }
 
 impl KafkaSink {
@@ -172,7 +186,9 @@ impl KafkaSink {
     pub fn new(config: &KafkaConfig) -> Result<Self, Error> {
         let mut client = producer_config(config);
         client.set_log_level(RDKafkaLogLevel::Debug);
-        let producer = client.create_with_context(SinkContext).map_err(|e| {
+        let context = SinkContext::default();
+        let last_error = context.last_error.clone();
+        let producer = client.create_with_context(context).map_err(|e| {
             Error::Config(format!(
                 "the Kafka producer settings are invalid: {e}; check --brokers and --kafka-config"
             ))
@@ -182,6 +198,7 @@ impl KafkaSink {
             brokers: config.brokers.clone(),
             last_ack: Arc::new(LastAck::new()),
             message_timeout: message_timeout(config),
+            last_error,
         })
     }
 
@@ -209,15 +226,19 @@ impl KafkaSink {
                     return true;
                 }
                 other => {
-                    let cause = match other {
+                    let mut cause = match other {
                         Ok(Ok(_)) => "no brokers in the metadata".to_owned(),
                         Ok(Err(e)) => e.to_string(),
                         Err(e) => e.to_string(),
                     };
+                    let last = self.last_error.lock().ok().and_then(|last| last.clone());
+                    if let Some(last) = last {
+                        cause = format!("{cause} ({last})");
+                    }
                     if !warned {
                         warn!(
                             brokers = %self.brokers,
-                            "cannot reach Kafka brokers at {}: {cause}; retrying with backoff until they answer; check --brokers (OUTBOX_BROKERS) and that the brokers are up",
+                            "cannot reach Kafka brokers at {}: {cause}; retrying with backoff until they answer; check --brokers (OUTBOX_BROKERS), that the brokers are up, and any TLS or SASL settings in --kafka-config",
                             self.brokers
                         );
                         warned = true;

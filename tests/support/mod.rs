@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -33,6 +33,32 @@ extern "C" fn stop_shared_pg() {
     if let Ok(mut held) = HELD.lock() {
         held.take();
     }
+}
+
+/// Properties every Kafka client of the harness adds (a test binary whose
+/// broker speaks only TLS sets them once, before its first client).
+static CLIENT_PROPERTIES: OnceLock<Vec<(String, String)>> = OnceLock::new();
+
+/// Makes every harness client (admin, readers) use `properties`.
+pub fn set_client_properties(properties: &[(&str, &str)]) {
+    let properties = properties
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    assert!(
+        CLIENT_PROPERTIES.set(properties).is_ok(),
+        "client properties are set once per test binary"
+    );
+}
+
+/// A Kafka client configuration for `brokers`, with the binary's properties.
+fn client_config(brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (key, value) in CLIENT_PROPERTIES.get().into_iter().flatten() {
+        config.set(key, value);
+    }
+    config
 }
 
 /// A fresh database in the binary's shared throwaway cluster; returns its URL.
@@ -200,10 +226,8 @@ impl Kafka {
         match self {
             Kafka::Mock(mock) => mock.create_topic(topic, partitions, 3).unwrap(),
             Kafka::External { brokers, .. } => {
-                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-                    .set("bootstrap.servers", brokers)
-                    .create()
-                    .unwrap();
+                let admin: AdminClient<DefaultClientContext> =
+                    client_config(brokers).create().unwrap();
                 let topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
                 let results = admin
                     .create_topics([&topic], &AdminOptions::new())
@@ -478,8 +502,7 @@ pub fn consume_each(
     deadline: Duration,
     mut each: impl FnMut(i32, Option<&[u8]>, Option<&[u8]>) -> bool,
 ) -> bool {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let consumer: BaseConsumer = client_config(brokers)
         .set("group.id", format!("reader-{}", Uuid::new_v4()))
         .set("enable.auto.commit", "false")
         .create()
@@ -542,8 +565,7 @@ pub async fn consume_until(
     deadline: Duration,
     done: impl Fn(&[Consumed]) -> bool,
 ) -> Vec<Consumed> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let consumer: BaseConsumer = client_config(brokers)
         .set("group.id", format!("reader-{}", Uuid::new_v4()))
         .set("enable.auto.commit", "false")
         .create()
@@ -842,5 +864,147 @@ impl Setup {
         let mut cmd = self.relay_command();
         cmd.args(extra);
         spawn_logged(cmd)
+    }
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is installed");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, and a certificate for 127.0.0.1 signed by it, in `dir`.
+pub fn make_certificates(dir: &std::path::Path, ca_name: &str) {
+    let subject = format!("/CN={ca_name}");
+    openssl(
+        dir,
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+            "-days", "2", "-subj", &subject,
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(dir.join("san.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.cnf",
+        ],
+    );
+}
+
+/// A tansu broker of the test's own, on memory storage, killed on drop.
+pub struct Tansu {
+    binary: std::ffi::OsString,
+    port: u16,
+    /// The address given to clients in metadata, if not the listener's.
+    advertised: Option<String>,
+    process: Option<std::process::Child>,
+}
+
+impl Tansu {
+    /// Starts `binary` on a free port and waits until it accepts connections.
+    pub async fn start(binary: std::ffi::OsString) -> Tansu {
+        Tansu::start_advertising(binary, None).await
+    }
+
+    /// Starts `binary` on a free port, telling clients to connect to
+    /// `advertised` (HOST:PORT, e.g. a TLS listener in front of it).
+    pub async fn start_advertising(
+        binary: std::ffi::OsString,
+        advertised: Option<String>,
+    ) -> Tansu {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut tansu = Tansu {
+            binary,
+            port,
+            advertised,
+            process: None,
+        };
+        tansu.restart().await;
+        tansu
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the broker (again) on its port: empty, as memory storage is.
+    pub async fn restart(&mut self) {
+        let url = format!("tcp://{}", self.brokers());
+        let advertised = match &self.advertised {
+            Some(address) => format!("tcp://{address}"),
+            None => url.clone(),
+        };
+        self.process = Some(
+            std::process::Command::new(&self.binary)
+                .args(["broker", "--listener-url", &url])
+                .args(["--advertised-listener-url", &advertised])
+                .args(["--storage-engine", "memory://tansu/"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start tansu (OUTBOX_TEST_TANSU)"),
+        );
+        let brokers = self.brokers();
+        wait_for("tansu to listen", Duration::from_secs(60), || {
+            let brokers = brokers.clone();
+            async move { tokio::net::TcpStream::connect(brokers).await.is_ok() }
+        })
+        .await;
+    }
+
+    /// SIGKILL: the broker loses its log, its topics and every producer id
+    /// it handed out.
+    pub fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.kill().unwrap();
+            process.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

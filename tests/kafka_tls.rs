@@ -65,11 +65,8 @@ fn serve_tls(listener: TcpListener, certs: &Path, upstream: String) -> Arc<Atomi
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_relay_publishes_over_tls_configured_through_the_passthrough() {
     let test = "the_relay_publishes_over_tls_configured_through_the_passthrough";
-    let Some(binary) = std::env::var_os("OUTBOX_TEST_TANSU") else {
-        skip_notice(
-            test,
-            "it runs a tansu broker of its own behind a TLS listener; set OUTBOX_TEST_TANSU to a tansu binary (.ci/run does)",
-        );
+    let Some(binary) = tansu_binary(test, "runs a tansu broker of its own behind a TLS listener")
+    else {
         return;
     };
     let certs = tempfile::tempdir().unwrap();

@@ -230,11 +230,7 @@ fn assert_consecutive_versions(records: &[Consumed]) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_broker_that_restarts_empty_gets_every_row_not_yet_confirmed() {
     let test = "a_broker_that_restarts_empty_gets_every_row_not_yet_confirmed";
-    let Some(binary) = std::env::var_os("OUTBOX_TEST_TANSU") else {
-        skip_notice(
-            test,
-            "it kills and restarts a broker of its own; set OUTBOX_TEST_TANSU to a tansu binary (.ci/run does)",
-        );
+    let Some(binary) = tansu_binary(test, "kills and restarts a broker of its own") else {
         return;
     };
     let mut tansu = Tansu::start(binary).await;

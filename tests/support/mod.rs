@@ -928,6 +928,21 @@ pub fn make_certificates(dir: &std::path::Path, ca_name: &str) {
     );
 }
 
+/// The tansu binary in `OUTBOX_TEST_TANSU`, for a test that runs a broker of
+/// its own because it `needs` to (e.g. "kills and restarts a broker of its
+/// own"). Unset: `None`, after saying on the test output that `test` does not
+/// run and why.
+pub fn tansu_binary(test: &str, needs: &str) -> Option<std::ffi::OsString> {
+    let binary = std::env::var_os("OUTBOX_TEST_TANSU");
+    if binary.is_none() {
+        skip_notice(
+            test,
+            &format!("it {needs}; set OUTBOX_TEST_TANSU to a tansu binary (.ci/run does)"),
+        );
+    }
+    binary
+}
+
 /// A tansu broker of the test's own, on memory storage, killed on drop.
 pub struct Tansu {
     binary: std::ffi::OsString,

@@ -7,8 +7,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    DatabaseConfig, Identifier, KafkaConfig, Mode, NullPayload, PoisonPolicy, RelayConfig,
-    SlotName, TailConfig, TopicTemplate,
+    DatabaseConfig, Identifier, KafkaConfig, LeaseConfig, Mode, NullPayload, PoisonPolicy,
+    RelayConfig, SlotName, TailConfig, TopicTemplate,
 };
 use crate::error::Error;
 
@@ -179,6 +179,10 @@ pub struct RunArgs {
     /// How long SIGTERM waits for in-flight acks before exiting.
     #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// How long the active instance stays active without its relay loop making progress; a standby takes over a leader hung for longer (min 2s).
+    #[arg(long, env = "OUTBOX_LEASE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lease: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -269,6 +273,7 @@ impl RunArgs {
         config.batch_size = self.batch_size as usize;
         config.poll_interval = self.poll_interval;
         config.shutdown_timeout = self.shutdown_timeout;
+        config.lease = LeaseConfig::new(self.lease, "--lease (OUTBOX_LEASE)")?;
         config.metrics_address = match self.metrics_address.trim() {
             "off" => None,
             address => Some(address.parse().map_err(|_| {

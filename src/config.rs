@@ -70,6 +70,8 @@ pub struct DatabaseConfig {
     tls: TlsSettings,
     /// How long the relay waits for Postgres to answer one call.
     call_timeout: Duration,
+    /// What the relay's sessions call themselves in `pg_stat_activity`.
+    application_name: String,
 }
 
 /// The URL's `sslmode`, `sslrootcert`, `sslcert` and `sslkey`, as libpq
@@ -149,7 +151,7 @@ impl DatabaseConfig {
                 ("tcp_keepalives_interval", "5".into()),
                 ("tcp_keepalives_count", "3".into()),
             ])
-            .application_name("outbox-relay");
+            .application_name(Self::DEFAULT_APPLICATION_NAME);
         Ok(DatabaseConfig {
             options,
             target,
@@ -157,7 +159,23 @@ impl DatabaseConfig {
             password,
             tls,
             call_timeout: Self::DEFAULT_CALL_TIMEOUT,
+            application_name: Self::DEFAULT_APPLICATION_NAME.to_owned(),
         })
+    }
+
+    /// The `application_name` of sessions before a relay names its instance.
+    pub const DEFAULT_APPLICATION_NAME: &str = "outbox-relay";
+
+    /// Names every session after `name` in `pg_stat_activity` (a relay
+    /// instance's id, so a standby can end the sessions of a hung one).
+    pub fn with_application_name(mut self, name: &str) -> Self {
+        self.options = self.options.application_name(name);
+        self.application_name = name.to_owned();
+        self
+    }
+
+    pub fn application_name(&self) -> &str {
+        &self.application_name
     }
 
     /// The default of [`DatabaseConfig::call_timeout`].
@@ -462,6 +480,50 @@ impl fmt::Display for PoisonPolicy {
     }
 }
 
+/// How long leadership lasts without progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseConfig {
+    ttl: Duration,
+}
+
+impl LeaseConfig {
+    /// A standby publishes again within about 15 s of the leader hanging.
+    pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
+    /// Below this, ordinary pauses (a checkpoint, a busy host) look like hangs.
+    pub const MIN_TTL: Duration = Duration::from_secs(2);
+
+    /// `flag` names where the value came from, for the error message.
+    pub fn new(ttl: Duration, flag: &str) -> Result<Self, Error> {
+        if ttl < Self::MIN_TTL {
+            return Err(Error::Config(format!(
+                "{flag} {} is too short: a slow query or a busy host would look like a hung leader and cause needless takeovers; give at least {}, e.g. 10s",
+                humantime::format_duration(ttl),
+                humantime::format_duration(Self::MIN_TTL)
+            )));
+        }
+        Ok(LeaseConfig { ttl })
+    }
+
+    /// How long the active instance keeps leadership without renewing it.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// How often a leader with nothing to confirm renews: four times a
+    /// lease, so one slow renewal does not cost it.
+    pub fn renew_every(&self) -> Duration {
+        self.ttl / 4
+    }
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            ttl: Self::DEFAULT_TTL,
+        }
+    }
+}
+
 /// Everything `run` needs.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -480,6 +542,8 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     /// How long a stopping relay waits for in-flight acks.
     pub shutdown_timeout: Duration,
+    /// Leadership among instances on one outbox.
+    pub lease: LeaseConfig,
     /// Where `/metrics`, `/healthz` and `/readyz` listen; `None`: nowhere.
     pub metrics_address: Option<std::net::SocketAddr>,
 }
@@ -504,6 +568,7 @@ impl RelayConfig {
             batch_size: 1000,
             poll_interval: Duration::from_millis(100),
             shutdown_timeout: Duration::from_secs(10),
+            lease: LeaseConfig::default(),
             metrics_address: Some(Self::DEFAULT_METRICS_ADDRESS),
         }
     }

@@ -56,10 +56,34 @@ fn classify_connect_error(db: &DatabaseConfig, err: sqlx::Error) -> Error {
     Error::DatabaseUnreachable { target, cause }
 }
 
+/// Runs one call to Postgres, giving up after `limit` (the configured call
+/// timeout)
+/// with a transient error. The caller drops the connection on any error, so
+/// a call abandoned mid-way never leaves it half-read.
+pub(crate) async fn timed<T>(
+    limit: Duration,
+    doing: &'static str,
+    call: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::Database {
+            doing,
+            source: sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no answer from Postgres within {}; the connection is dropped and opened again",
+                    humantime::format_duration(limit)
+                ),
+            )),
+        }),
+    }
+}
+
 /// Fails with [`Error::SchemaMissing`] unless the outbox tables exist in the
 /// configured schema.
 pub async fn check_schema(conn: &mut PgConnection, db: &DatabaseConfig) -> Result<(), Error> {
-    for table in ["outbox", "dead_letter"] {
+    for table in ["outbox", "dead_letter", "relay_lease"] {
         let qualified = format!("{}.{table}", db.schema().quoted());
         let exists: bool = sqlx::query_scalar("select to_regclass($1) is not null")
             .bind(&qualified)
@@ -164,6 +188,23 @@ pub struct Status {
     pub dead_letters: i64,
     /// Tail mode's slot, if it exists.
     pub slot: Option<SlotStatus>,
+    /// The active instance, if one ever took the lease.
+    pub leader: Option<LeaderStatus>,
+}
+
+/// The outbox's lease as `relay_lease` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderStatus {
+    /// The instance holding (or last holding) the lease: `HOST/PID/NONCE`.
+    pub holder: String,
+    pub epoch: i64,
+    /// Since the holder last renewed it; above the lease means it is hung
+    /// (or gone) and no standby took over yet.
+    pub lease_age: Duration,
+    /// Whether the holder's leader session still holds the lock.
+    pub connected: bool,
+    /// How many times leadership passed from one instance to another.
+    pub takeovers: i64,
 }
 
 /// A replication slot as `pg_replication_slots` shows it.
@@ -191,7 +232,7 @@ impl std::fmt::Display for Status {
             None => write!(
                 f,
                 "\nreplication slot    none (poll mode, or tail mode not started yet)"
-            ),
+            )?,
             Some(slot) => {
                 let lag = slot
                     .lag_bytes
@@ -202,8 +243,24 @@ impl std::fmt::Display for Status {
                     slot.name,
                     if slot.active { "active" } else { "inactive" },
                     slot.wal_status.as_deref().unwrap_or("-"),
-                )
+                )?;
             }
+        }
+        match &self.leader {
+            None => write!(f, "\nleader              none yet"),
+            Some(leader) => write!(
+                f,
+                "\nleader              {} (epoch {}, {})\nlease renewed       {:.1}s ago\ntakeovers           {}",
+                leader.holder,
+                leader.epoch,
+                if leader.connected {
+                    "connected"
+                } else {
+                    "gone: the next instance to start or stand by takes over"
+                },
+                leader.lease_age.as_secs_f64(),
+                leader.takeovers,
+            ),
         }
     }
 }
@@ -211,7 +268,11 @@ impl std::fmt::Display for Status {
 const SLOT_STATUS: &str = "select slot_name::text, (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, active, wal_status \
      from pg_replication_slots where slot_name = $1";
 
-/// Reads the backlog figures, and the lag of `slot` if it exists.
+const LEADER_STATUS: &str = "select holder, epoch, extract(epoch from now() - renewed_at)::float8, \
+     exists (select 1 from pg_stat_activity a where a.pid = l.backend_pid), takeovers \
+     from relay_lease l where name = $1";
+
+/// Reads the backlog figures, the lag of `slot` if it exists, and the lease.
 pub async fn status(db: &DatabaseConfig, slot: &SlotName) -> Result<Status, Error> {
     let mut conn = connect(db).await?;
     check_schema(&mut conn, db).await?;
@@ -234,6 +295,18 @@ pub async fn status(db: &DatabaseConfig, slot: &SlotName) -> Result<Status, Erro
             active,
             wal_status,
         });
+    let leader = sqlx::query_as::<_, (String, i64, f64, bool, i64)>(LEADER_STATUS)
+        .bind(format!("outbox-relay:{}", db.schema()))
+        .fetch_optional(&mut conn)
+        .await
+        .map_err(Error::db("reading the lease"))?
+        .map(|(holder, epoch, age, connected, takeovers)| LeaderStatus {
+            holder,
+            epoch,
+            lease_age: Duration::from_secs_f64(age.max(0.0)),
+            connected,
+            takeovers,
+        });
     conn.close().await.ok();
     Ok(Status {
         target: db.target().clone(),
@@ -241,5 +314,6 @@ pub async fn status(db: &DatabaseConfig, slot: &SlotName) -> Result<Status, Erro
         oldest_age: oldest_secs.map(|s| Duration::from_secs_f64(s.max(0.0))),
         dead_letters,
         slot,
+        leader,
     })
 }

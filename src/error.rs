@@ -85,6 +85,14 @@ pub enum Error {
         transient: bool,
     },
 
+    /// This instance is no longer the active one for an outbox: a standby
+    /// took the lease over, or the lease ran out before the loop renewed it.
+    /// It steps down; its unconfirmed rows stay in the outbox.
+    #[error(
+        "lost the lease \"{name}\": {cause}; stepping down to standby, rows not confirmed stay in the outbox for the active instance"
+    )]
+    LeaseLost { name: String, cause: String },
+
     /// `--on-poison halt` stopped the relay at a row the broker rejected.
     #[error("{0}")]
     Poison(String),
@@ -103,7 +111,9 @@ impl Error {
     /// blip), so the relay should back off and retry rather than exit.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::DatabaseUnreachable { .. } | Error::Kafka { .. } => true,
+            Error::DatabaseUnreachable { .. } | Error::Kafka { .. } | Error::LeaseLost { .. } => {
+                true
+            }
             Error::Database { source, .. } => is_transient_sqlx(source),
             Error::Replication { transient, .. } => *transient,
             _ => false,

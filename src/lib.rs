@@ -18,6 +18,7 @@ pub mod error;
 pub mod inbox;
 pub mod metrics;
 pub mod outbox;
+pub mod ownership;
 pub mod record;
 pub mod relay;
 pub mod sink;

@@ -60,6 +60,9 @@ struct Inner {
     oldest_unpublished_seconds: Gauge<f64, AtomicU64>,
     slot_lag_bytes: Gauge,
     ack_latency: Histogram,
+    takeovers: Counter,
+    fenced: Counter,
+    lease_age_seconds: Gauge<f64, AtomicU64>,
     /// Why the relay is not ready, and which dependency is at fault;
     /// `None` when it is ready.
     unready: Mutex<Option<(Dependency, String)>>,
@@ -83,6 +86,9 @@ impl Metrics {
         let oldest_unpublished_seconds = Gauge::<f64, AtomicU64>::default();
         let slot_lag_bytes = Gauge::default();
         let ack_latency = Histogram::new(ACK_LATENCY_BUCKETS.iter().copied());
+        let takeovers = Counter::default();
+        let fenced = Counter::default();
+        let lease_age_seconds = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "published",
             "Rows acknowledged by Kafka and confirmed",
@@ -120,6 +126,21 @@ impl Metrics {
             slot_lag_bytes.clone(),
         );
         registry.register(
+            "takeovers",
+            "Times this instance took the lease over from another instance (after a crash, a lost session or a fence)",
+            takeovers.clone(),
+        );
+        registry.register(
+            "fenced",
+            "Times this instance ended the sessions of an active instance whose lease had run out (hung, paused or cut off)",
+            fenced.clone(),
+        );
+        registry.register(
+            "lease_age_seconds",
+            "Seconds since the active instance (whichever it is) last renewed its lease; above --lease means it is hung and no standby took over (-1: no lease yet)",
+            lease_age_seconds.clone(),
+        );
+        registry.register(
             "ack_latency_seconds",
             "Seconds from a row's created_at (by default its transaction's start, on the database's clock) to Kafka's acknowledgement",
             ack_latency.clone(),
@@ -136,6 +157,9 @@ impl Metrics {
                 oldest_unpublished_seconds,
                 slot_lag_bytes,
                 ack_latency,
+                takeovers,
+                fenced,
+                lease_age_seconds,
                 unready: Mutex::new(None),
             }),
         }
@@ -156,6 +180,16 @@ impl Metrics {
     /// Whether this instance is the active one.
     pub fn set_active(&self, active: bool) {
         self.inner.active.set(i64::from(active));
+    }
+
+    /// This instance took the lease over from another one.
+    pub fn took_over(&self) {
+        self.inner.takeovers.inc();
+    }
+
+    /// This instance fenced an active instance whose lease ran out.
+    pub fn fenced(&self) {
+        self.inner.fenced.inc();
     }
 
     /// The relay is failing on `dependency`, for `reason`.
@@ -190,6 +224,11 @@ impl Metrics {
             .set(status.oldest_age.map_or(0.0, |a| a.as_secs_f64()));
         let lag = status.slot.as_ref().and_then(|s| s.lag_bytes).unwrap_or(-1);
         self.inner.slot_lag_bytes.set(lag);
+        let lease_age = status
+            .leader
+            .as_ref()
+            .map_or(-1.0, |l| l.lease_age.as_secs_f64());
+        self.inner.lease_age_seconds.set(lease_age);
     }
 
     /// The Prometheus text exposition.

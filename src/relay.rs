@@ -9,6 +9,12 @@
 //! outbox to be read again. So progress only ever covers a contiguous
 //! acknowledged prefix, in-flight records are bounded by the batch size, and
 //! duplicates after a failure are bounded by one batch.
+//!
+//! The loop is also what keeps this instance the active one: it renews the
+//! lease (see [`crate::ownership`]) with every confirm, after every idle
+//! wait, and while it waits for acks or backs off, but only while each wait
+//! is within its own bound (the sink's delivery timeout, the backoff). A
+//! loop that stops making progress stops renewing, and a standby takes over.
 
 use std::collections::HashSet;
 use std::pin::pin;
@@ -19,12 +25,14 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Mode, PoisonPolicy, RelayConfig};
 use crate::database;
+use crate::database::timed;
 use crate::error::Error;
 use crate::metrics::{self, Dependency, Metrics};
 use crate::outbox::OutboxRow;
+use crate::ownership::{Candidate, Instance};
 use crate::record;
 use crate::sink::kafka::{KafkaSink, Outcome, Pending};
-use crate::source::{Aggregate, Confirm, PollSource, Source, TailSource, timed};
+use crate::source::{Aggregate, Confirm, PollSource, Source, TailSource};
 
 /// What a relay did before it stopped.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -39,8 +47,15 @@ pub struct RunStats {
 /// the configured shutdown timeout) for in-flight acks, confirms them, and
 /// returns. Errors a retry cannot fix (bad credentials, missing tables) end
 /// it early; transient ones are retried with backoff.
-pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<RunStats, Error> {
+pub async fn run(mut config: RelayConfig, shutdown: CancellationToken) -> Result<RunStats, Error> {
     let metrics = Metrics::new();
+    let candidate = Candidate {
+        instance: Instance::generate(),
+        lease: config.lease,
+    };
+    config.database = config
+        .database
+        .with_application_name(&candidate.instance.application_name());
     if !check_database(&config, &metrics, &shutdown).await? {
         return Ok(RunStats::default());
     }
@@ -59,11 +74,12 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<Run
             endpoints.clone(),
         ));
     }
-    info!(mode = %config.mode, database = %config.database.target(), brokers = %config.kafka.brokers, "relay starting");
+    info!(mode = %config.mode, database = %config.database.target(), brokers = %config.kafka.brokers, instance = candidate.instance.id(), "relay starting");
     match config.mode {
         Mode::Poll => {
             let source = PollSource::new(
                 config.database.clone(),
+                candidate,
                 config.poll_interval,
                 metrics.clone(),
             );
@@ -75,6 +91,7 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<Run
             let source = TailSource::new(
                 config.database.clone(),
                 config.tail.clone(),
+                candidate,
                 metrics.clone(),
             );
             Relay::new(config, source, sink, metrics)
@@ -171,31 +188,40 @@ impl<S: Source> Relay<S> {
         self.metrics.recovered();
         let mut health = Health::new(self.metrics.clone());
         let mut report = Report::new();
+        let idle = self.config.lease.renew_every();
         while !shutdown.is_cancelled() {
+            park_while_asked().await;
             let reading = Instant::now();
             let rows = match self
                 .source
-                .next_batch(self.config.batch_size, &shutdown)
+                .next_batch(self.config.batch_size, idle, &shutdown)
                 .await
             {
-                Ok(rows) if rows.is_empty() => break,
-                Ok(rows) => rows,
-                Err(e) if e.is_transient() => {
-                    health.failed("reading the outbox", &e.to_string());
-                    health.wait(&shutdown).await;
+                Ok(rows) if rows.is_empty() => {
+                    // Nothing came: an idle leader renews its lease.
+                    if !shutdown.is_cancelled()
+                        && let Err(e) = self.source.renew().await
+                    {
+                        self.setback(&mut health, "renewing the lease", e, &shutdown)
+                            .await?;
+                    }
                     continue;
                 }
-                Err(e) => return Err(e),
+                Ok(rows) => rows,
+                Err(e) => {
+                    self.setback(&mut health, "reading the outbox", e, &shutdown)
+                        .await?;
+                    continue;
+                }
             };
             let blocked = match self.config.on_poison {
                 PoisonPolicy::BlockAggregate => match self.source.blocked_aggregates(&rows).await {
                     Ok(blocked) => blocked,
-                    Err(e) if e.is_transient() => {
-                        health.failed("reading the outbox", &e.to_string());
-                        health.wait(&shutdown).await;
+                    Err(e) => {
+                        self.setback(&mut health, "reading the outbox", e, &shutdown)
+                            .await?;
                         continue;
                     }
-                    Err(e) => return Err(e),
                 },
                 _ => HashSet::new(),
             };
@@ -204,7 +230,13 @@ impl<S: Source> Relay<S> {
                 confirm,
                 failure,
                 halt,
+                lease,
             } = self.publish(&rows, blocked, &shutdown).await;
+            if let Some(e) = lease {
+                self.setback(&mut health, "renewing the lease", e, &shutdown)
+                    .await?;
+                continue;
+            }
             let confirming = Instant::now();
             match self.source.confirm(&confirm).await {
                 Ok(()) => {
@@ -228,12 +260,11 @@ impl<S: Source> Relay<S> {
                         return Err(halt);
                     }
                 }
-                Err(e) if e.is_transient() => {
-                    health.failed("confirming published rows", &e.to_string());
-                    health.wait(&shutdown).await;
+                Err(e) => {
+                    self.setback(&mut health, "confirming published rows", e, &shutdown)
+                        .await?;
                     continue;
                 }
-                Err(e) => return Err(e),
             }
             match failure {
                 None => health.ok(),
@@ -243,7 +274,7 @@ impl<S: Source> Relay<S> {
                         debug!("replacing the Kafka producer after a fatal error");
                         self.sink = KafkaSink::new(&self.config.kafka)?;
                     }
-                    health.wait(&shutdown).await;
+                    self.back_off(&health, &shutdown).await;
                 }
             }
         }
@@ -255,13 +286,74 @@ impl<S: Source> Relay<S> {
         Ok(self.stats)
     }
 
+    /// Handles an error from the source: a lost lease steps down (the next
+    /// batch waits as a standby), a transient failure is reported and waited
+    /// out with backoff, anything else ends the relay.
+    async fn setback(
+        &mut self,
+        health: &mut Health,
+        doing: &'static str,
+        error: Error,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Error> {
+        match error {
+            Error::LeaseLost { .. } => {
+                self.step_down(&error);
+                Ok(())
+            }
+            e if e.is_transient() => {
+                health.failed(doing, &e.to_string());
+                self.back_off(health, shutdown).await;
+                Ok(())
+            }
+            e => Err(e),
+        }
+    }
+
+    fn step_down(&self, lost: &Error) {
+        warn!("{lost}");
+        self.metrics.set_active(false);
+    }
+
+    /// Waits out the backoff, renewing the lease meanwhile: backing off from
+    /// a failing broker is the loop at work, not a hang, and a standby could
+    /// do no better.
+    async fn back_off(&mut self, health: &Health, shutdown: &CancellationToken) {
+        let until = Instant::now() + health.delay();
+        let every = self.config.lease.renew_every();
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                return;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep((until - now).min(every)) => {}
+            }
+            if Instant::now() < until
+                && let Err(e) = self.source.renew().await
+            {
+                // The next step meets a database failure again and reports
+                // it; a lost lease is said now.
+                if matches!(e, Error::LeaseLost { .. }) {
+                    self.step_down(&e);
+                }
+                return;
+            }
+        }
+    }
+
     /// Publishes `rows` in order and returns the prefix to confirm, the
     /// first transient failure if there was one, and, under `--on-poison
     /// halt`, the error that stops the relay. Rows of a `blocked` aggregate
     /// (and, under `block-aggregate`, of one whose row was just rejected)
     /// are not sent but parked in the dead-letter table, in order.
+    ///
+    /// While it waits for acks it renews the lease, for as long as the sink
+    /// itself keeps trying (its delivery timeout): a broker outage makes the
+    /// records fail within that bound, so a longer wait means a stuck loop.
     async fn publish(
-        &self,
+        &mut self,
         rows: &[OutboxRow],
         mut blocked: HashSet<Aggregate>,
         shutdown: &CancellationToken,
@@ -290,6 +382,9 @@ impl<S: Source> Relay<S> {
             shutdown.cancelled().await;
             tokio::time::sleep(timeout).await;
         });
+        let renew_every = self.config.lease.renew_every();
+        let renew_until = Instant::now() + self.sink.delivery_timeout() + renew_every;
+        let mut next_renewal = tokio::time::Instant::now() + renew_every;
         let mut out = Published::default();
         for (row, pending) in rows.iter().zip(pending) {
             let Some(pending) = pending else {
@@ -298,12 +393,25 @@ impl<S: Source> Relay<S> {
                 }
                 continue;
             };
-            let outcome = tokio::select! {
-                outcome = Pending::outcome(pending) => outcome,
-                _ = &mut deadline => {
-                    out.failure.get_or_insert_with(|| "in-flight records were not acknowledged within the shutdown timeout".into());
-                    break;
+            let mut delivery = pin!(Pending::outcome(pending));
+            let outcome = loop {
+                tokio::select! {
+                    outcome = &mut delivery => break Some(outcome),
+                    _ = &mut deadline => {
+                        out.failure.get_or_insert_with(|| "in-flight records were not acknowledged within the shutdown timeout".into());
+                        break None;
+                    }
+                    _ = tokio::time::sleep_until(next_renewal), if Instant::now() < renew_until => {
+                        next_renewal += renew_every;
+                        if let Err(e) = self.source.renew().await {
+                            out.lease = Some(e);
+                            break None;
+                        }
+                    }
                 }
+            };
+            let Some(outcome) = outcome else {
+                break;
             };
             if out.failure.is_some() || out.halt.is_some() {
                 continue;
@@ -334,6 +442,9 @@ struct Published {
     confirm: Confirm,
     failure: Option<String>,
     halt: Option<Error>,
+    /// Renewing the lease failed while waiting for acks; nothing of this
+    /// batch is confirmed.
+    lease: Option<Error>,
 }
 
 /// The dead-letter error of a row parked behind its aggregate's rejected row.
@@ -391,18 +502,45 @@ impl Health {
         self.attempts = 0;
     }
 
-    async fn wait(&self, shutdown: &CancellationToken) {
+    /// The next pause: capped exponential backoff with jitter in [50%,
+    /// 100%], so restarted instances do not retry in step.
+    fn delay(&self) -> Duration {
         let exp = self.attempts.saturating_sub(1).min(10);
         let base = Duration::from_millis(200) * 2u32.pow(exp);
         let base = base.min(Self::MAX_DELAY);
-        // Jitter in [50%, 100%] so restarted instances do not retry in step.
-        let jitter = rand::random_range(0.5..=1.0);
+        base.mul_f64(rand::random_range(0.5..=1.0))
+    }
+
+    async fn wait(&self, shutdown: &CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            _ = tokio::time::sleep(base.mul_f64(jitter)) => {}
+            _ = tokio::time::sleep(self.delay()) => {}
         }
     }
 }
+
+/// A test hook, compiled into debug builds only: while the file named by
+/// `OUTBOX_TEST_PARK_FILE` exists, the loop stays parked between batches, as
+/// a deadlocked loop would, while the process, its connections and its
+/// endpoints stay up.
+#[cfg(debug_assertions)]
+async fn park_while_asked() {
+    let Some(path) = std::env::var_os("OUTBOX_TEST_PARK_FILE") else {
+        return;
+    };
+    let path = std::path::PathBuf::from(path);
+    if !path.exists() {
+        return;
+    }
+    warn!("relay loop parked (OUTBOX_TEST_PARK_FILE exists)");
+    while path.exists() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    info!("relay loop released (OUTBOX_TEST_PARK_FILE removed)");
+}
+
+#[cfg(not(debug_assertions))]
+async fn park_while_asked() {}
 
 /// A progress line every ten seconds while rows flow.
 struct Report {

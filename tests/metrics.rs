@@ -10,55 +10,8 @@ use std::time::Duration;
 use outbox_relay::outbox::{self, Event};
 use serde_json::json;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const DEADLINE: Duration = Duration::from_secs(90);
-
-/// One HTTP/1.1 GET; returns (status, body).
-async fn get(address: &str, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(address).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// Where the relay's endpoints listen, from its log line.
-async fn endpoint_address(log: &RelayLog) -> String {
-    let line = log
-        .wait_for_line("metrics and health endpoints listening", DEADLINE)
-        .await;
-    line.split("address=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("the log line names the address")
-        .to_owned()
-}
-
-/// A metric's value in the text exposition.
-fn value(metrics: &str, name: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-async fn metric(address: &str, name: &str) -> f64 {
-    let (status, body) = get(address, "/metrics").await;
-    assert_eq!(status, 200, "{body}");
-    value(&body, name).unwrap_or_else(|| panic!("no {name} in:\n{body}"))
-}
 
 async fn insert_events(pool: &sqlx::PgPool, n: usize, pad: usize) {
     let events: Vec<Event> = (0..n)
@@ -73,7 +26,7 @@ async fn metrics_and_readiness_follow_what_the_relay_does() {
     let t = Setup::new(Kafka::mock()).await;
     t.topic("m", 3).await;
     let (mut relay, log) = t.logged_relay(&["--kafka-config", "message.timeout.ms=2000"]);
-    let address = endpoint_address(&log).await;
+    let address = endpoint_address(&log, DEADLINE).await;
 
     let (status, body) = get(&address, "/healthz").await;
     assert_eq!((status, body.as_str()), (200, "ok\n"));
@@ -136,7 +89,7 @@ async fn readiness_returns_after_a_database_outage_with_nothing_to_publish() {
     let url = pg.create_database("shop").await.unwrap();
     let t = Setup::on(url, Kafka::mock(), "poll").await;
     let (mut relay, log) = t.logged_relay(&[]);
-    let address = endpoint_address(&log).await;
+    let address = endpoint_address(&log, DEADLINE).await;
     wait_for("the relay to be ready", DEADLINE, || async {
         get(&address, "/readyz").await.0 == 200
     })

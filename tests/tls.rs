@@ -55,7 +55,7 @@ async fn every_connection_is_encrypted_and_verified_with_sslmode_verify_full() {
     let encrypted = "select count(*) filter (where s.ssl), count(*) filter (where not s.ssl), \
                      count(*) filter (where s.ssl and a.backend_type = 'walsender') \
                      from pg_stat_activity a join pg_stat_ssl s using (pid) \
-                     where a.application_name = 'outbox-relay'";
+                     where a.application_name like 'outbox-relay %'";
     let (with_tls, without, walsenders): (i64, i64, i64) =
         sqlx::query_as(encrypted).fetch_one(&t.pool).await.unwrap();
     relay.kill().await.unwrap();

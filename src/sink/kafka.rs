@@ -295,6 +295,12 @@ impl KafkaSink {
             || self.last_ack.age() >= self.message_timeout
     }
 
+    /// How long the producer keeps trying to deliver a record before it
+    /// reports the record failed (`message.timeout.ms`).
+    pub fn delivery_timeout(&self) -> Duration {
+        self.message_timeout
+    }
+
     /// Waits up to `timeout` for everything enqueued to be acknowledged or fail.
     pub async fn flush(&self, timeout: Duration) {
         let producer = self.producer.clone();

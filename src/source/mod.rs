@@ -3,10 +3,12 @@
 //! relay confirms: rows Kafka acknowledged, and rows rejected for good that
 //! move to the dead-letter table. It never confirms anything on its own.
 //!
-//! Both sources elect one active relay per schema the same way: a session
-//! advisory lock held on the connection that deletes confirmed rows, so
-//! losing that connection loses the lock at the same moment, and a poll and
-//! a tail relay never run on one outbox together.
+//! Both sources elect one active relay per schema the same way (see
+//! [`crate::ownership`]): a lease whose advisory lock is held on the
+//! connection that deletes confirmed rows, so losing that connection loses
+//! the lock at the same moment, and a poll and a tail relay never run on one
+//! outbox together. Every confirm checks the lease's epoch and renews it in
+//! the same statement.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -14,13 +16,13 @@ use std::time::Duration;
 
 use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
 
 use crate::config::DatabaseConfig;
-use crate::database;
+use crate::database::{self, timed};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::outbox::OutboxRow;
+use crate::ownership::{self, Candidate, Leader, lease::RENEW};
 
 pub mod pgoutput;
 pub mod poll;
@@ -55,12 +57,20 @@ impl Confirm {
 /// A reader of committed outbox rows.
 pub trait Source {
     /// Waits for committed rows and returns up to `max` of them in publication
-    /// order. Returns an empty batch only when `shutdown` fired.
+    /// order. Returns an empty batch when none came within `idle` of
+    /// waiting as the active instance (the relay then renews its lease), or
+    /// when `shutdown` fired. Standing by does not count as waiting.
     fn next_batch(
         &mut self,
         max: usize,
+        idle: Duration,
         shutdown: &CancellationToken,
     ) -> impl Future<Output = Result<Vec<OutboxRow>, Error>> + Send;
+
+    /// Renews the lease of an active source (a no-op while standing by). The
+    /// relay calls it whenever it waits, so that only a loop that makes
+    /// progress keeps the lease.
+    fn renew(&mut self) -> impl Future<Output = Result<(), Error>> + Send;
 
     /// The aggregates among `rows` that have a row in the dead-letter table
     /// (for `--on-poison block-aggregate`).
@@ -70,13 +80,17 @@ pub trait Source {
     ) -> impl Future<Output = Result<HashSet<Aggregate>, Error>> + Send;
 
     /// Makes the confirmed rows' progress durable (delete, move to dead
-    /// letters, or flush a position). Rows not confirmed are read again.
+    /// letters, or flush a position) and renews the lease, only if this
+    /// instance still holds it. Rows not confirmed are read again.
     fn confirm(&mut self, confirm: &Confirm) -> impl Future<Output = Result<(), Error>> + Send;
 }
 
-const TRY_LOCK: &str = "select pg_try_advisory_lock(hashtextextended($1, 0))";
-
-const DELETE_PUBLISHED: &str = "delete from outbox where seq = any($1)";
+/// Deletes published rows if the lease's epoch is still current, renewing
+/// it, in one statement; says whether the lease held.
+const DELETE_PUBLISHED: &str = "with lease as (update relay_lease set renewed_at = now() \
+     where name = $2 and epoch = $3 returning 1), \
+     deleted as (delete from outbox where seq = any($1) and exists (select 1 from lease) returning 1) \
+     select exists (select 1 from lease)";
 
 const MOVE_TO_DEAD_LETTER: &str = "with moved as (delete from outbox where seq = any($1) returning *) \
      insert into dead_letter (seq, id, aggregate_type, aggregate_id, event_type, topic, payload, headers, created_at, error) \
@@ -84,64 +98,34 @@ const MOVE_TO_DEAD_LETTER: &str = "with moved as (delete from outbox where seq =
      from moved m join unnest($1::bigint[], $2::text[]) as e(seq, error) on e.seq = m.seq \
      on conflict (id) do update set error = excluded.error, attempts = dead_letter.attempts + 1, failed_at = now()";
 
-/// Runs one call to Postgres, giving up after `limit` (the configured call
-/// timeout)
-/// with a transient error. The caller drops the connection on any error, so
-/// a call abandoned mid-way never leaves it half-read.
-pub(crate) async fn timed<T>(
-    limit: Duration,
-    doing: &'static str,
-    call: impl Future<Output = Result<T, Error>>,
-) -> Result<T, Error> {
-    match tokio::time::timeout(limit, call).await {
-        Ok(result) => result,
-        Err(_) => Err(Error::Database {
-            doing,
-            source: sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "no answer from Postgres within {}; the connection is dropped and opened again",
-                    humantime::format_duration(limit)
-                ),
-            )),
-        }),
-    }
-}
-
-/// Opens a connection and waits, as a standby, until it holds the leader
-/// lock for this schema. `None` on shutdown.
+/// Opens a connection and waits, as a standby, until it holds the lease on
+/// this schema's outbox. `None` on shutdown.
 pub(crate) async fn leader_connection(
     database: &DatabaseConfig,
+    candidate: &Candidate,
     metrics: &Metrics,
     shutdown: &CancellationToken,
-) -> Result<Option<PgConnection>, Error> {
+) -> Result<Option<Leader>, Error> {
     metrics.set_active(false);
     let mut conn = database::connect(database).await?;
     database::check_schema(&mut conn, database).await?;
-    let lock = format!("outbox-relay:{}", database.schema());
-    let mut standing_by = false;
-    loop {
-        let locked: bool = timed(database.call_timeout(), "taking the leader lock", async {
-            sqlx::query_scalar(TRY_LOCK)
-                .bind(&lock)
-                .fetch_one(&mut conn)
-                .await
-                .map_err(Error::db("taking the leader lock"))
-        })
-        .await?;
-        if locked {
-            info!(database = %database.target(), "active: this instance holds the relay lock");
-            metrics.set_active(true);
-            return Ok(Some(conn));
+    let name = format!("outbox-relay:{}", database.schema());
+    ownership::acquire(conn, name, candidate, database, metrics, shutdown).await
+}
+
+/// Drops the leader connection (and with it the lock and the lease) after
+/// `error`, so the next call starts clean. An error after the lease ran out
+/// on this instance's clock is most likely its consequence (a standby ended
+/// this instance's sessions), so the returned error says that instead.
+pub(crate) fn drop_leader(leader: &mut Option<Leader>, metrics: &Metrics, error: Error) -> Error {
+    let lapsed = leader.take().and_then(|l| l.lease().check().err());
+    metrics.set_active(false);
+    match lapsed {
+        Some(lost) if !matches!(error, Error::LeaseLost { .. }) => {
+            tracing::debug!(error = %error, "failed after the lease ran out");
+            lost
         }
-        if !standing_by {
-            info!(database = %database.target(), "standing by: another relay instance holds the lock for this outbox");
-            standing_by = true;
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
+        _ => error,
     }
 }
 
@@ -152,28 +136,29 @@ const BLOCKED_AGGREGATES: &str = "select distinct d.aggregate_type, d.aggregate_
 /// Which of the rows' aggregates have a row in the dead-letter table,
 /// within the call timeout `limit`.
 pub(crate) async fn blocked_aggregates(
-    conn: Option<&mut PgConnection>,
+    leader: Option<&mut Leader>,
     rows: &[OutboxRow],
     limit: Duration,
 ) -> Result<HashSet<Aggregate>, Error> {
     timed(
         limit,
         "reading blocked aggregates",
-        read_blocked_aggregates(conn, rows),
+        read_blocked_aggregates(leader, rows),
     )
     .await
 }
 
 async fn read_blocked_aggregates(
-    conn: Option<&mut PgConnection>,
+    leader: Option<&mut Leader>,
     rows: &[OutboxRow],
 ) -> Result<HashSet<Aggregate>, Error> {
-    let Some(conn) = conn else {
+    let Some(leader) = leader else {
         return Err(Error::Database {
             doing: "reading blocked aggregates",
             source: sqlx::Error::PoolClosed,
         });
     };
+    let conn = leader.conn()?;
     let (types, ids): (Vec<&str>, Vec<&str>) = rows
         .iter()
         .map(|r| (r.aggregate_type.as_str(), r.aggregate_id.as_str()))
@@ -188,42 +173,85 @@ async fn read_blocked_aggregates(
 }
 
 /// Deletes the published rows and moves the rejected ones to the dead-letter
-/// table, in one transaction, within the call timeout `limit`.
+/// table, atomically with a check of the lease's epoch that also renews it,
+/// within the call timeout `limit`. An empty confirm only renews the lease.
+/// Fails with [`Error::LeaseLost`], confirming nothing, if the lease ran out
+/// here or another instance took it over.
 pub(crate) async fn apply_confirm(
-    conn: &mut PgConnection,
+    leader: &mut Leader,
     confirm: &Confirm,
     limit: Duration,
 ) -> Result<(), Error> {
-    timed(
-        limit,
-        "confirming published rows",
-        confirm_in_transaction(conn, confirm),
-    )
-    .await
+    if confirm.is_empty() {
+        return leader.renew(limit).await;
+    }
+    let (conn, lease) = leader.parts()?;
+    let sent = std::time::Instant::now();
+    let held = timed(limit, "confirming published rows", async {
+        if confirm.dead_letters.is_empty() {
+            delete_published(conn, &confirm.published, lease).await
+        } else {
+            confirm_in_transaction(conn, confirm, lease).await
+        }
+    })
+    .await?;
+    if !held {
+        return Err(lease.lost());
+    }
+    lease.renewed(sent);
+    Ok(())
 }
 
-async fn confirm_in_transaction(conn: &mut PgConnection, confirm: &Confirm) -> Result<(), Error> {
+/// The common case in one round trip: only published rows.
+async fn delete_published(
+    conn: &mut PgConnection,
+    published: &[i64],
+    lease: &ownership::Lease,
+) -> Result<bool, Error> {
+    sqlx::query_scalar(DELETE_PUBLISHED)
+        .bind(published)
+        .bind(lease.name())
+        .bind(lease.epoch())
+        .fetch_one(conn)
+        .await
+        .map_err(Error::db("confirming published rows"))
+}
+
+async fn confirm_in_transaction(
+    conn: &mut PgConnection,
+    confirm: &Confirm,
+    lease: &ownership::Lease,
+) -> Result<bool, Error> {
     let doing = "confirming published rows";
     let mut tx = conn.begin().await.map_err(Error::db(doing))?;
+    let renewed = sqlx::query(RENEW)
+        .bind(lease.name())
+        .bind(lease.epoch())
+        .execute(&mut *tx)
+        .await
+        .map_err(Error::db(doing))?;
+    if renewed.rows_affected() == 0 {
+        // Dropping the transaction rolls it back.
+        return Ok(false);
+    }
     if !confirm.published.is_empty() {
-        sqlx::query(DELETE_PUBLISHED)
+        sqlx::query("delete from outbox where seq = any($1)")
             .bind(&confirm.published)
             .execute(&mut *tx)
             .await
             .map_err(Error::db(doing))?;
     }
-    if !confirm.dead_letters.is_empty() {
-        let (seqs, errors): (Vec<i64>, Vec<&str>) = confirm
-            .dead_letters
-            .iter()
-            .map(|(seq, error)| (*seq, error.as_str()))
-            .unzip();
-        sqlx::query(MOVE_TO_DEAD_LETTER)
-            .bind(seqs)
-            .bind(errors)
-            .execute(&mut *tx)
-            .await
-            .map_err(Error::db("moving rejected rows to the dead-letter table"))?;
-    }
-    tx.commit().await.map_err(Error::db(doing))
+    let (seqs, errors): (Vec<i64>, Vec<&str>) = confirm
+        .dead_letters
+        .iter()
+        .map(|(seq, error)| (*seq, error.as_str()))
+        .unzip();
+    sqlx::query(MOVE_TO_DEAD_LETTER)
+        .bind(seqs)
+        .bind(errors)
+        .execute(&mut *tx)
+        .await
+        .map_err(Error::db("moving rejected rows to the dead-letter table"))?;
+    tx.commit().await.map_err(Error::db(doing))?;
+    Ok(true)
 }

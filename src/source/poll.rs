@@ -9,22 +9,23 @@
 //! order; a row only becomes visible at commit, so across batches rows come
 //! in commit order. See the README's "Ordering" for the exact claim.
 //!
-//! The connection that reads and deletes holds the leader lock (see
-//! [`crate::source`]); standby instances wait for it.
+//! The connection that reads and deletes holds the lease (see
+//! [`crate::ownership`]); standby instances wait for it.
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::config::DatabaseConfig;
+use crate::database::timed;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::outbox::OutboxRow;
+use crate::ownership::{Candidate, Leader};
 use crate::source::{
-    Aggregate, Confirm, Source, apply_confirm, blocked_aggregates, leader_connection, timed,
+    Aggregate, Confirm, Source, apply_confirm, blocked_aggregates, drop_leader, leader_connection,
 };
 
 const SELECT_BATCH: &str = "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
@@ -33,46 +34,48 @@ const SELECT_BATCH: &str = "select seq, id, aggregate_type, aggregate_id, event_
 /// Reads the outbox table with SQL.
 pub struct PollSource {
     database: DatabaseConfig,
+    candidate: Candidate,
     metrics: Metrics,
-    conn: Option<PgConnection>,
+    leader: Option<Leader>,
     max_interval: Duration,
 }
 
 impl PollSource {
     /// A source that connects on first use. `max_interval` is the longest
     /// wait between two polls of an idle outbox.
-    pub fn new(database: DatabaseConfig, max_interval: Duration, metrics: Metrics) -> Self {
+    pub fn new(
+        database: DatabaseConfig,
+        candidate: Candidate,
+        max_interval: Duration,
+        metrics: Metrics,
+    ) -> Self {
         PollSource {
             database,
+            candidate,
             metrics,
-            conn: None,
+            leader: None,
             max_interval,
         }
     }
 
-    /// The connection, opened and holding the leader lock; waits as a
-    /// standby while another instance holds it. `None` on shutdown.
-    async fn leader_connection(
-        &mut self,
-        shutdown: &CancellationToken,
-    ) -> Result<Option<&mut PgConnection>, Error> {
-        if self.conn.is_none() {
-            match leader_connection(&self.database, &self.metrics, shutdown).await? {
-                Some(conn) => self.conn = Some(conn),
+    /// The leader, holding the lease; waits as a standby while another
+    /// instance holds it. `None` on shutdown.
+    async fn leader(&mut self, shutdown: &CancellationToken) -> Result<Option<&mut Leader>, Error> {
+        if self.leader.is_none() {
+            let leader =
+                leader_connection(&self.database, &self.candidate, &self.metrics, shutdown).await?;
+            match leader {
+                Some(leader) => self.leader = Some(leader),
                 None => return Ok(None),
             }
         }
-        Ok(self.conn.as_mut())
+        Ok(self.leader.as_mut())
     }
 
-    /// Runs `f` on the leader connection; any error drops the connection (and
-    /// with it the lock) so the next call starts clean.
+    /// Any error drops the leader connection (and with it the lock and the
+    /// lease) so the next call starts clean.
     fn forget_on_error<T>(&mut self, result: Result<T, Error>) -> Result<T, Error> {
-        if result.is_err() {
-            self.conn = None;
-            self.metrics.set_active(false);
-        }
-        result
+        result.map_err(|e| drop_leader(&mut self.leader, &self.metrics, e))
     }
 }
 
@@ -80,19 +83,27 @@ impl Source for PollSource {
     async fn next_batch(
         &mut self,
         max: usize,
+        idle: Duration,
         shutdown: &CancellationToken,
     ) -> Result<Vec<OutboxRow>, Error> {
         let max_interval = self.max_interval;
         let mut wait = Duration::from_millis(1);
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let mut idle_until = None;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(Vec::new());
             }
             let limit_time = self.database.call_timeout();
-            let conn = match self.leader_connection(shutdown).await {
-                Ok(Some(conn)) => conn,
+            let leader = match self.leader(shutdown).await {
+                Ok(Some(leader)) => leader,
                 Ok(None) => return Ok(Vec::new()),
+                Err(e) => return self.forget_on_error(Err(e)),
+            };
+            // Counted from the first read as the active instance.
+            let idle_until = *idle_until.get_or_insert_with(|| Instant::now() + idle);
+            let conn = match leader.conn() {
+                Ok(conn) => conn,
                 Err(e) => return self.forget_on_error(Err(e)),
             };
             let rows = timed(limit_time, "reading outbox rows", async {
@@ -108,12 +119,16 @@ impl Source for PollSource {
             if !rows.is_empty() {
                 return Ok(rows);
             }
+            let now = Instant::now();
+            if now >= idle_until {
+                return Ok(Vec::new());
+            }
             // Idle: back off from 1 ms up to `max_interval`, so a burst after
             // a quiet spell is seen quickly and an idle outbox costs a few
             // index lookups per second.
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(Vec::new()),
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(wait.min(idle_until - now)) => {}
             }
             wait = (wait * 2).min(max_interval);
         }
@@ -124,21 +139,29 @@ impl Source for PollSource {
         rows: &[OutboxRow],
     ) -> Result<HashSet<Aggregate>, Error> {
         let result =
-            blocked_aggregates(self.conn.as_mut(), rows, self.database.call_timeout()).await;
+            blocked_aggregates(self.leader.as_mut(), rows, self.database.call_timeout()).await;
+        self.forget_on_error(result)
+    }
+
+    async fn renew(&mut self) -> Result<(), Error> {
+        let Some(leader) = self.leader.as_mut() else {
+            return Ok(());
+        };
+        let result = leader.renew(self.database.call_timeout()).await;
         self.forget_on_error(result)
     }
 
     async fn confirm(&mut self, confirm: &Confirm) -> Result<(), Error> {
-        if confirm.is_empty() {
-            return Ok(());
-        }
-        let Some(conn) = self.conn.as_mut() else {
+        let Some(leader) = self.leader.as_mut() else {
+            if confirm.is_empty() {
+                return Ok(());
+            }
             return Err(Error::Database {
                 doing: "confirming published rows",
                 source: sqlx::Error::PoolClosed,
             });
         };
-        let result = apply_confirm(conn, confirm, self.database.call_timeout()).await;
+        let result = apply_confirm(leader, confirm, self.database.call_timeout()).await;
         if result.is_ok() {
             debug!(
                 published = confirm.published.len(),

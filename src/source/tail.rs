@@ -39,13 +39,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::{DatabaseConfig, TailConfig};
-use crate::database;
+use crate::database::{self, timed};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::outbox::OutboxRow;
+use crate::ownership::{Candidate, Leader};
 use crate::source::pgoutput::{self, Message, OutboxColumns};
 use crate::source::{
-    Aggregate, Confirm, Source, apply_confirm, blocked_aggregates, leader_connection, timed,
+    Aggregate, Confirm, Source, apply_confirm, blocked_aggregates, drop_leader, leader_connection,
 };
 
 const SELECT_COPY_BATCH: &str = "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
@@ -73,9 +74,10 @@ const SLOT_BUSY_GRACE: Duration = Duration::from_secs(10);
 pub struct TailSource {
     database: DatabaseConfig,
     tail: TailConfig,
+    candidate: Candidate,
     metrics: Metrics,
-    /// Holds the leader lock; reads the slot's state, deletes confirmed rows.
-    leader: Option<PgConnection>,
+    /// Holds the lease; reads the slot's state, deletes confirmed rows.
+    leader: Option<Leader>,
     phase: Phase,
     /// Rows in the batch the relay is publishing.
     handed: usize,
@@ -111,13 +113,22 @@ struct Stream {
     /// Just (re)connected: rows may come again that were confirmed before.
     replaying: bool,
     flushed: Lsn,
+    /// The lease's end by this instance's clock: no position is confirmed
+    /// to Postgres after it, not even an idle keepalive's.
+    lease_until: Instant,
 }
 
 impl TailSource {
-    pub fn new(database: DatabaseConfig, tail: TailConfig, metrics: Metrics) -> Self {
+    pub fn new(
+        database: DatabaseConfig,
+        tail: TailConfig,
+        candidate: Candidate,
+        metrics: Metrics,
+    ) -> Self {
         TailSource {
             database,
             tail,
+            candidate,
             metrics,
             leader: None,
             phase: Phase::Idle,
@@ -128,26 +139,24 @@ impl TailSource {
     /// Drops every connection after an error, so the next batch starts clean
     /// from the slot's confirmed position.
     fn reset<T>(&mut self, result: Result<T, Error>) -> Result<T, Error> {
-        if result.is_err() {
+        result.map_err(|e| {
             self.phase = Phase::Idle;
-            self.leader = None;
-            self.metrics.set_active(false);
-        }
-        result
+            drop_leader(&mut self.leader, &self.metrics, e)
+        })
     }
 
     /// From `Idle`: checks the prerequisites and the slot, then starts the
     /// initial copy or the stream. `false` on shutdown.
     async fn establish(&mut self, shutdown: &CancellationToken) -> Result<bool, Error> {
         if self.leader.is_none() {
-            match leader_connection(&self.database, &self.metrics, shutdown).await? {
-                Some(conn) => self.leader = Some(conn),
+            let leader =
+                leader_connection(&self.database, &self.candidate, &self.metrics, shutdown).await?;
+            match leader {
+                Some(leader) => self.leader = Some(leader),
                 None => return Ok(false),
             }
         }
-        let Some(conn) = self.leader.as_mut() else {
-            return Ok(false);
-        };
+        let conn = leader_conn(&mut self.leader)?;
         check_prerequisites(conn, &self.database, &self.tail).await?;
         let slot_name = self.tail.slot.as_str();
         let slot: Option<(String, Option<String>, Option<String>)> = sqlx::query_as(SLOT_INFO)
@@ -221,9 +230,7 @@ impl TailSource {
         replace: bool,
         shutdown: &CancellationToken,
     ) -> Result<bool, Error> {
-        let Some(conn) = self.leader.as_mut() else {
-            return Ok(false);
-        };
+        let conn = leader_conn(&mut self.leader)?;
         let slot = self.tail.slot.as_str();
         // Forget the old copy first: a crash from here on starts over.
         sqlx::query(SLOT_STARTED)
@@ -317,9 +324,7 @@ impl TailSource {
             .execute(&mut copy.snapshot)
             .await
             .map_err(Error::db("ending the copy"))?;
-        let Some(conn) = self.leader.as_mut() else {
-            return Ok(None);
-        };
+        let conn = leader_conn(&mut self.leader)?;
         sqlx::query(SLOT_COPY_DONE)
             .bind(self.tail.slot.as_str())
             .execute(conn)
@@ -338,6 +343,7 @@ impl Source for TailSource {
     async fn next_batch(
         &mut self,
         max: usize,
+        idle: Duration,
         shutdown: &CancellationToken,
     ) -> Result<Vec<OutboxRow>, Error> {
         self.handed = 0;
@@ -368,8 +374,9 @@ impl Source for TailSource {
                         self.phase = Phase::Idle;
                         continue;
                     };
+                    stream.lease_until = leader.lease().valid_until();
                     let batch = stream
-                        .next_batch(max, leader, &self.database, &self.tail, shutdown)
+                        .next_batch(max, idle, leader, &self.database, &self.tail, shutdown)
                         .await;
                     self.reset(batch)?
                 }
@@ -388,19 +395,34 @@ impl Source for TailSource {
         self.reset(result)
     }
 
+    async fn renew(&mut self) -> Result<(), Error> {
+        let Some(leader) = self.leader.as_mut() else {
+            return Ok(());
+        };
+        let renewed = leader.renew(self.database.call_timeout()).await;
+        let lease_until = leader.lease().valid_until();
+        self.reset(renewed)?;
+        if let Phase::Stream(stream) = &mut self.phase {
+            stream.lease_until = lease_until;
+        }
+        Ok(())
+    }
+
     async fn confirm(&mut self, confirm: &Confirm) -> Result<(), Error> {
         let handed = std::mem::take(&mut self.handed);
-        if !confirm.is_empty() {
-            let Some(conn) = self.leader.as_mut() else {
-                self.phase = Phase::Idle;
-                return Err(Error::Database {
-                    doing: "confirming published rows",
-                    source: sqlx::Error::PoolClosed,
-                });
-            };
-            let applied = apply_confirm(conn, confirm, self.database.call_timeout()).await;
-            self.reset(applied)?;
-        }
+        let Some(leader) = self.leader.as_mut() else {
+            self.phase = Phase::Idle;
+            if confirm.is_empty() {
+                return Ok(());
+            }
+            return Err(Error::Database {
+                doing: "confirming published rows",
+                source: sqlx::Error::PoolClosed,
+            });
+        };
+        let applied = apply_confirm(leader, confirm, self.database.call_timeout()).await;
+        let lease_until = leader.lease().valid_until();
+        self.reset(applied)?;
         let n = confirm.len();
         match &mut self.phase {
             Phase::Copy(copy) => {
@@ -409,6 +431,7 @@ impl Source for TailSource {
                 }
             }
             Phase::Stream(stream) => {
+                stream.lease_until = lease_until;
                 stream.confirmed += n as u64;
                 if n < handed {
                     // Read the rest again from the slot's confirmed position.
@@ -456,6 +479,8 @@ impl Stream {
                         marks: VecDeque::new(),
                         replaying: true,
                         flushed: Lsn::ZERO,
+                        // Set from the lease before every batch.
+                        lease_until: Instant::now(),
                     }));
                 }
                 Err(e) if sqlstate(&e) == Some("55006") && since.elapsed() < SLOT_BUSY_GRACE => {
@@ -477,11 +502,13 @@ impl Stream {
     async fn next_batch(
         &mut self,
         max: usize,
-        leader: &mut PgConnection,
+        idle: Duration,
+        leader: &mut Leader,
         database: &DatabaseConfig,
         tail: &TailConfig,
         shutdown: &CancellationToken,
     ) -> Result<Vec<OutboxRow>, Error> {
+        let idle_until = tokio::time::Instant::now() + idle;
         loop {
             let mut rows = Vec::new();
             while rows.len() < max {
@@ -490,20 +517,10 @@ impl Stream {
                         _ = shutdown.cancelled() => return Ok(Vec::new()),
                         event = self.client.recv() => event,
                         // A quiet stream is normal, but it is also what a
-                        // dead connection looks like: once per call timeout
-                        // the server is asked on the leader connection, so a
+                        // dead connection looks like: the relay renews the
+                        // lease on the leader connection after `idle`, so a
                         // partition ends in a reconnect, not a silent hang.
-                        _ = tokio::time::sleep(database.call_timeout()) => {
-                            let doing = "checking that Postgres still answers";
-                            timed(database.call_timeout(), doing, async {
-                                sqlx::query("select 1")
-                                    .execute(&mut *leader)
-                                    .await
-                                    .map_err(Error::db(doing))
-                            })
-                            .await?;
-                            continue;
-                        }
+                        _ = tokio::time::sleep_until(idle_until) => return Ok(Vec::new()),
                     }
                 } else {
                     // Unconstrained: tokio's cooperative budget would make
@@ -603,6 +620,11 @@ impl Stream {
 
     /// Confirms to Postgres the newest position whose rows are all confirmed.
     fn advance(&mut self) {
+        // Self-fencing: once the lease ran out here, a standby may be
+        // reading from this slot's position; confirm nothing.
+        if Instant::now() >= self.lease_until {
+            return;
+        }
         let mut newest = None;
         while let Some(&(count, lsn)) = self.marks.front() {
             if count > self.confirmed {
@@ -625,12 +647,13 @@ impl Stream {
     async fn skip_published(
         &mut self,
         rows: &mut Vec<OutboxRow>,
-        leader: &mut PgConnection,
+        leader: &mut Leader,
         database: &DatabaseConfig,
     ) -> Result<(), Error> {
         if rows.is_empty() {
             return Ok(());
         }
+        let leader = leader.conn()?;
         let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
         let doing = "checking which replayed rows were published";
         let present: Vec<i64> = timed(database.call_timeout(), doing, async {
@@ -655,6 +678,17 @@ impl Stream {
             self.replaying = false;
         }
         Ok(())
+    }
+}
+
+/// The leader connection, if this source holds the lease.
+fn leader_conn(leader: &mut Option<Leader>) -> Result<&mut PgConnection, Error> {
+    match leader {
+        Some(leader) => leader.conn(),
+        None => Err(Error::Database {
+            doing: "using the leader connection",
+            source: sqlx::Error::PoolClosed,
+        }),
     }
 }
 
@@ -846,7 +880,7 @@ fn replication_config(db: &DatabaseConfig, tail: &TailConfig) -> ReplicationConf
     .with_wakeup_interval(Duration::from_secs(5))
     .with_buffer_size(4096)
     .with_options("-c datestyle=ISO -c timezone=UTC -c extra_float_digits=3")
-    .with_application_name("outbox-relay")
+    .with_application_name(db.application_name())
 }
 
 #[cfg(test)]

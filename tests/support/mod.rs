@@ -26,6 +26,10 @@ use sqlx::postgres::PgPoolOptions;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
+mod http;
+#[allow(unused_imports)]
+pub use http::*;
+
 static SHARED_PG: tokio::sync::OnceCell<(u16, String)> = tokio::sync::OnceCell::const_new();
 static HELD: Mutex<Option<TempPostgres>> = Mutex::new(None);
 

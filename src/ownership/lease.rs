@@ -1,0 +1,354 @@
+//! The lease: taking it, renewing it, and fencing a holder that stopped
+//! renewing it.
+//!
+//! A holder is hung, for a standby, when both hold: its row in
+//! `relay_lease` was last renewed more than a lease ago (by the database's
+//! clock, so the instances' clocks do not matter), and the session that
+//! renewed it still holds the advisory lock (so the row is not a leftover of
+//! an instance that is gone, which frees the lock by itself).
+
+use std::time::{Duration, Instant};
+
+use sqlx::PgConnection;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::DatabaseConfig;
+use crate::database::timed;
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::ownership::Candidate;
+
+/// What every session of the relay calls itself in `pg_stat_activity`,
+/// followed by the instance's id.
+const APPLICATION: &str = "outbox-relay";
+
+/// One relay process, as its Postgres sessions name it: `HOST/PID/NONCE` in
+/// their `application_name`, so an operator can tell instances apart and a
+/// standby can end every session of a hung one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    id: String,
+}
+
+impl Instance {
+    /// A new id for this process.
+    pub fn generate() -> Self {
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default();
+        // application_name keeps 63 printable ASCII bytes.
+        let host: String = host
+            .chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(32)
+            .collect();
+        let nonce = rand::random::<u32>() & 0x00ff_ffff;
+        Instance {
+            id: format!("{host}/{}/{nonce:06x}", std::process::id()),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The `application_name` of every session this instance opens.
+    pub fn application_name(&self) -> String {
+        format!("{APPLICATION} {}", self.id)
+    }
+}
+
+/// A lease this instance holds.
+#[derive(Debug)]
+pub struct Lease {
+    name: String,
+    epoch: i64,
+    ttl: Duration,
+    /// When the lease ends by this instance's own clock: a lease after the
+    /// last accepted renewal was *sent*, so it never outlives the one a
+    /// standby sees.
+    valid_until: Instant,
+}
+
+impl Lease {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Grows with every acquisition; a confirm carrying an older epoch is
+    /// refused.
+    pub fn epoch(&self) -> i64 {
+        self.epoch
+    }
+
+    pub fn valid_until(&self) -> Instant {
+        self.valid_until
+    }
+
+    /// Fails once the lease has run out on this instance's clock: its loop
+    /// made no progress for a whole lease (hung, paused, or a call that never
+    /// came back), so a standby may have taken over. Self-fencing.
+    pub fn check(&self) -> Result<(), Error> {
+        if Instant::now() < self.valid_until {
+            return Ok(());
+        }
+        Err(Error::LeaseLost {
+            name: self.name.clone(),
+            cause: format!(
+                "this instance's relay loop renewed nothing for over {} (--lease), so a standby may have taken over",
+                humantime::format_duration(self.ttl)
+            ),
+        })
+    }
+
+    /// Records a renewal the database accepted, sent at `sent`.
+    pub(crate) fn renewed(&mut self, sent: Instant) {
+        self.valid_until = sent + self.ttl;
+    }
+
+    /// The error for a renewal the database refused: the epoch moved on.
+    pub(crate) fn lost(&self) -> Error {
+        Error::LeaseLost {
+            name: self.name.clone(),
+            cause: format!(
+                "another instance took it over (epoch {} is no longer current)",
+                self.epoch
+            ),
+        }
+    }
+}
+
+/// The leader connection and the lease it holds. The connection is reachable
+/// only while the lease is fresh, so a leader that stalled past its lease
+/// reads and confirms nothing more.
+pub struct Leader {
+    conn: PgConnection,
+    lease: Lease,
+}
+
+pub(crate) const RENEW: &str =
+    "update relay_lease set renewed_at = now() where name = $1 and epoch = $2";
+
+impl Leader {
+    /// The leader connection, if the lease is still fresh.
+    pub fn conn(&mut self) -> Result<&mut PgConnection, Error> {
+        self.lease.check()?;
+        Ok(&mut self.conn)
+    }
+
+    /// The connection and the lease together, for a confirm that renews the
+    /// lease in its own statement. Fails like [`Leader::conn`].
+    pub(crate) fn parts(&mut self) -> Result<(&mut PgConnection, &mut Lease), Error> {
+        self.lease.check()?;
+        Ok((&mut self.conn, &mut self.lease))
+    }
+
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    /// Renews the lease within `limit`; fails with [`Error::LeaseLost`] if
+    /// another instance took it over or it ran out here first.
+    pub async fn renew(&mut self, limit: Duration) -> Result<(), Error> {
+        let (conn, lease) = self.parts()?;
+        let sent = Instant::now();
+        let doing = "renewing the lease";
+        let renewed = timed(limit, doing, async {
+            sqlx::query(RENEW)
+                .bind(&lease.name)
+                .bind(lease.epoch)
+                .execute(conn)
+                .await
+                .map_err(Error::db(doing))
+        })
+        .await?;
+        if renewed.rows_affected() == 0 {
+            return Err(lease.lost());
+        }
+        lease.renewed(sent);
+        Ok(())
+    }
+}
+
+const TRY_LOCK: &str = "select pg_try_advisory_lock(hashtextextended($1, 0))";
+
+const HOLDER: &str = "select holder from relay_lease where name = $1";
+
+const TAKE: &str = "insert into relay_lease as l (name, holder, epoch, backend_pid) \
+     values ($1, $2, 1, pg_backend_pid()) \
+     on conflict (name) do update set holder = excluded.holder, epoch = l.epoch + 1, \
+     backend_pid = excluded.backend_pid, acquired_at = now(), renewed_at = now(), \
+     takeovers = l.takeovers + (l.holder <> excluded.holder)::int \
+     returning epoch";
+
+/// The holder of `$1` if its lease is older than `$2` seconds and the
+/// session that renewed it still holds the advisory lock (an advisory lock
+/// on a bigint key shows in `pg_locks` as its high and low halves).
+const STALE_HOLDER: &str = "select l.holder, l.epoch, l.backend_pid, \
+     extract(epoch from now() - l.renewed_at)::float8 \
+     from relay_lease l where l.name = $1 and now() - l.renewed_at > make_interval(secs => $2) \
+     and exists (select 1 from pg_locks k where k.pid = l.backend_pid \
+       and k.locktype = 'advisory' and k.granted and k.objsubid = 1 \
+       and k.database = (select oid from pg_database where datname = current_database()) \
+       and k.classid = ((hashtextextended($1, 0) >> 32) & 4294967295)::oid \
+       and k.objid = (hashtextextended($1, 0) & 4294967295)::oid)";
+
+/// Ends every session of a holder whose lease is still stale at this
+/// instant: the one holding the lock, and the others it named itself in
+/// (its walsender, its copy of the outbox). Returns how many it ended.
+const FENCE: &str = "select count(*) filter (where pg_terminate_backend(a.pid)) \
+     from pg_stat_activity a join relay_lease l on l.name = $1 \
+     where l.epoch = $2 and now() - l.renewed_at > make_interval(secs => $3) \
+     and a.pid <> pg_backend_pid() \
+     and (a.pid = l.backend_pid or a.application_name = $4 || ' ' || l.holder)";
+
+/// How often a standby asks for the lock and looks at the lease.
+const STANDBY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How soon a standby asks again after fencing: the ended sessions free the
+/// lock within milliseconds.
+const AFTER_FENCE: Duration = Duration::from_millis(100);
+
+/// Waits, as a standby, until this instance holds the lease `name` on `conn`,
+/// fencing a holder whose lease ran out. `None` on shutdown.
+pub async fn acquire(
+    mut conn: PgConnection,
+    name: String,
+    candidate: &Candidate,
+    database: &DatabaseConfig,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<Option<Leader>, Error> {
+    let limit = database.call_timeout();
+    let instance = &candidate.instance;
+    let ttl = candidate.lease.ttl();
+    let mut standing_by = false;
+    let mut cannot_fence: Option<String> = None;
+    loop {
+        let locked: bool = timed(limit, "taking the leader lock", async {
+            sqlx::query_scalar(TRY_LOCK)
+                .bind(&name)
+                .fetch_one(&mut conn)
+                .await
+                .map_err(Error::db("taking the leader lock"))
+        })
+        .await?;
+        if locked {
+            let sent = Instant::now();
+            let (previous, epoch) =
+                timed(limit, "taking the lease", take(&mut conn, &name, instance)).await?;
+            if let Some(previous) = previous.filter(|p| p != instance.id()) {
+                metrics.took_over();
+                info!(previous = %previous, epoch, "took the lease over from {previous}");
+            }
+            info!(database = %database.target(), instance = instance.id(), epoch, "active: this instance holds the relay lock");
+            metrics.set_active(true);
+            return Ok(Some(Leader {
+                conn,
+                lease: Lease {
+                    name,
+                    epoch,
+                    ttl,
+                    valid_until: sent + ttl,
+                },
+            }));
+        }
+        if !standing_by {
+            info!(database = %database.target(), instance = instance.id(), "standing by: another relay instance holds the lock for this outbox");
+            standing_by = true;
+        }
+        let mut wait = STANDBY_INTERVAL;
+        let stale = timed(limit, "reading the lease", async {
+            sqlx::query_as::<_, (String, i64, i32, f64)>(STALE_HOLDER)
+                .bind(&name)
+                .bind(ttl.as_secs_f64())
+                .fetch_optional(&mut conn)
+                .await
+                .map_err(Error::db("reading the lease"))
+        })
+        .await?;
+        if let Some((holder, epoch, pid, age)) = stale {
+            match fence(&mut conn, &name, epoch, ttl, limit).await {
+                Ok(ended) => {
+                    warn!(holder = %holder, pid, age_secs = age, sessions = ended,
+                        "the active relay {holder} renewed its lease {age:.1}s ago (--lease {}): it is hung, paused or cut off; ended its Postgres sessions and taking over",
+                        humantime::format_duration(ttl));
+                    metrics.fenced();
+                    cannot_fence = None;
+                    wait = AFTER_FENCE;
+                }
+                Err(Fence::Denied(cause)) => {
+                    if cannot_fence.as_deref() != Some(holder.as_str()) {
+                        warn!(holder = %holder, pid,
+                            "the active relay {holder} renewed its lease {age:.1}s ago and seems hung, but role \"{}\" may not end its session (pid {pid}): {cause}; run every relay instance as the same role, or grant pg_signal_backend to this one; until then this standby waits for Postgres to drop that session",
+                            database.target().user);
+                        cannot_fence = Some(holder);
+                    }
+                }
+                Err(Fence::Failed(e)) => return Err(e),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Takes the lease on `conn`, which holds its lock: a new epoch fences every
+/// earlier holder. Returns the previous holder and the new epoch.
+async fn take(
+    conn: &mut PgConnection,
+    name: &str,
+    instance: &Instance,
+) -> Result<(Option<String>, i64), Error> {
+    let doing = "taking the lease";
+    let previous: Option<String> = sqlx::query_scalar(HOLDER)
+        .bind(name)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(Error::db(doing))?;
+    let epoch: i64 = sqlx::query_scalar(TAKE)
+        .bind(name)
+        .bind(instance.id())
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(Error::db(doing))?;
+    Ok((previous, epoch))
+}
+
+enum Fence {
+    /// The role may not end the holder's sessions.
+    Denied(String),
+    Failed(Error),
+}
+
+async fn fence(
+    conn: &mut PgConnection,
+    name: &str,
+    epoch: i64,
+    ttl: Duration,
+    limit: Duration,
+) -> Result<i64, Fence> {
+    let doing = "fencing a hung relay";
+    let ended = timed(limit, doing, async {
+        Ok(sqlx::query_scalar::<_, i64>(FENCE)
+            .bind(name)
+            .bind(epoch)
+            .bind(ttl.as_secs_f64())
+            .bind(APPLICATION)
+            .fetch_one(conn)
+            .await)
+    })
+    .await
+    .map_err(Fence::Failed)?;
+    match ended {
+        Ok(ended) => Ok(ended),
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42501") => {
+            Err(Fence::Denied(e.message().to_owned()))
+        }
+        Err(e) => Err(Fence::Failed(Error::db(doing)(e))),
+    }
+}

@@ -294,5 +294,6 @@ async fn migrate_twice_is_a_no_op_and_status_reads_the_backlog() {
     assert!(stdout.contains("unpublished rows    1"), "{stdout}");
     assert!(stdout.contains("dead letters        0"), "{stdout}");
     assert!(stdout.contains("replication slot    none"), "{stdout}");
+    assert!(stdout.contains("leader              none yet"), "{stdout}");
     assert!(!stdout.contains("outbox-relay-temp"), "{stdout}");
 }

@@ -202,6 +202,27 @@ async fn a_hung_leader_is_fenced_and_replaced(mode: &'static str, hang: Hang) {
             log.text()
         );
     }
+    // `status` names the new leader, whose lease is fresh.
+    let active = second_log.wait_for_line(ACTIVE, Duration::ZERO).await;
+    let instance = active
+        .split("instance=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the active line names the instance")
+        .trim_matches('"');
+    let status = relay_binary()
+        .args(["status", "--database-url", &t.url])
+        .output()
+        .await
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains(&format!(
+            "leader              {instance} (epoch 2, connected)"
+        )),
+        "{status}"
+    );
+    assert!(status.contains("takeovers           1"), "{status}");
     let address = endpoint_address(&second_log, DEADLINE).await;
     let metrics = get(&address, "/metrics").await.1;
     assert_eq!(
@@ -285,6 +306,11 @@ async fn a_broker_outage_longer_than_the_lease_moves_no_leadership(mode: &'stati
         "the outage to outlast four leases and three failed attempts",
         DEADLINE,
         || async {
+            assert_eq!(
+                epoch(pool).await,
+                epoch_before,
+                "leadership moved during the outage"
+            );
             let failures = value(
                 &get(&address, "/metrics").await.1,
                 "outbox_relay_failures_total",
@@ -375,4 +401,77 @@ async fn a_lease_too_short_is_one_line_and_exit_2() {
         "{stderr}"
     );
     assert!(!stderr.contains("secret"), "{stderr}");
+}
+
+/// Fencing ends another session, which Postgres allows only to a member of
+/// its role, a holder of pg_signal_backend, or a superuser. Relays running
+/// as two unrelated roles cannot fence each other: the standby says so and
+/// why, publishes nothing while the leader is frozen, and once the leader
+/// resumes it steps down by itself and the outbox drains with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_that_may_not_fence_says_why_and_waits() {
+    let url = fresh_database().await;
+    let t = Setup::on(url.clone(), Kafka::start(), "poll").await;
+    let pool = &t.pool;
+    create_aggregates(pool, 20).await;
+    let topic = t.topic("acct", 4).await;
+    let suffix = t.prefix.replace('-', "_");
+    let mut urls = Vec::new();
+    for name in ["a", "b"] {
+        let role = format!("relay_{name}_{suffix}");
+        for statement in [
+            format!("create role {role} login password 'pw'"),
+            format!("grant all on all tables in schema public to {role}"),
+        ] {
+            sqlx::query(&statement).execute(pool).await.unwrap();
+        }
+        let parsed = url::Url::parse(&url).unwrap();
+        let mut as_role = parsed.clone();
+        as_role.set_username(&role).unwrap();
+        as_role.set_password(Some("pw")).unwrap();
+        urls.push(as_role.to_string());
+    }
+    let relay_as = |url: &str| {
+        let mut cmd = relay_command_in("poll", url, &t.kafka.brokers(), &t.prefix);
+        cmd.args(["--lease", "3s"]);
+        spawn_logged(cmd)
+    };
+    let (mut first, first_log) = relay_as(&urls[0]);
+    first_log.wait_for_line(ACTIVE, DEADLINE).await;
+    let (mut second, second_log) = relay_as(&urls[1]);
+    second_log.wait_for_line(STANDING_BY, DEADLINE).await;
+
+    let mut written = write(pool, 50, 20, 0.1).await;
+    wait_for("the leader to publish the first rows", DEADLINE, || async {
+        outbox_count(pool).await == 0
+    })
+    .await;
+    signal(&first, Signal::SIGSTOP);
+    let after = write(pool, 50, 20, 0.1).await;
+    written.committed.extend(after.committed);
+    written.rolled_back.extend(after.rolled_back);
+    let line = second_log
+        .wait_for_line("may not end its session", DEADLINE)
+        .await;
+    assert!(line.contains("pg_signal_backend"), "{line}");
+    assert!(
+        outbox_count(pool).await > 0,
+        "rows were published while the only relay allowed to was frozen"
+    );
+    assert!(!second_log.text().contains(ACTIVE), "{}", second_log.text());
+
+    signal(&first, Signal::SIGCONT);
+    first_log.wait_for_line("lost the lease", DEADLINE).await;
+    let records = consume_and_drain(
+        pool,
+        &t.kafka.brokers(),
+        &[&topic],
+        &written.committed,
+        DEADLINE,
+    )
+    .await;
+    first.kill().await.unwrap();
+    second.kill().await.unwrap();
+    assert_delivered(&records, &written);
+    assert_order(&records);
 }

@@ -350,8 +350,9 @@ impl<S: Source> Relay<S> {
     /// are not sent but parked in the dead-letter table, in order.
     ///
     /// While it waits for acks it renews the lease, for as long as the sink
-    /// itself keeps trying (its delivery timeout): a broker outage makes the
-    /// records fail within that bound, so a longer wait means a stuck loop.
+    /// itself may keep a record waiting ([`KafkaSink::delivery_timeout`]): a
+    /// broker outage makes the records fail within that bound, so a longer
+    /// wait means a stuck loop.
     async fn publish(
         &mut self,
         rows: &[OutboxRow],
@@ -383,7 +384,8 @@ impl<S: Source> Relay<S> {
             tokio::time::sleep(timeout).await;
         });
         let renew_every = self.config.lease.renew_every();
-        let renew_until = Instant::now() + self.sink.delivery_timeout() + renew_every;
+        // `None`: the sink never gives up on a record (a timeout of 0).
+        let renew_until = Instant::now().checked_add(self.sink.delivery_timeout() + renew_every);
         let mut next_renewal = tokio::time::Instant::now() + renew_every;
         let mut out = Published::default();
         for (row, pending) in rows.iter().zip(pending) {
@@ -401,7 +403,7 @@ impl<S: Source> Relay<S> {
                         out.failure.get_or_insert_with(|| "in-flight records were not acknowledged within the shutdown timeout".into());
                         break None;
                     }
-                    _ = tokio::time::sleep_until(next_renewal), if Instant::now() < renew_until => {
+                    _ = tokio::time::sleep_until(next_renewal), if renew_until.is_none_or(|until| Instant::now() < until) => {
                         next_renewal += renew_every;
                         if let Err(e) = self.source.renew().await {
                             out.lease = Some(e);

@@ -276,9 +276,15 @@ async fn a_broker_outage_longer_than_the_lease_moves_no_leadership(mode: &'stati
     create_aggregates(pool, 20).await;
     let topic = t.topic("acct", 4).await;
     let lease = Duration::from_secs(3);
-    // Records fail after 4 s, so the outage spans several failed attempts,
-    // each followed by a backoff, as well as several leases.
-    let flags = ["--lease", "3s", "--kafka-config", "message.timeout.ms=4000"];
+    // Records fail within 4 s, or 6 s more when a request was in flight to
+    // a broker that went silent, so the outage spans several failed
+    // attempts, each followed by a backoff, as well as several leases.
+    let flags = [
+        "--lease",
+        "3s",
+        "--kafka-config",
+        "message.timeout.ms=4000,socket.timeout.ms=6000",
+    ];
     let (mut first, first_log) = t.logged_relay(&flags);
     first_log.wait_for_line(ACTIVE, DEADLINE).await;
     let (mut second, second_log) = t.logged_relay(&flags);

@@ -352,3 +352,63 @@ async fn fence(
         Err(e) => Err(Fence::Failed(Error::db(doing)(e))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(valid_for: Duration, ran_out: bool) -> Lease {
+        let now = Instant::now();
+        Lease {
+            name: "outbox-relay:public".into(),
+            epoch: 3,
+            ttl: valid_for,
+            valid_until: if ran_out {
+                now - valid_for
+            } else {
+                now + valid_for
+            },
+        }
+    }
+
+    #[test]
+    fn a_lease_that_ran_out_here_refuses_to_act() {
+        assert!(lease(Duration::from_secs(10), false).check().is_ok());
+        let err = lease(Duration::from_secs(10), true).check().unwrap_err();
+        assert!(matches!(err, Error::LeaseLost { .. }), "{err}");
+        assert!(err.is_transient(), "stepping down is not an exit");
+        let text = err.to_string();
+        assert!(text.contains("\"outbox-relay:public\""), "{text}");
+        assert!(text.contains("over 10s (--lease)"), "{text}");
+    }
+
+    #[test]
+    fn a_renewal_extends_the_lease_from_when_it_was_sent() {
+        let mut l = lease(Duration::from_secs(10), true);
+        let sent = Instant::now() - Duration::from_secs(4);
+        l.renewed(sent);
+        assert_eq!(l.valid_until(), sent + Duration::from_secs(10));
+        assert!(l.check().is_ok());
+        let lost = l.lost().to_string();
+        assert!(lost.contains("epoch 3 is no longer current"), "{lost}");
+    }
+
+    #[test]
+    fn every_session_names_the_instance_within_postgres_limits() {
+        let a = Instance::generate();
+        let b = Instance::generate();
+        assert_ne!(a, b);
+        let name = a.application_name();
+        assert!(name.starts_with("outbox-relay "), "{name}");
+        assert!(
+            name.contains(&format!("/{}/", std::process::id())),
+            "{name}"
+        );
+        // Postgres keeps 63 bytes of printable ASCII.
+        assert!(name.len() <= 63, "{name}");
+        assert!(
+            name.chars().all(|c| c.is_ascii_graphic() || c == ' '),
+            "{name}"
+        );
+    }
+}

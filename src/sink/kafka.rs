@@ -177,6 +177,8 @@ pub struct KafkaSink {
     /// The producer's `message.timeout.ms`: how long it keeps trying to
     /// deliver a record before failing it.
     message_timeout: Duration,
+    /// The producer's `socket.timeout.ms`.
+    socket_timeout: Duration,
     /// The client's last connection error (see [`SinkContext`]).
     last_error: Arc<Mutex<Option<String>>>,
 }
@@ -198,6 +200,7 @@ impl KafkaSink {
             brokers: config.brokers.clone(),
             last_ack: Arc::new(LastAck::new()),
             message_timeout: message_timeout(config),
+            socket_timeout: socket_timeout(config),
             last_error,
         })
     }
@@ -295,10 +298,13 @@ impl KafkaSink {
             || self.last_ack.age() >= self.message_timeout
     }
 
-    /// How long the producer keeps trying to deliver a record before it
-    /// reports the record failed (`message.timeout.ms`).
+    /// The longest a record may take to be acknowledged or failed: the
+    /// producer's `message.timeout.ms`, plus `socket.timeout.ms` for a
+    /// request already in flight, which the idempotent producer lets finish
+    /// (or time out) before it fails the record: a broker that keeps the
+    /// connection open and goes silent holds records that long.
     pub fn delivery_timeout(&self) -> Duration {
-        self.message_timeout
+        self.message_timeout.saturating_add(self.socket_timeout)
     }
 
     /// Waits up to `timeout` for everything enqueued to be acknowledged or fail.
@@ -331,6 +337,25 @@ fn invalid_topic(topic: &str) -> Option<String> {
 /// The effective `message.timeout.ms` (alias `delivery.timeout.ms`): the
 /// last one given wins, as in librdkafka; 0 means records never time out.
 fn message_timeout(config: &KafkaConfig) -> Duration {
+    // librdkafka's default is 300 s; the relay's own default applies first.
+    property_ms(config, &["message.timeout.ms", "delivery.timeout.ms"])
+        .map(|ms| match ms {
+            0 => Duration::MAX,
+            ms => Duration::from_millis(ms),
+        })
+        .unwrap_or(Duration::from_secs(300))
+}
+
+/// `socket.timeout.ms`: how long a request already sent may go unanswered.
+fn socket_timeout(config: &KafkaConfig) -> Duration {
+    property_ms(config, &["socket.timeout.ms"])
+        .map(Duration::from_millis)
+        .unwrap_or(Duration::from_secs(60)) // librdkafka's default
+}
+
+/// The last value of any of `keys` in the relay's defaults, then the
+/// operator's properties, as milliseconds.
+fn property_ms(config: &KafkaConfig, keys: &[&str]) -> Option<u64> {
     let defaults = PRODUCER_DEFAULTS.iter().map(|(k, v)| (*k, *v));
     let given = config
         .properties
@@ -338,14 +363,9 @@ fn message_timeout(config: &KafkaConfig) -> Duration {
         .map(|(k, v)| (k.as_str(), v.as_str()));
     defaults
         .chain(given)
-        .filter(|(key, _)| matches!(*key, "message.timeout.ms" | "delivery.timeout.ms"))
+        .filter(|(key, _)| keys.contains(key))
         .filter_map(|(_, value)| value.parse::<u64>().ok())
         .next_back()
-        .map(|ms| match ms {
-            0 => Duration::MAX,
-            ms => Duration::from_millis(ms),
-        })
-        .unwrap_or(Duration::from_secs(300)) // librdkafka's default
 }
 
 /// Errors no retry can fix go to the dead-letter table; everything else is

@@ -38,9 +38,15 @@ pub struct PollSource {
     metrics: Metrics,
     leader: Option<Leader>,
     max_interval: Duration,
+    /// The next pause between polls of an idle outbox; kept across batches
+    /// so that returning to renew the lease does not restart the backoff.
+    pause: Duration,
 }
 
 impl PollSource {
+    /// The first pause after an empty read.
+    const FIRST_PAUSE: Duration = Duration::from_millis(1);
+
     /// A source that connects on first use. `max_interval` is the longest
     /// wait between two polls of an idle outbox.
     pub fn new(
@@ -55,6 +61,7 @@ impl PollSource {
             metrics,
             leader: None,
             max_interval,
+            pause: Self::FIRST_PAUSE,
         }
     }
 
@@ -86,8 +93,6 @@ impl Source for PollSource {
         idle: Duration,
         shutdown: &CancellationToken,
     ) -> Result<Vec<OutboxRow>, Error> {
-        let max_interval = self.max_interval;
-        let mut wait = Duration::from_millis(1);
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let mut idle_until = None;
         loop {
@@ -117,6 +122,7 @@ impl Source for PollSource {
             let rows = self.forget_on_error(rows)?;
             self.metrics.database_ok();
             if !rows.is_empty() {
+                self.pause = Self::FIRST_PAUSE;
                 return Ok(rows);
             }
             let now = Instant::now();
@@ -128,9 +134,9 @@ impl Source for PollSource {
             // index lookups per second.
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(Vec::new()),
-                _ = tokio::time::sleep(wait.min(idle_until - now)) => {}
+                _ = tokio::time::sleep(self.pause.min(idle_until - now)) => {}
             }
-            wait = (wait * 2).min(max_interval);
+            self.pause = (self.pause * 2).min(self.max_interval);
         }
     }
 

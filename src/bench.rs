@@ -51,8 +51,8 @@ use crate::config::{
 use crate::database;
 use crate::embedded::TempPostgres;
 use crate::error::Error;
+use crate::message;
 use crate::outbox::{self, Event, OutboxRow};
-use crate::record::{self, Record};
 use crate::sink::kafka::{kafka_headers, producer_config};
 
 /// What to measure.
@@ -484,9 +484,9 @@ impl<'a> ModeBench<'a> {
             .create_topic(&topic, self.options.partitions)
             .await?;
         let template = TopicTemplate::parse(&topic, "bench topic")?;
-        let records: Vec<Record> = rows
+        let records: Vec<message::Message> = rows
             .iter()
-            .map(|row| record::from_row(row, &template, NullPayload::JsonNull))
+            .map(|row| message::from_row(row, &template, NullPayload::JsonNull))
             .collect();
         let config = KafkaConfig {
             brokers: self.kafka.brokers(),
@@ -929,7 +929,7 @@ impl ProducerContext for AckContext {
 
 /// Produces every record with the relay's producer settings and a delivery
 /// callback (no per-record future), waits for all acks, returns records/s.
-fn produce_all(config: &KafkaConfig, records: &[Record]) -> Result<f64, Error> {
+fn produce_all(config: &KafkaConfig, records: &[message::Message]) -> Result<f64, Error> {
     let acks = Arc::new(Acks::default());
     let producer: ThreadedProducer<AckContext> = producer_config(config)
         .create_with_context(AckContext(acks.clone()))

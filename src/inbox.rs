@@ -34,7 +34,7 @@ use rdkafka::message::Headers;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::record::HEADER_ID;
+use crate::message::HEADER_ID;
 
 /// Whether a message is seen for the first time by this consumer group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -239,7 +239,7 @@ impl Metrics {
         out
     }
 
-    fn unready(&self) -> Option<String> {
+    pub(crate) fn unready(&self) -> Option<String> {
         self.inner
             .unready
             .lock()

@@ -149,6 +149,21 @@ impl Leader {
         &self.lease
     }
 
+    /// Renews the lease if a quarter of it passed since the last renewal,
+    /// for a bounded wait inside a step (a slot still held by a session that
+    /// is going away).
+    pub async fn renew_if_due(&mut self, limit: Duration) -> Result<(), Error> {
+        let renewed_ago = self.lease.ttl.saturating_sub(
+            self.lease
+                .valid_until
+                .saturating_duration_since(Instant::now()),
+        );
+        if renewed_ago < self.lease.ttl / 4 {
+            return self.lease.check();
+        }
+        self.renew(limit).await
+    }
+
     /// Renews the lease within `limit`; fails with [`Error::LeaseLost`] if
     /// another instance took it over or it ran out here first.
     pub async fn renew(&mut self, limit: Duration) -> Result<(), Error> {

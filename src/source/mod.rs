@@ -114,14 +114,15 @@ pub(crate) async fn leader_connection(
 }
 
 /// Drops the leader connection (and with it the lock and the lease) after
-/// `error`, so the next call starts clean. An error after the lease ran out
-/// on this instance's clock is most likely its consequence (a standby ended
-/// this instance's sessions), so the returned error says that instead.
+/// `error`, so the next call starts clean. A transient error after the lease
+/// ran out on this instance's clock is most likely its consequence (a
+/// standby ended this instance's sessions), so the returned error says that
+/// instead; an error no retry can fix is returned as it is.
 pub(crate) fn drop_leader(leader: &mut Option<Leader>, metrics: &Metrics, error: Error) -> Error {
     let lapsed = leader.take().and_then(|l| l.lease().check().err());
     metrics.set_active(false);
     match lapsed {
-        Some(lost) if !matches!(error, Error::LeaseLost { .. }) => {
+        Some(lost) if error.is_transient() && !matches!(error, Error::LeaseLost { .. }) => {
             tracing::debug!(error = %error, "failed after the lease ran out");
             lost
         }

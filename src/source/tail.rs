@@ -207,7 +207,8 @@ impl TailSource {
             }
         };
         if exists && copied == Some(true) {
-            let stream = Stream::connect(&self.database, &self.tail, shutdown).await?;
+            let leader = self.leader.as_mut().ok_or_else(no_leader)?;
+            let stream = Stream::connect(&self.database, &self.tail, leader, shutdown).await?;
             self.phase = match stream {
                 Some(stream) => Phase::Stream(Box::new(stream)),
                 None => return Ok(false),
@@ -230,19 +231,19 @@ impl TailSource {
         replace: bool,
         shutdown: &CancellationToken,
     ) -> Result<bool, Error> {
-        let conn = leader_conn(&mut self.leader)?;
+        let leader = self.leader.as_mut().ok_or_else(no_leader)?;
         let slot = self.tail.slot.as_str();
         // Forget the old copy first: a crash from here on starts over.
         sqlx::query(SLOT_STARTED)
             .bind(slot)
-            .execute(&mut *conn)
+            .execute(leader.conn()?)
             .await
             .map_err(Error::db("recording the replication slot"))?;
         if replace {
-            wait_until_slot_free(conn, &self.database, &self.tail, shutdown).await?;
+            wait_until_slot_free(leader, &self.database, &self.tail, shutdown).await?;
             sqlx::query(DROP_SLOT)
                 .bind(slot)
-                .execute(&mut *conn)
+                .execute(leader.conn()?)
                 .await
                 .map_err(Error::db("dropping the old replication slot"))?;
         }
@@ -457,10 +458,13 @@ impl Stream {
     async fn connect(
         database: &DatabaseConfig,
         tail: &TailConfig,
+        leader: &mut Leader,
         shutdown: &CancellationToken,
     ) -> Result<Option<Stream>, Error> {
         let since = Instant::now();
         loop {
+            // Waiting out a slot that is still held renews the lease.
+            leader.renew_if_due(database.call_timeout()).await?;
             let mut client = ReplicationClient::connect(replication_config(database, tail))
                 .await
                 .map_err(|e| replication_error(database, tail, "connecting", e))?;
@@ -683,12 +687,13 @@ impl Stream {
 
 /// The leader connection, if this source holds the lease.
 fn leader_conn(leader: &mut Option<Leader>) -> Result<&mut PgConnection, Error> {
-    match leader {
-        Some(leader) => leader.conn(),
-        None => Err(Error::Database {
-            doing: "using the leader connection",
-            source: sqlx::Error::PoolClosed,
-        }),
+    leader.as_mut().ok_or_else(no_leader)?.conn()
+}
+
+fn no_leader() -> Error {
+    Error::Database {
+        doing: "using the leader connection",
+        source: sqlx::Error::PoolClosed,
     }
 }
 
@@ -738,18 +743,19 @@ pub(crate) async fn check_prerequisites(
 /// Before dropping a slot: waits out a session that is just going away,
 /// then fails if another process really holds it.
 async fn wait_until_slot_free(
-    conn: &mut PgConnection,
+    leader: &mut Leader,
     db: &DatabaseConfig,
     tail: &TailConfig,
     shutdown: &CancellationToken,
 ) -> Result<(), Error> {
     let since = Instant::now();
     loop {
+        leader.renew_if_due(db.call_timeout()).await?;
         let active: Option<(bool, Option<i32>)> = sqlx::query_as(
             "select active, active_pid from pg_replication_slots where slot_name = $1",
         )
         .bind(tail.slot.as_str())
-        .fetch_optional(&mut *conn)
+        .fetch_optional(leader.conn()?)
         .await
         .map_err(Error::db("reading the replication slot"))?;
         match active {

@@ -18,20 +18,22 @@
 
 use std::collections::HashSet;
 use std::pin::pin;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, so that the loop's unit tests can pause it.
+use tokio::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::{Mode, PoisonPolicy, RelayConfig};
-use crate::database;
-use crate::database::timed;
+use crate::database::{self, timed};
 use crate::error::Error;
+use crate::message;
 use crate::metrics::{self, Dependency, Metrics};
 use crate::outbox::OutboxRow;
 use crate::ownership::{Candidate, Instance};
-use crate::record;
-use crate::sink::kafka::{KafkaSink, Outcome, Pending};
+use crate::sink::{KafkaSink, Outcome, Sink};
 use crate::source::{Aggregate, Confirm, PollSource, Source, TailSource};
 
 /// What a relay did before it stopped.
@@ -158,16 +160,16 @@ async fn startup_checks(conn: &mut sqlx::PgConnection, config: &RelayConfig) -> 
 /// How often the backlog gauges are read from Postgres.
 const BACKLOG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
-struct Relay<S> {
+struct Relay<S, K> {
     config: RelayConfig,
     source: S,
-    sink: KafkaSink,
+    sink: K,
     stats: RunStats,
     metrics: Metrics,
 }
 
-impl<S: Source> Relay<S> {
-    fn new(config: RelayConfig, source: S, sink: KafkaSink, metrics: Metrics) -> Self {
+impl<S: Source, K: Sink> Relay<S, K> {
+    fn new(config: RelayConfig, source: S, sink: K, metrics: Metrics) -> Self {
         Relay {
             config,
             source,
@@ -270,9 +272,8 @@ impl<S: Source> Relay<S> {
                 None => health.ok(),
                 Some(cause) => {
                     health.failed("publishing to Kafka", &cause);
-                    if self.sink.is_fatal() {
-                        debug!("replacing the Kafka producer after a fatal error");
-                        self.sink = KafkaSink::new(&self.config.kafka)?;
+                    if self.sink.is_broken() {
+                        self.sink.replace()?;
                     }
                     self.back_off(&health, &shutdown).await;
                 }
@@ -350,7 +351,7 @@ impl<S: Source> Relay<S> {
     /// are not sent but parked in the dead-letter table, in order.
     ///
     /// While it waits for acks it renews the lease, for as long as the sink
-    /// itself may keep a record waiting ([`KafkaSink::delivery_timeout`]): a
+    /// itself may keep a record waiting ([`Sink::delivery_timeout`]): a
     /// broker outage makes the records fail within that bound, so a longer
     /// wait means a stuck loop.
     async fn publish(
@@ -369,10 +370,10 @@ impl<S: Source> Relay<S> {
                 pending.push(None);
                 continue;
             }
-            let record =
-                record::from_row(row, &self.config.topic_template, self.config.null_payload);
-            let sent = self.sink.send(&record).await;
-            if block && sent.rejected_at_once() {
+            let message =
+                message::from_row(row, &self.config.topic_template, self.config.null_payload);
+            let sent = self.sink.send(&message).await;
+            if block && sent.refused() {
                 blocked.insert((row.aggregate_type.clone(), row.aggregate_id.clone()));
             }
             pending.push(Some(sent));
@@ -386,7 +387,7 @@ impl<S: Source> Relay<S> {
         let renew_every = self.config.lease.renew_every();
         // `None`: the sink never gives up on a record (a timeout of 0).
         let renew_until = Instant::now().checked_add(self.sink.delivery_timeout() + renew_every);
-        let mut next_renewal = tokio::time::Instant::now() + renew_every;
+        let mut next_renewal = Instant::now() + renew_every;
         let mut out = Published::default();
         for (row, pending) in rows.iter().zip(pending) {
             let Some(pending) = pending else {
@@ -395,7 +396,7 @@ impl<S: Source> Relay<S> {
                 }
                 continue;
             };
-            let mut delivery = pin!(Pending::outcome(pending));
+            let mut delivery = pin!(pending.outcome());
             let outcome = loop {
                 tokio::select! {
                     outcome = &mut delivery => break Some(outcome),
@@ -575,3 +576,8 @@ impl Report {
         }
     }
 }
+
+#[cfg(test)]
+mod fakes;
+#[cfg(test)]
+mod tests;

@@ -1,10 +1,11 @@
-//! How an outbox row becomes a Kafka record: the data contract of SPEC
-//! section 2, in one place.
+//! How an outbox row becomes the message every sink publishes: the data
+//! contract of SPEC section 2, in one place, the same for every broker.
+//! Each sink maps a [`Message`] onto its own record (see `sink/`).
 //!
 //! - topic: the row's `topic` if not null, else the template rendered with
 //!   the row's `aggregate_type` and `event_type`;
-//! - key: `aggregate_id` (the default partitioner keeps one aggregate in one
-//!   partition);
+//! - key: `aggregate_id` (a sink keeps one key in order: Kafka's partitioner
+//!   keeps one aggregate in one partition);
 //! - value: `payload` as JSON text bytes; a null payload is the bytes `null`,
 //!   or no value (a tombstone) when configured;
 //! - headers: `id` (UUID text), `event_type`, `aggregate_type`, then every
@@ -21,17 +22,17 @@ pub const HEADER_ID: &str = "id";
 pub const HEADER_EVENT_TYPE: &str = "event_type";
 pub const HEADER_AGGREGATE_TYPE: &str = "aggregate_type";
 
-/// A Kafka record ready to produce.
+/// A message ready to publish, whatever the broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
+pub struct Message {
     pub topic: String,
     pub key: String,
     pub value: Option<Vec<u8>>,
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
-/// The record for `row` under the given routing rules.
-pub fn from_row(row: &OutboxRow, template: &TopicTemplate, null_payload: NullPayload) -> Record {
+/// The message for `row` under the given routing rules.
+pub fn from_row(row: &OutboxRow, template: &TopicTemplate, null_payload: NullPayload) -> Message {
     let topic = match &row.topic {
         Some(topic) => topic.clone(),
         None => template.render(&row.aggregate_type, &row.event_type),
@@ -64,7 +65,7 @@ pub fn from_row(row: &OutboxRow, template: &TopicTemplate, null_payload: NullPay
         };
         headers.push((name.clone(), bytes));
     }
-    Record {
+    Message {
         topic,
         key: row.aggregate_id.clone(),
         value,

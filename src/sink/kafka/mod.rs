@@ -5,16 +5,21 @@
 //! partitioned with `murmur2_random`, the Java client's default, so records
 //! land where a Java producer would put them.
 //!
-//! [`KafkaSink::send`] only enqueues; the returned [`Pending`] resolves to the
-//! record's [`Outcome`] once the broker acknowledged it or it failed for good.
+//! [`KafkaSink::send`] only enqueues; the returned [`KafkaAck`] resolves to
+//! the record's [`Outcome`] once the broker acknowledged it (`acks=all`) or
+//! it failed. Rejections ([`Outcome::Rejected`]) are the errors no retry can
+//! fix: too large, an invalid or unknown topic, not authorized.
 //!
 //! A producer that has had nothing acknowledged for a whole message timeout
 //! and keeps failing counts as wedged and is replaced like one that hit a
 //! fatal error ([`KafkaSink::is_fatal`]): some idempotence states only a new
 //! producer id clears.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
@@ -28,7 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::KafkaConfig;
 use crate::error::Error;
-use crate::record::Record;
+use crate::sink::{Message, Outcome, Sent, Sink};
 
 /// The producer settings the relay's guarantees rest on. `--kafka-config`
 /// properties are applied after these and may override them.
@@ -59,8 +64,8 @@ pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
     client
 }
 
-/// The record's headers, in order, as librdkafka takes them.
-pub fn kafka_headers(record: &Record) -> OwnedHeaders {
+/// The message's headers, in order, as librdkafka takes them.
+pub fn kafka_headers(record: &Message) -> OwnedHeaders {
     let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
     for (key, value) in &record.headers {
         headers = headers.insert(Header {
@@ -71,48 +76,49 @@ pub fn kafka_headers(record: &Record) -> OwnedHeaders {
     headers
 }
 
-/// What happened to one record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Written to all in-sync replicas.
-    Acked,
-    /// The broker will never take this record (too large, invalid topic,
-    /// not authorized); retrying cannot help.
-    Rejected(String),
-    /// Not written this time (broker down, timeout); retry later.
-    Failed(String),
+/// Resolves to a record's outcome once librdkafka reports it.
+pub struct KafkaAck(AckState);
+
+enum AckState {
+    Waiting {
+        delivery: DeliveryFuture,
+        last_ack: Arc<LastAck>,
+    },
+    /// Failed to enqueue, transiently: known at once.
+    Done(Option<Outcome>),
 }
 
-/// A record that was enqueued, or refused before it was.
-pub struct Pending(PendingState);
-
-enum PendingState {
-    Enqueued(DeliveryFuture, Arc<LastAck>),
-    Done(Outcome),
-}
-
-impl Pending {
-    /// Whether the record was refused for good before it was enqueued (too
-    /// large, an impossible topic name): known without waiting.
-    pub fn rejected_at_once(&self) -> bool {
-        matches!(self.0, PendingState::Done(Outcome::Rejected(_)))
+impl KafkaAck {
+    fn waiting(delivery: DeliveryFuture, last_ack: Arc<LastAck>) -> Self {
+        KafkaAck(AckState::Waiting { delivery, last_ack })
     }
 
-    /// Waits for the record's outcome.
-    pub async fn outcome(self) -> Outcome {
-        match self.0 {
-            PendingState::Done(outcome) => outcome,
-            PendingState::Enqueued(future, last_ack) => match future.await {
-                Ok(Ok(_)) => {
+    fn done(outcome: Outcome) -> Self {
+        KafkaAck(AckState::Done(Some(outcome)))
+    }
+}
+
+impl Future for KafkaAck {
+    type Output = Outcome;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let outcome = match &mut self.0 {
+            AckState::Done(outcome) => outcome
+                .take()
+                .unwrap_or_else(|| Outcome::Failed("the outcome was already taken".into())),
+            AckState::Waiting { delivery, last_ack } => match Pin::new(delivery).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(Ok(_))) => {
                     last_ack.record();
                     Outcome::Acked
                 }
-                Ok(Err((err, _))) => classify(&err),
-                Err(_) => Outcome::Failed(
+                Poll::Ready(Ok(Err((err, _)))) => classify(&err),
+                Poll::Ready(Err(_)) => Outcome::Failed(
                     "the producer was closed before the record was acknowledged".into(),
                 ),
             },
-        }
+        };
+        Poll::Ready(outcome)
     }
 }
 
@@ -172,6 +178,8 @@ impl ClientContext for SinkContext {
 /// The Kafka producer.
 pub struct KafkaSink {
     producer: FutureProducer<SinkContext>,
+    /// Kept to build a replacement producer.
+    config: KafkaConfig,
     brokers: String,
     last_ack: Arc<LastAck>,
     /// The producer's `message.timeout.ms`: how long it keeps trying to
@@ -197,6 +205,7 @@ impl KafkaSink {
         })?;
         Ok(KafkaSink {
             producer,
+            config: config.clone(),
             brokers: config.brokers.clone(),
             last_ack: Arc::new(LastAck::new()),
             message_timeout: message_timeout(config),
@@ -205,9 +214,19 @@ impl KafkaSink {
         })
     }
 
+    /// Waits up to `timeout` for everything enqueued to be acknowledged or fail.
+    pub async fn flush(&self, timeout: Duration) {
+        let producer = self.producer.clone();
+        let _ = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
+    }
+}
+
+impl Sink for KafkaSink {
+    type Ack = KafkaAck;
+
     /// Waits until the brokers answer a metadata request, retrying with
     /// capped backoff and saying so once. Returns false if `shutdown` fired first.
-    pub async fn wait_until_reachable(&self, shutdown: &CancellationToken) -> bool {
+    async fn wait_until_reachable(&self, shutdown: &CancellationToken) -> bool {
         let mut delay = Duration::from_millis(500);
         let mut warned = false;
         loop {
@@ -258,10 +277,10 @@ impl KafkaSink {
 
     /// Enqueues `record`. Waits while the producer's queue is full, so a slow
     /// broker slows the relay down instead of growing memory. A record for a
-    /// topic no broker may have is rejected without asking one.
-    pub async fn send(&self, record: &Record) -> Pending {
+    /// topic no broker may have is refused without asking one.
+    async fn send(&self, record: &Message) -> Sent<KafkaAck> {
         if let Some(problem) = invalid_topic(&record.topic) {
-            return Pending(PendingState::Done(Outcome::Rejected(problem)));
+            return Sent::Refused(problem);
         }
         let mut future = FutureRecord::to(&record.topic)
             .key(record.key.as_bytes())
@@ -272,13 +291,18 @@ impl KafkaSink {
         loop {
             match self.producer.send_result(future) {
                 Ok(delivery) => {
-                    return Pending(PendingState::Enqueued(delivery, self.last_ack.clone()));
+                    return Sent::Enqueued(KafkaAck::waiting(delivery, self.last_ack.clone()));
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     future = back;
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
-                Err((err, _)) => return Pending(PendingState::Done(classify(&err))),
+                Err((err, _)) => {
+                    return match classify(&err) {
+                        Outcome::Rejected(reason) => Sent::Refused(reason),
+                        outcome => Sent::Enqueued(KafkaAck::done(outcome)),
+                    };
+                }
             }
         }
     }
@@ -293,9 +317,15 @@ impl KafkaSink {
     /// itself and retrying, loops forever where Kafka would accept the new
     /// epoch. Replacing costs a connection and an InitProducerId; the relay
     /// resends from the first unconfirmed row either way.
-    pub fn is_fatal(&self) -> bool {
+    fn is_broken(&self) -> bool {
         self.producer.client().fatal_error().is_some()
             || self.last_ack.age() >= self.message_timeout
+    }
+
+    fn replace(&mut self) -> Result<(), Error> {
+        debug!("replacing the Kafka producer");
+        *self = KafkaSink::new(&self.config)?;
+        Ok(())
     }
 
     /// The longest a record may take to be acknowledged or failed: the
@@ -303,14 +333,8 @@ impl KafkaSink {
     /// request already in flight, which the idempotent producer lets finish
     /// (or time out) before it fails the record: a broker that keeps the
     /// connection open and goes silent holds records that long.
-    pub fn delivery_timeout(&self) -> Duration {
+    fn delivery_timeout(&self) -> Duration {
         self.message_timeout.saturating_add(self.socket_timeout)
-    }
-
-    /// Waits up to `timeout` for everything enqueued to be acknowledged or fail.
-    pub async fn flush(&self, timeout: Duration) {
-        let producer = self.producer.clone();
-        let _ = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
     }
 }
 
@@ -430,12 +454,12 @@ mod tests {
             properties: vec![("message.timeout.ms".into(), "100000".into())],
         })
         .unwrap();
-        assert!(!sink.is_fatal(), "a new producer is not wedged");
+        assert!(!sink.is_broken(), "a new producer is not wedged");
         sink.message_timeout = Duration::ZERO;
-        assert!(sink.is_fatal(), "no ack within the message timeout");
+        assert!(sink.is_broken(), "no ack within the message timeout");
         sink.message_timeout = Duration::from_secs(60);
         sink.last_ack.record();
-        assert!(!sink.is_fatal(), "an ack resets the clock");
+        assert!(!sink.is_broken(), "an ack resets the clock");
     }
 
     #[test]

@@ -165,7 +165,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn apply(pool: &PgPool, group: &str, message: &BorrowedMessage<'_>) -> anyhow::Result<()> {
-    let id = inbox::message_id(message)?;
+    let id = inbox::kafka_message_id(message)?;
     let payment: Payment = serde_json::from_slice(message.payload().unwrap_or_default())
         .context("payload is not {\"account\": text, \"amount\": integer}")?;
     let mut tx = pool.begin().await?;

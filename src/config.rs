@@ -66,6 +66,7 @@ pub struct DatabaseConfig {
     target: DatabaseTarget,
     schema: Identifier,
     /// Kept for the replication connection, which is not made by sqlx.
+    #[cfg_attr(not(feature = "relay"), allow(dead_code))]
     password: String,
     tls: TlsSettings,
     /// How long the relay waits for Postgres to answer one call.
@@ -208,6 +209,7 @@ impl DatabaseConfig {
     }
 
     /// The password from the URL, for connections sqlx does not make.
+    #[cfg_attr(not(feature = "relay"), allow(dead_code))]
     pub(crate) fn password(&self) -> &str {
         &self.password
     }

@@ -58,11 +58,17 @@ pub enum Error {
         source: sqlx::Error,
     },
 
+    /// The connection a call needs is gone (dropped after an earlier
+    /// failure); the relay opens a new one.
+    #[error("no connection to Postgres while {doing}; the relay connects again")]
+    NotConnected { doing: &'static str },
+
     /// Applying the migrations failed.
     #[error("migration failed: {0}; fix the cause and run `outbox-relay migrate` again")]
     Migrate(#[source] sqlx::migrate::MigrateError),
 
     /// The Kafka client could not be created or used.
+    #[cfg(feature = "kafka")]
     #[error("Kafka {doing} failed: {source}")]
     Kafka {
         doing: &'static str,
@@ -111,20 +117,24 @@ impl Error {
     /// blip), so the relay should back off and retry rather than exit.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::DatabaseUnreachable { .. } | Error::Kafka { .. } | Error::LeaseLost { .. } => {
-                true
-            }
+            Error::DatabaseUnreachable { .. }
+            | Error::NotConnected { .. }
+            | Error::LeaseLost { .. } => true,
+            #[cfg(feature = "kafka")]
+            Error::Kafka { .. } => true,
             Error::Database { source, .. } => is_transient_sqlx(source),
             Error::Replication { transient, .. } => *transient,
             _ => false,
         }
     }
 
+    #[cfg_attr(not(feature = "relay"), allow(dead_code))]
     pub(crate) fn db(doing: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
         Self::db_error(doing)
     }
 
-    pub(crate) fn kafka(doing: &'static str) -> impl FnOnce(rdkafka::error::KafkaError) -> Error {
+    #[cfg(feature = "kafka")]
+    pub fn kafka(doing: &'static str) -> impl FnOnce(rdkafka::error::KafkaError) -> Error {
         move |source| Error::Kafka { doing, source }
     }
 

@@ -9,10 +9,11 @@
 //! on the same id serialize on the inbox's primary key.
 //!
 //! ```no_run
-//! # async fn example(pool: sqlx::PgPool, msg: rdkafka::message::OwnedMessage) -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn example(pool: sqlx::PgPool, id_header: Option<&[u8]>) -> Result<(), Box<dyn std::error::Error>> {
 //! use outbox_relay::inbox::{self, Claim};
 //!
-//! let id = inbox::message_id(&msg)?;
+//! let id = inbox::message_id(id_header)?; // the record's `id` header
+//! // with the `kafka` feature: inbox::kafka_message_id(&record)?
 //! let mut tx = pool.begin().await?;
 //! if inbox::claim(&mut tx, "billing", id).await? == Claim::New {
 //!     sqlx::query("update balances set amount = amount + 10 where account = 'alice'")
@@ -20,7 +21,7 @@
 //!         .await?;
 //! }
 //! tx.commit().await?;
-//! // now commit the Kafka offset of `msg`
+//! // now commit the record's offset
 //! # Ok(()) }
 //! ```
 //!
@@ -29,12 +30,8 @@
 
 use std::time::Duration;
 
-use rdkafka::Message;
-use rdkafka::message::Headers;
 use sqlx::PgConnection;
 use uuid::Uuid;
-
-use crate::message::HEADER_ID;
 
 /// Whether a message is seen for the first time by this consumer group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,16 +51,25 @@ pub enum MessageIdError {
     Invalid(String),
 }
 
-/// The message id of a record published by the relay (its `id` header).
-pub fn message_id<M: Message>(message: &M) -> Result<Uuid, MessageIdError> {
-    let headers = message.headers().ok_or(MessageIdError::Missing)?;
-    let header = headers
-        .iter()
-        .find(|h| h.key == HEADER_ID)
-        .ok_or(MessageIdError::Missing)?;
-    let value = header.value.ok_or(MessageIdError::Missing)?;
+/// The message id in the value of a record's `id` header (`None`: the
+/// record has no such header), whatever the broker.
+pub fn message_id(id_header: Option<&[u8]>) -> Result<Uuid, MessageIdError> {
+    let value = id_header.ok_or(MessageIdError::Missing)?;
     let text = std::str::from_utf8(value).map_err(|e| MessageIdError::Invalid(e.to_string()))?;
     Uuid::parse_str(text).map_err(|e| MessageIdError::Invalid(e.to_string()))
+}
+
+/// The message id of a Kafka record published by the relay (its `id`
+/// header).
+#[cfg(feature = "kafka")]
+pub fn kafka_message_id<M: rdkafka::Message>(record: &M) -> Result<Uuid, MessageIdError> {
+    use rdkafka::message::Headers;
+
+    use crate::message::HEADER_ID;
+    let header = record
+        .headers()
+        .and_then(|headers| headers.iter().find(|h| h.key == HEADER_ID));
+    message_id(header.and_then(|h| h.value))
 }
 
 const CLAIM: &str =

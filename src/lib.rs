@@ -1,28 +1,43 @@
 //! `outbox-relay`: publishes every committed row of a Postgres transactional
-//! outbox to Kafka, at least once, in commit order per aggregate.
+//! outbox to a broker (Kafka), at least once, in commit order per aggregate.
 //!
-//! A [`source`] reads committed outbox rows in the relay's order, the
-//! [`sink`] publishes them as Kafka records, and the [`relay`] joins the two:
-//! it owns the order of publication and confirms (deletes) only the
-//! contiguous prefix of rows that Kafka acknowledged. [`outbox`] and
-//! [`inbox`] are the two library halves a service and its consumers use.
+//! A [`source`] reads committed outbox rows in the relay's order, a
+//! [`sink`] publishes them, and the [`relay`] joins the two: it owns the
+//! order of publication and confirms (deletes) only the contiguous prefix of
+//! rows the sink reported durable. [`ownership`] keeps one instance active
+//! per outbox. [`outbox`] and [`inbox`] are the two library halves a service
+//! and its consumers use.
+//!
+//! Features: with `default-features = false` the crate is the light library
+//! a service needs ([`outbox`], [`inbox`], [`MIGRATOR`]) and compiles no
+//! broker client, HTTP server or replication client. `relay` adds the
+//! sources, the loop, leadership and the metrics endpoints; `kafka` the Kafka
+//! sink (and [`inbox::kafka_message_id`]); `testkit` the throwaway Postgres
+//! of the tests and the demo; `cli` the binary. The default is all of them.
 
-pub mod bench;
-pub mod cli;
 pub mod config;
-pub mod database;
-pub mod dead_letter;
-pub mod demo;
-pub mod embedded;
 pub mod error;
 pub mod inbox;
 pub mod message;
-pub mod metrics;
 pub mod outbox;
+
+#[cfg(feature = "relay")]
+pub mod database;
+#[cfg(feature = "relay")]
+pub mod dead_letter;
+#[cfg(feature = "relay")]
+pub mod metrics;
+#[cfg(feature = "relay")]
 pub mod ownership;
+#[cfg(feature = "relay")]
 pub mod relay;
+#[cfg(feature = "relay")]
 pub mod sink;
+#[cfg(feature = "relay")]
 pub mod source;
+
+#[cfg(feature = "testkit")]
+pub mod embedded;
 
 pub use config::RelayConfig;
 pub use error::Error;

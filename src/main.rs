@@ -6,8 +6,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use clap::error::ErrorKind;
-use outbox_relay::cli::{Cli, Command, DeadLettersCommand, LogFormat};
-use outbox_relay::{Error, bench, database, dead_letter, demo, inbox, relay};
+mod cmd;
+
+use cmd::cli::{Cli, Command, DeadLettersCommand, LogFormat};
+use cmd::{bench, demo};
+use outbox_relay::{Error, database, dead_letter, inbox, relay};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 

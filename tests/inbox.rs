@@ -329,7 +329,7 @@ async fn a_crash_between_database_commit_and_offset_commit_is_absorbed() {
                 break m.unwrap();
             }
         };
-        let id = inbox::message_id(&m).unwrap();
+        let id = inbox::kafka_message_id(&m).unwrap();
         let payload: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
         (m.offset(), (id, payload))
     };
@@ -404,7 +404,7 @@ async fn a_consumer_resuming_inside_a_batch_of_relay_records_misses_none() {
             match c.poll(Duration::from_secs(10)) {
                 Some(m) => {
                     let m = m.unwrap();
-                    out.push((m.offset(), inbox::message_id(&m).unwrap()));
+                    out.push((m.offset(), inbox::kafka_message_id(&m).unwrap()));
                 }
                 None => break,
             }

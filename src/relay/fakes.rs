@@ -40,10 +40,7 @@ pub fn seq_of(message: &Message) -> i64 {
 }
 
 fn transient(doing: &'static str) -> Error {
-    Error::Database {
-        doing,
-        source: sqlx::Error::PoolClosed,
-    }
+    Error::NotConnected { doing }
 }
 
 /// What the fake source holds and records; shared with the test.

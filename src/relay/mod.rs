@@ -127,7 +127,11 @@ async fn check_database(
                 return Ok(true);
             }
             Err(e) if e.is_transient() => {
-                health.failed("checking the database", &e.to_string());
+                health.failed(
+                    Dependency::Database,
+                    "checking the database",
+                    &e.to_string(),
+                );
                 health.wait(shutdown).await;
             }
             Err(e) => return Err(e),
@@ -271,7 +275,7 @@ impl<S: Source, K: Sink> Relay<S, K> {
             match failure {
                 None => health.ok(),
                 Some(cause) => {
-                    health.failed("publishing to Kafka", &cause);
+                    health.failed(Dependency::Kafka, "publishing to Kafka", &cause);
                     if self.sink.is_broken() {
                         self.sink.replace()?;
                     }
@@ -303,7 +307,7 @@ impl<S: Source, K: Sink> Relay<S, K> {
                 Ok(())
             }
             e if e.is_transient() => {
-                health.failed(doing, &e.to_string());
+                health.failed(Dependency::Database, doing, &e.to_string());
                 self.back_off(health, shutdown).await;
                 Ok(())
             }
@@ -478,11 +482,8 @@ impl Health {
         }
     }
 
-    fn failed(&mut self, doing: &'static str, cause: &str) {
-        let dependency = match doing {
-            "publishing to Kafka" => Dependency::Kafka,
-            _ => Dependency::Database,
-        };
+    /// `dependency` is failing while the relay is `doing` something.
+    fn failed(&mut self, dependency: Dependency, doing: &'static str, cause: &str) {
         self.metrics
             .failing(dependency, format!("failing {doing}: {cause}"));
         if self.failing != Some(doing) {

@@ -32,8 +32,10 @@ use tokio_util::sync::CancellationToken;
 use crate::error::Error;
 pub use crate::message::Message;
 
+#[cfg(feature = "kafka")]
 pub mod kafka;
 
+#[cfg(feature = "kafka")]
 pub use kafka::KafkaSink;
 
 /// What happened to one message.

@@ -154,9 +154,8 @@ async fn read_blocked_aggregates(
     rows: &[OutboxRow],
 ) -> Result<HashSet<Aggregate>, Error> {
     let Some(leader) = leader else {
-        return Err(Error::Database {
+        return Err(Error::NotConnected {
             doing: "reading blocked aggregates",
-            source: sqlx::Error::PoolClosed,
         });
     };
     let conn = leader.conn()?;

@@ -162,9 +162,8 @@ impl Source for PollSource {
             if confirm.is_empty() {
                 return Ok(());
             }
-            return Err(Error::Database {
+            return Err(Error::NotConnected {
                 doing: "confirming published rows",
-                source: sqlx::Error::PoolClosed,
             });
         };
         let result = apply_confirm(leader, confirm, self.database.call_timeout()).await;

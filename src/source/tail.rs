@@ -416,9 +416,8 @@ impl Source for TailSource {
             if confirm.is_empty() {
                 return Ok(());
             }
-            return Err(Error::Database {
+            return Err(Error::NotConnected {
                 doing: "confirming published rows",
-                source: sqlx::Error::PoolClosed,
             });
         };
         let applied = apply_confirm(leader, confirm, self.database.call_timeout()).await;
@@ -691,9 +690,8 @@ fn leader_conn(leader: &mut Option<Leader>) -> Result<&mut PgConnection, Error> 
 }
 
 fn no_leader() -> Error {
-    Error::Database {
+    Error::NotConnected {
         doing: "using the leader connection",
-        source: sqlx::Error::PoolClosed,
     }
 }
 

@@ -45,15 +45,15 @@ use sqlx::{Connection, PgConnection, PgPool};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{
+use outbox_relay::config::{
     DatabaseConfig, Identifier, KafkaConfig, Mode, NullPayload, TailConfig, TopicTemplate,
 };
-use crate::database;
-use crate::embedded::TempPostgres;
-use crate::error::Error;
-use crate::message;
-use crate::outbox::{self, Event, OutboxRow};
-use crate::sink::kafka::{kafka_headers, producer_config};
+use outbox_relay::database;
+use outbox_relay::embedded::TempPostgres;
+use outbox_relay::error::Error;
+use outbox_relay::message;
+use outbox_relay::outbox::{self, Event, OutboxRow};
+use outbox_relay::sink::kafka::{kafka_headers, producer_config};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -286,7 +286,7 @@ impl<'a> ModeBench<'a> {
             .max_connections(8)
             .connect_with(db.connect_options().clone())
             .await
-            .map_err(Error::db("opening the bench pool"))?;
+            .map_err(Error::db_error("opening the bench pool"))?;
         let topic = format!("bench-{run_id}-{mode}");
         kafka.create_topic(&topic, options.partitions).await?;
         let (log_dir, _temp_dir) = match &options.relay_log_dir {
@@ -333,7 +333,7 @@ impl<'a> ModeBench<'a> {
                 .bind(recvlogical_slot)
                 .execute(&self.pool)
                 .await
-                .map_err(Error::db("creating pg_recvlogical's slot"))?;
+                .map_err(Error::db_error("creating pg_recvlogical's slot"))?;
         }
 
         let events = backlog(options);
@@ -341,7 +341,7 @@ impl<'a> ModeBench<'a> {
         let end_lsn: String = sqlx::query_scalar("select pg_current_wal_lsn()::text")
             .fetch_one(&self.pool)
             .await
-            .map_err(Error::db("reading the WAL position"))?;
+            .map_err(Error::db_error("reading the WAL position"))?;
 
         let recvlogical_rate = if self.mode == Mode::Tail {
             let rate = self.pg_recvlogical(recvlogical_slot, &end_lsn).await?;
@@ -349,7 +349,7 @@ impl<'a> ModeBench<'a> {
                 .bind(recvlogical_slot)
                 .execute(&self.pool)
                 .await
-                .map_err(Error::db("dropping pg_recvlogical's slot"))?;
+                .map_err(Error::db_error("dropping pg_recvlogical's slot"))?;
             Some(rate)
         } else {
             None
@@ -412,13 +412,21 @@ impl<'a> ModeBench<'a> {
         for share in shares {
             let pool = self.pool.clone();
             writers.push(tokio::spawn(async move {
-                let mut conn = pool.acquire().await.map_err(Error::db("inserting rows"))?;
+                let mut conn = pool
+                    .acquire()
+                    .await
+                    .map_err(Error::db_error("inserting rows"))?;
                 for chunk in share.chunks(CHUNK) {
-                    let mut tx = conn.begin().await.map_err(Error::db("inserting rows"))?;
+                    let mut tx = conn
+                        .begin()
+                        .await
+                        .map_err(Error::db_error("inserting rows"))?;
                     outbox::insert_all(&mut tx, chunk)
                         .await
-                        .map_err(Error::db("inserting rows"))?;
-                    tx.commit().await.map_err(Error::db("inserting rows"))?;
+                        .map_err(Error::db_error("inserting rows"))?;
+                    tx.commit()
+                        .await
+                        .map_err(Error::db_error("inserting rows"))?;
                 }
                 Ok::<_, Error>(())
             }));
@@ -478,7 +486,7 @@ impl<'a> ModeBench<'a> {
         .bind(limit)
         .fetch_all(&self.pool)
         .await
-        .map_err(Error::db("reading the backlog"))?;
+        .map_err(Error::db_error("reading the backlog"))?;
         let topic = format!("{}-producer", self.topic);
         self.kafka
             .create_topic(&topic, self.options.partitions)
@@ -552,7 +560,7 @@ impl<'a> ModeBench<'a> {
             .bind(self.tail.slot.as_str())
             .fetch_optional(&self.pool)
             .await
-            .map_err(Error::db("reading the relay's slot"))?;
+            .map_err(Error::db_error("reading the relay's slot"))?;
             if ready == Some(true) {
                 return Ok(());
             }
@@ -572,13 +580,13 @@ impl<'a> ModeBench<'a> {
     ) -> Result<(), Error> {
         let mut conn = PgConnection::connect_with(self.db.connect_options())
             .await
-            .map_err(Error::db("watching the outbox"))?;
+            .map_err(Error::db_error("watching the outbox"))?;
         loop {
             let left: Option<i64> =
                 sqlx::query_scalar("select seq from outbox order by seq limit 1")
                     .fetch_optional(&mut conn)
                     .await
-                    .map_err(Error::db("watching the outbox"))?;
+                    .map_err(Error::db_error("watching the outbox"))?;
             if left.is_none() {
                 return Ok(());
             }
@@ -677,7 +685,7 @@ impl<'a> ModeBench<'a> {
                 let end = range.end;
                 tokio::spawn(async move {
                     let doing = "writing live rows";
-                    let mut conn = pool.acquire().await.map_err(Error::db(doing))?;
+                    let mut conn = pool.acquire().await.map_err(Error::db_error(doing))?;
                     while k < end && !stop.is_cancelled() {
                         let due = origin + Duration::from_secs_f64(k as f64 / rate);
                         tokio::time::sleep_until(due.into()).await;
@@ -695,7 +703,7 @@ impl<'a> ModeBench<'a> {
                             .store(origin.elapsed().as_nanos() as u64, Ordering::Release);
                         outbox::insert(&mut conn, &event)
                             .await
-                            .map_err(Error::db(doing))?;
+                            .map_err(Error::db_error(doing))?;
                         k += WRITERS;
                     }
                     Ok(())
@@ -1116,11 +1124,11 @@ impl Machine {
     async fn describe(pg: &TempPostgres) -> Result<Self, Error> {
         let mut conn = PgConnection::connect(&pg.url("postgres"))
             .await
-            .map_err(Error::db("connecting to the bench Postgres"))?;
+            .map_err(Error::db_error("connecting to the bench Postgres"))?;
         let postgres: String = sqlx::query_scalar("show server_version")
             .fetch_one(&mut conn)
             .await
-            .map_err(Error::db("reading the Postgres version"))?;
+            .map_err(Error::db_error("reading the Postgres version"))?;
         let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
             .and_then(|info| {

@@ -22,16 +22,16 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::cli::DemoArgs;
-use crate::config::{
+use crate::cmd::cli::DemoArgs;
+use outbox_relay::config::{
     DatabaseConfig, Identifier, KafkaConfig, Mode, RelayConfig, SlotName, TailConfig, TopicTemplate,
 };
-use crate::database;
-use crate::embedded::TempPostgres;
-use crate::error::Error;
-use crate::inbox::{self, Claim};
-use crate::outbox::{self, Event};
-use crate::relay::{self, RunStats};
+use outbox_relay::database;
+use outbox_relay::embedded::TempPostgres;
+use outbox_relay::error::Error;
+use outbox_relay::inbox::{self, Claim};
+use outbox_relay::outbox::{self, Event};
+use outbox_relay::relay::{self, RunStats};
 
 /// What the demo runs.
 #[derive(Debug, Clone)]
@@ -203,24 +203,24 @@ pub async fn run(options: &DemoOptions, shutdown: CancellationToken) -> Result<D
         .max_connections(options.writers + 2)
         .connect_with(db.connect_options().clone())
         .await
-        .map_err(Error::db("opening the demo pool"))?;
+        .map_err(Error::db_error("opening the demo pool"))?;
     sqlx::query(
         "create table demo_aggregate (id text primary key, version bigint not null default 0)",
     )
     .execute(&pool)
     .await
-    .map_err(Error::db("creating the demo tables"))?;
+    .map_err(Error::db_error("creating the demo tables"))?;
     sqlx::query("create table demo_effect (aggregate text primary key, version bigint not null, events bigint not null)")
         .execute(&pool)
         .await
-        .map_err(Error::db("creating the demo tables"))?;
+        .map_err(Error::db_error("creating the demo tables"))?;
     sqlx::query(
         "insert into demo_aggregate (id) select 'acct-' || g from generate_series(1, $1) g",
     )
     .bind(options.aggregates as i64)
     .execute(&pool)
     .await
-    .map_err(Error::db("creating the demo aggregates"))?;
+    .map_err(Error::db_error("creating the demo aggregates"))?;
 
     let mut config = RelayConfig::new(
         db.clone(),
@@ -288,11 +288,11 @@ pub async fn run(options: &DemoOptions, shutdown: CancellationToken) -> Result<D
         sqlx::query_scalar("select coalesce(sum(events), 0)::bigint from demo_effect")
             .fetch_one(&pool)
             .await
-            .map_err(Error::db("reading the demo effects"))?;
+            .map_err(Error::db_error("reading the demo effects"))?;
     summary.left_in_outbox = sqlx::query_scalar("select count(*) from outbox")
         .fetch_one(&pool)
         .await
-        .map_err(Error::db("counting the outbox"))?;
+        .map_err(Error::db_error("counting the outbox"))?;
 
     if options.database_url.is_some() {
         drop_slot_and_publication(&pool, &tail).await?;
@@ -302,7 +302,7 @@ pub async fn run(options: &DemoOptions, shutdown: CancellationToken) -> Result<D
         ))
         .execute(&pool)
         .await
-        .map_err(Error::db("dropping the demo schema"))?;
+        .map_err(Error::db_error("dropping the demo schema"))?;
     }
     pool.close().await;
     Ok(summary)
@@ -319,7 +319,7 @@ async fn drop_slot_and_publication(pool: &PgPool, tail: &TailConfig) -> Result<(
                 .bind(tail.slot.as_str())
                 .fetch_optional(pool)
                 .await
-                .map_err(Error::db(doing))?;
+                .map_err(Error::db_error(doing))?;
         match active {
             None => break,
             Some(false) => {
@@ -327,7 +327,7 @@ async fn drop_slot_and_publication(pool: &PgPool, tail: &TailConfig) -> Result<(
                     .bind(tail.slot.as_str())
                     .execute(pool)
                     .await
-                    .map_err(Error::db(doing))?;
+                    .map_err(Error::db_error(doing))?;
                 break;
             }
             Some(true) if Instant::now() > until => {
@@ -345,7 +345,7 @@ async fn drop_slot_and_publication(pool: &PgPool, tail: &TailConfig) -> Result<(
     ))
     .execute(pool)
     .await
-    .map_err(Error::db("dropping the demo's publication"))?;
+    .map_err(Error::db_error("dropping the demo's publication"))?;
     Ok(())
 }
 
@@ -377,7 +377,7 @@ async fn write(pool: PgPool, transactions: u32, aggregates: u32) -> Result<Write
                 rng.random_range(1..=100i64),
             )
         };
-        let mut tx = pool.begin().await.map_err(Error::db(doing))?;
+        let mut tx = pool.begin().await.map_err(Error::db_error(doing))?;
         // Locks the aggregate row: its events commit in version order.
         let version: i64 = sqlx::query_scalar(
             "update demo_aggregate set version = version + $2 where id = $1 returning version",
@@ -386,7 +386,7 @@ async fn write(pool: PgPool, transactions: u32, aggregates: u32) -> Result<Write
         .bind(events)
         .fetch_one(&mut *tx)
         .await
-        .map_err(Error::db(doing))?;
+        .map_err(Error::db_error(doing))?;
         let batch: Vec<Event> = (0..events)
             .map(|i| {
                 let v = version - events + 1 + i;
@@ -400,14 +400,14 @@ async fn write(pool: PgPool, transactions: u32, aggregates: u32) -> Result<Write
             .collect();
         outbox::insert_all(&mut tx, &batch)
             .await
-            .map_err(Error::db(doing))?;
+            .map_err(Error::db_error(doing))?;
         let ids = batch.iter().map(|e| e.id);
         if roll_back {
-            tx.rollback().await.map_err(Error::db(doing))?;
+            tx.rollback().await.map_err(Error::db_error(doing))?;
             report.transactions_rolled_back += 1;
             report.rolled_back.extend(ids);
         } else {
-            tx.commit().await.map_err(Error::db(doing))?;
+            tx.commit().await.map_err(Error::db_error(doing))?;
             report.transactions_committed += 1;
             report.committed.extend(ids);
         }
@@ -474,7 +474,8 @@ impl DemoConsumer {
                 serde_json::from_slice(message.payload().unwrap_or_default()).map_err(|e| {
                     Error::Embedded(format!("a demo record has a bad payload: {e}"))
                 })?;
-            let id = inbox::message_id(&message).map_err(|e| Error::Embedded(e.to_string()))?;
+            let id =
+                inbox::kafka_message_id(&message).map_err(|e| Error::Embedded(e.to_string()))?;
             // Every message is applied once and, a third of the time,
             // delivered again, as a consumer restart would.
             let redeliveries = rand::rng().random_range(0..=2u32).saturating_sub(1);
@@ -497,16 +498,16 @@ impl DemoConsumer {
         let doing = "applying a demo message";
         let account = payload["account"].as_str().unwrap_or_default().to_owned();
         let version = payload["version"].as_i64().unwrap_or_default();
-        let mut tx = self.pool.begin().await.map_err(Error::db(doing))?;
+        let mut tx = self.pool.begin().await.map_err(Error::db_error(doing))?;
         let claim = inbox::claim(&mut tx, &self.group, id)
             .await
-            .map_err(Error::db(doing))?;
+            .map_err(Error::db_error(doing))?;
         let mut guard = seen.lock().await;
         let seen = &mut *guard;
         seen.deliveries += 1;
         if claim == Claim::Duplicate {
             seen.duplicates += 1;
-            tx.rollback().await.map_err(Error::db(doing))?;
+            tx.rollback().await.map_err(Error::db_error(doing))?;
             return Ok(());
         }
         sqlx::query(
@@ -517,8 +518,8 @@ impl DemoConsumer {
         .bind(version)
         .execute(&mut *tx)
         .await
-        .map_err(Error::db(doing))?;
-        tx.commit().await.map_err(Error::db(doing))?;
+        .map_err(Error::db_error(doing))?;
+        tx.commit().await.map_err(Error::db_error(doing))?;
         // Versions of one aggregate are contiguous (rollbacks undo their
         // bump), so in commit order each new one is the last plus one.
         let last = seen.last_version.entry(account).or_insert(0);

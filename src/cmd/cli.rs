@@ -1,16 +1,16 @@
 //! Command-line flags (every one also an environment variable) and their
-//! translation into the validated [`crate::config`] types. This is the only
+//! translation into the validated [`outbox_relay::config`] types. This is the only
 //! module that knows about clap.
 
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::{
+use outbox_relay::config::{
     DatabaseConfig, Identifier, KafkaConfig, LeaseConfig, Mode, NullPayload, PoisonPolicy,
     RelayConfig, SlotName, TailConfig, TopicTemplate,
 };
-use crate::error::Error;
+use outbox_relay::error::Error;
 
 /// Publishes a Postgres transactional outbox to Kafka.
 #[derive(Debug, Parser)]
@@ -342,8 +342,8 @@ impl Which {
         &self,
         older_than: Option<Duration>,
         command: &str,
-    ) -> Result<crate::dead_letter::Selection, Error> {
-        use crate::dead_letter::Selection;
+    ) -> Result<outbox_relay::dead_letter::Selection, Error> {
+        use outbox_relay::dead_letter::Selection;
         match (self.id, self.all, older_than) {
             (Some(id), _, _) => Ok(Selection::Id(id)),
             (None, true, _) => Ok(Selection::All),

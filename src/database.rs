@@ -80,6 +80,16 @@ pub(crate) async fn timed<T>(
     }
 }
 
+/// One sqlx call within `limit` (the configured call timeout), its error
+/// wrapped with what was being done.
+pub(crate) async fn within<T>(
+    limit: Duration,
+    doing: &'static str,
+    call: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, Error> {
+    timed(limit, doing, async { call.await.map_err(Error::db(doing)) }).await
+}
+
 /// Fails with [`Error::SchemaMissing`] unless the outbox tables exist in the
 /// configured schema.
 pub async fn check_schema(conn: &mut PgConnection, db: &DatabaseConfig) -> Result<(), Error> {

@@ -29,6 +29,10 @@ const STANDING_BY: &str = "standing by";
 /// again within this long of the leader hanging.
 const TAKEOVER_BOUND: Duration = Duration::from_secs(15);
 
+/// Against a real broker every test here shares its one process, which the
+/// outage tests freeze: they run alone (write), the others together (read).
+static BROKER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// Records, for every statement that deletes outbox rows (a confirm), which
 /// relay instance ran it: its sessions carry the instance id, with the
 /// process id in it, as their application_name.
@@ -84,6 +88,7 @@ enum Hang {
 }
 
 async fn a_hung_leader_is_fenced_and_replaced(mode: &'static str, hang: Hang) {
+    let _broker = BROKER.read().await;
     let t = Setup::on(fresh_database().await, Kafka::start(), mode).await;
     let pool = &t.pool;
     audit_confirms(pool).await;
@@ -271,6 +276,7 @@ async fn a_broker_outage_longer_than_the_lease_moves_no_leadership(mode: &'stati
     let Some(kafka) = Kafka::stoppable(test) else {
         return;
     };
+    let _broker = BROKER.write().await;
     let t = Setup::on(fresh_database().await, kafka, mode).await;
     let pool = &t.pool;
     create_aggregates(pool, 20).await;
@@ -416,6 +422,7 @@ async fn a_lease_too_short_is_one_line_and_exit_2() {
 /// resumes it steps down by itself and the outbox drains with nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_standby_that_may_not_fence_says_why_and_waits() {
+    let _broker = BROKER.read().await;
     let url = fresh_database().await;
     let t = Setup::on(url.clone(), Kafka::start(), "poll").await;
     let pool = &t.pool;

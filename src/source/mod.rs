@@ -24,7 +24,6 @@ use crate::metrics::Metrics;
 use crate::outbox::OutboxRow;
 use crate::ownership::{self, Candidate, Leader, lease::RENEW};
 
-pub mod pgoutput;
 pub mod poll;
 pub mod tail;
 
@@ -108,7 +107,12 @@ pub(crate) async fn leader_connection(
 ) -> Result<Option<Leader>, Error> {
     metrics.set_active(false);
     let mut conn = database::connect(database).await?;
-    database::check_schema(&mut conn, database).await?;
+    timed(
+        database.call_timeout(),
+        "checking the outbox tables",
+        database::check_schema(&mut conn, database),
+    )
+    .await?;
     let name = format!("outbox-relay:{}", database.schema());
     ownership::acquire(conn, name, candidate, database, metrics, shutdown).await
 }

@@ -1,0 +1,323 @@
+//! Tail mode: stream the outbox's INSERTs from the WAL over logical
+//! replication (`pgoutput` v1, `START_REPLICATION`), and confirm a WAL
+//! position back to Postgres only when every outbox row committed before it
+//! was confirmed by the relay.
+//!
+//! Contract, and why it holds:
+//! - **Only committed rows, in commit order.** Protocol v1 sends a
+//!   transaction after it commits, whole, in commit order; aborted
+//!   transactions and rolled-back savepoints are never sent.
+//! - **Progress over a contiguous prefix.** Each Commit (and each keepalive
+//!   between transactions) is a position that becomes safe to confirm once
+//!   every row received before it is confirmed. Rows a batch did not confirm
+//!   are read again by reconnecting from the slot, so nothing is skipped.
+//! - **Bounded WAL.** With nothing outstanding, a keepalive's position is
+//!   confirmed at once, so an idle outbox on a busy database does not pin WAL.
+//! - **Bounded memory.** The replication client's channel is bounded and the
+//!   relay takes one batch at a time: a large transaction or backlog waits in
+//!   Postgres (which spills big transactions to disk), not here.
+//! - **The outbox stays small, and is the record of what is unpublished.**
+//!   Confirmed rows are deleted, as in poll mode. So after a reconnect, rows
+//!   that come again but are no longer in the table were already published
+//!   and are skipped; and a slot that was lost or invalidated can be replaced
+//!   by publishing whatever the table still holds.
+//! - **Nothing missed at the mode boundary.** A new slot is created with an
+//!   exported snapshot; the rows that snapshot sees (committed before the
+//!   slot) are published first, in `seq` order, then the stream takes over.
+//!   `relay_slot.copied_at` records that this copy finished: a slot whose
+//!   copy never finished is dropped and created again on the next start.
+
+mod copy;
+mod pgoutput;
+mod replication;
+mod slot;
+mod stream;
+
+use std::collections::{HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use pgwire_replication::{
+    Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, SslMode, TlsConfig,
+};
+use sqlx::PgConnection;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{DatabaseConfig, TailConfig};
+use crate::database::{self, timed, within};
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::outbox::OutboxRow;
+use crate::ownership::{Candidate, Leader};
+use crate::source::{
+    Aggregate, Confirm, Source, apply_confirm, blocked_aggregates, drop_leader, leader_connection,
+};
+use pgoutput::{Message, OutboxColumns};
+
+use copy::Copy;
+use replication::{replication_config, replication_error, sqlstate};
+pub(crate) use slot::check_prerequisites;
+use slot::{SLOT_BUSY_GRACE, slot_in_use, slot_invalidated};
+use stream::Stream;
+
+const SLOT_INFO: &str = "select plugin::text, database::text, wal_status \
+     from pg_replication_slots where slot_name = $1 and slot_type = 'logical'";
+
+const SLOT_COPIED: &str = "select copied_at is not null from relay_slot where slot_name = $1";
+
+/// Reads the outbox from the WAL.
+pub struct TailSource {
+    database: DatabaseConfig,
+    tail: TailConfig,
+    candidate: Candidate,
+    metrics: Metrics,
+    /// Holds the lease; reads the slot's state, deletes confirmed rows.
+    leader: Option<Leader>,
+    phase: Phase,
+    /// Rows in the batch the relay is publishing.
+    handed: usize,
+}
+
+enum Phase {
+    /// Not reading: the next batch checks the slot and connects.
+    Idle,
+    /// Publishing the rows a new slot's snapshot saw.
+    Copy(Copy),
+    Stream(Box<Stream>),
+}
+
+impl TailSource {
+    pub fn new(
+        database: DatabaseConfig,
+        tail: TailConfig,
+        candidate: Candidate,
+        metrics: Metrics,
+    ) -> Self {
+        TailSource {
+            database,
+            tail,
+            candidate,
+            metrics,
+            leader: None,
+            phase: Phase::Idle,
+            handed: 0,
+        }
+    }
+
+    /// Drops every connection after an error, so the next batch starts clean
+    /// from the slot's confirmed position.
+    fn reset<T>(&mut self, result: Result<T, Error>) -> Result<T, Error> {
+        result.map_err(|e| {
+            self.phase = Phase::Idle;
+            drop_leader(&mut self.leader, &self.metrics, e)
+        })
+    }
+
+    /// From `Idle`: checks the prerequisites and the slot, then starts the
+    /// initial copy or the stream. `false` on shutdown.
+    async fn establish(&mut self, shutdown: &CancellationToken) -> Result<bool, Error> {
+        if self.leader.is_none() {
+            let leader =
+                leader_connection(&self.database, &self.candidate, &self.metrics, shutdown).await?;
+            match leader {
+                Some(leader) => self.leader = Some(leader),
+                None => return Ok(false),
+            }
+        }
+        let conn = leader_conn(&mut self.leader)?;
+        check_prerequisites(conn, &self.database, &self.tail).await?;
+        let slot_name = self.tail.slot.as_str();
+        let slot: Option<(String, Option<String>, Option<String>)> = within(
+            self.database.call_timeout(),
+            "reading the replication slot",
+            sqlx::query_as(SLOT_INFO)
+                .bind(slot_name)
+                .fetch_optional(&mut *conn),
+        )
+        .await?;
+        let copied: Option<bool> = within(
+            self.database.call_timeout(),
+            "reading the replication slot's state",
+            sqlx::query_scalar(SLOT_COPIED)
+                .bind(slot_name)
+                .fetch_optional(&mut *conn),
+        )
+        .await?;
+        let target = self.database.target();
+        let exists = match slot {
+            None => {
+                if copied == Some(true) {
+                    warn!(
+                        slot = slot_name,
+                        "the replication slot is gone (dropped, or lost in a failover); creating it again and publishing every row still in the outbox, so nothing is lost (duplicates possible)"
+                    );
+                }
+                false
+            }
+            Some((plugin, database, wal_status)) => {
+                if database.as_deref() != Some(target.database.as_str()) {
+                    return Err(Error::Setup(format!(
+                        "replication slot \"{slot_name}\" on {target} belongs to database \"{}\"; give this relay its own --slot (OUTBOX_SLOT)",
+                        database.unwrap_or_default()
+                    )));
+                }
+                if plugin != "pgoutput" {
+                    return Err(Error::Setup(format!(
+                        "replication slot \"{slot_name}\" on {target} uses plugin \"{plugin}\", tail mode needs \"pgoutput\"; give this relay its own --slot (OUTBOX_SLOT) or drop that slot"
+                    )));
+                }
+                if wal_status.as_deref() == Some("lost") {
+                    if !self.tail.recreate_invalid_slot {
+                        return Err(slot_invalidated(&self.database, &self.tail));
+                    }
+                    warn!(
+                        slot = slot_name,
+                        "the replication slot was invalidated; --recreate-invalid-slot given: creating it again and publishing every row still in the outbox (duplicates possible, nothing lost)"
+                    );
+                    self.phase = Phase::Idle;
+                    return self.create_slot(true, shutdown).await;
+                }
+                true
+            }
+        };
+        if exists && copied == Some(true) {
+            let leader = self.leader.as_mut().ok_or_else(no_leader)?;
+            let stream = Stream::connect(&self.database, &self.tail, leader, shutdown).await?;
+            self.phase = match stream {
+                Some(stream) => Phase::Stream(Box::new(stream)),
+                None => return Ok(false),
+            };
+            return Ok(true);
+        }
+        if exists {
+            info!(
+                slot = slot_name,
+                "the replication slot's first copy never finished; starting over with a new slot"
+            );
+        }
+        self.create_slot(exists, shutdown).await
+    }
+}
+
+impl Source for TailSource {
+    async fn next_batch(
+        &mut self,
+        max: usize,
+        idle: Duration,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<OutboxRow>, Error> {
+        self.handed = 0;
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(Vec::new());
+            }
+            let rows = match &mut self.phase {
+                Phase::Idle => {
+                    let established = self.establish(shutdown).await;
+                    match self.reset(established)? {
+                        true => {
+                            self.metrics.database_ok();
+                            continue;
+                        }
+                        false => return Ok(Vec::new()),
+                    }
+                }
+                Phase::Copy(_) => {
+                    let batch = self.next_copy_batch(max).await;
+                    match self.reset(batch)? {
+                        Some(rows) => rows,
+                        None => continue,
+                    }
+                }
+                Phase::Stream(stream) => {
+                    let Some(leader) = self.leader.as_mut() else {
+                        self.phase = Phase::Idle;
+                        continue;
+                    };
+                    stream.lease_until = leader.lease().valid_until();
+                    let batch = stream
+                        .next_batch(max, idle, leader, &self.database, &self.tail, shutdown)
+                        .await;
+                    self.reset(batch)?
+                }
+            };
+            self.handed = rows.len();
+            return Ok(rows);
+        }
+    }
+
+    async fn blocked_aggregates(
+        &mut self,
+        rows: &[OutboxRow],
+    ) -> Result<HashSet<Aggregate>, Error> {
+        let result =
+            blocked_aggregates(self.leader.as_mut(), rows, self.database.call_timeout()).await;
+        self.reset(result)
+    }
+
+    async fn renew(&mut self) -> Result<(), Error> {
+        let Some(leader) = self.leader.as_mut() else {
+            return Ok(());
+        };
+        let renewed = leader.renew(self.database.call_timeout()).await;
+        let lease_until = leader.lease().valid_until();
+        self.reset(renewed)?;
+        if let Phase::Stream(stream) = &mut self.phase {
+            stream.lease_until = lease_until;
+        }
+        Ok(())
+    }
+
+    async fn confirm(&mut self, confirm: &Confirm) -> Result<(), Error> {
+        let handed = std::mem::take(&mut self.handed);
+        let Some(leader) = self.leader.as_mut() else {
+            self.phase = Phase::Idle;
+            if confirm.is_empty() {
+                return Ok(());
+            }
+            return Err(Error::NotConnected {
+                doing: "confirming published rows",
+            });
+        };
+        let applied = apply_confirm(leader, confirm, self.database.call_timeout()).await;
+        let lease_until = leader.lease().valid_until();
+        self.reset(applied)?;
+        let n = confirm.len();
+        match &mut self.phase {
+            Phase::Copy(copy) => {
+                if let Some(&seq) = n.checked_sub(1).and_then(|i| copy.batch_last_seqs.get(i)) {
+                    copy.after_seq = seq;
+                }
+            }
+            Phase::Stream(stream) => {
+                stream.lease_until = lease_until;
+                stream.confirmed += n as u64;
+                if n < handed {
+                    // Read the rest again from the slot's confirmed position.
+                    debug!(
+                        confirmed = n,
+                        handed, "batch partly confirmed; reconnecting to read the rest again"
+                    );
+                    stream.advance();
+                    self.phase = Phase::Idle;
+                } else {
+                    stream.advance();
+                }
+            }
+            Phase::Idle => {}
+        }
+        Ok(())
+    }
+}
+
+/// The leader connection, if this source holds the lease.
+fn leader_conn(leader: &mut Option<Leader>) -> Result<&mut PgConnection, Error> {
+    leader.as_mut().ok_or_else(no_leader)?.conn()
+}
+
+fn no_leader() -> Error {
+    Error::NotConnected {
+        doing: "using the leader connection",
+    }
+}

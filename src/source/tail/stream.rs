@@ -1,0 +1,259 @@
+//! The WAL stream: outbox inserts decoded from `pgoutput`, the marks that say
+//! which WAL position is safe to confirm once the rows before it are
+//! confirmed, and the skip of rows confirmed before a reconnect.
+
+use super::*;
+
+pub(super) const STILL_IN_OUTBOX: &str = "select seq from outbox where seq = any($1)";
+
+pub(super) struct Stream {
+    pub(super) client: ReplicationClient,
+    pub(super) outbox: Option<OutboxColumns>,
+    pub(super) in_transaction: bool,
+    /// Rows taken from the stream since connecting (published or skipped).
+    pub(super) received: u64,
+    /// Of those, rows confirmed (a prefix).
+    pub(super) confirmed: u64,
+    /// WAL positions safe to confirm once `confirmed` reaches the count of
+    /// rows received before them.
+    pub(super) marks: VecDeque<(u64, Lsn)>,
+    /// Just (re)connected: rows may come again that were confirmed before.
+    pub(super) replaying: bool,
+    pub(super) flushed: Lsn,
+    /// The lease's end by this instance's clock: no position is confirmed
+    /// to Postgres after it, not even an idle keepalive's.
+    pub(super) lease_until: Instant,
+}
+
+impl Stream {
+    /// Starts streaming from the slot's confirmed position. `None` on
+    /// shutdown.
+    pub(super) async fn connect(
+        database: &DatabaseConfig,
+        tail: &TailConfig,
+        leader: &mut Leader,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Stream>, Error> {
+        let since = Instant::now();
+        loop {
+            // Waiting out a slot that is still held renews the lease.
+            leader.renew_if_due(database.call_timeout()).await?;
+            let mut client = ReplicationClient::connect(replication_config(database, tail))
+                .await
+                .map_err(|e| replication_error(database, tail, "connecting", e))?;
+            match client.wait_started().await {
+                Ok(()) => {
+                    info!(
+                        slot = tail.slot.as_str(),
+                        "streaming the outbox from the WAL"
+                    );
+                    return Ok(Some(Stream {
+                        client,
+                        outbox: None,
+                        in_transaction: false,
+                        received: 0,
+                        confirmed: 0,
+                        marks: VecDeque::new(),
+                        replaying: true,
+                        flushed: Lsn::ZERO,
+                        // Set from the lease before every batch.
+                        lease_until: Instant::now(),
+                    }));
+                }
+                Err(e) if sqlstate(&e) == Some("55006") && since.elapsed() < SLOT_BUSY_GRACE => {
+                    debug!(error = %e, "the replication slot is still held; retrying");
+                }
+                Err(e) => {
+                    return Err(replication_error(database, tail, "starting replication", e));
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    }
+
+    /// Up to `max` outbox rows from the stream: waits for the first, then
+    /// takes what is already buffered.
+    pub(super) async fn next_batch(
+        &mut self,
+        max: usize,
+        idle: Duration,
+        leader: &mut Leader,
+        database: &DatabaseConfig,
+        tail: &TailConfig,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<OutboxRow>, Error> {
+        let idle_until = tokio::time::Instant::now() + idle;
+        loop {
+            let mut rows = Vec::new();
+            while rows.len() < max {
+                let event = if rows.is_empty() {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(Vec::new()),
+                        event = self.client.recv() => event,
+                        // A quiet stream is normal, but it is also what a
+                        // dead connection looks like: the relay renews the
+                        // lease on the leader connection after `idle`, so a
+                        // partition ends in a reconnect, not a silent hang.
+                        _ = tokio::time::sleep_until(idle_until) => return Ok(Vec::new()),
+                    }
+                } else {
+                    // Unconstrained: tokio's cooperative budget would make
+                    // `recv` report "nothing yet" after 128 events in one
+                    // poll, ending every batch at 128 rows.
+                    match tokio::task::unconstrained(self.client.recv()).now_or_never() {
+                        Some(event) => event,
+                        None => break,
+                    }
+                };
+                let event = event
+                    .map_err(|e| replication_error(database, tail, "streaming", e))?
+                    .ok_or_else(|| Error::Replication {
+                        target: Box::new(database.target().clone()),
+                        doing: "streaming",
+                        cause: "the server ended the stream".into(),
+                        transient: true,
+                    })?;
+                self.handle(event, &mut rows, database)?;
+            }
+            if self.replaying {
+                self.skip_published(&mut rows, leader, database).await?;
+            }
+            if !rows.is_empty() {
+                return Ok(rows);
+            }
+        }
+    }
+
+    pub(super) fn handle(
+        &mut self,
+        event: ReplicationEvent,
+        rows: &mut Vec<OutboxRow>,
+        database: &DatabaseConfig,
+    ) -> Result<(), Error> {
+        match event {
+            ReplicationEvent::Begin { .. } => self.in_transaction = true,
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                self.in_transaction = false;
+                self.mark(end_lsn);
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                if !self.in_transaction {
+                    self.mark(wal_end);
+                }
+            }
+            ReplicationEvent::XLogData { data, .. } => {
+                let undecodable = |cause: String| Error::Replication {
+                    target: Box::new(database.target().clone()),
+                    doing: "decoding an outbox insert",
+                    cause,
+                    transient: false,
+                };
+                match pgoutput::decode(&data).map_err(|e| undecodable(e.to_string()))? {
+                    Message::Relation(relation) => {
+                        if relation.namespace == database.schema().as_str()
+                            && relation.name == "outbox"
+                        {
+                            self.outbox = Some(
+                                OutboxColumns::new(&relation)
+                                    .map_err(|e| undecodable(e.to_string()))?,
+                            );
+                        }
+                    }
+                    Message::Insert { relation, tuple } => {
+                        let Some(columns) = &self.outbox else {
+                            return Ok(());
+                        };
+                        if relation == columns.relation {
+                            rows.push(
+                                columns
+                                    .row(&tuple)
+                                    .map_err(|e| undecodable(e.to_string()))?,
+                            );
+                            self.received += 1;
+                        }
+                    }
+                    Message::Other(_) => {}
+                }
+            }
+            ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
+        }
+        if self.received == self.confirmed {
+            self.advance();
+        }
+        Ok(())
+    }
+
+    /// Records a position that is safe once every row received so far is
+    /// confirmed.
+    pub(super) fn mark(&mut self, lsn: Lsn) {
+        match self.marks.back_mut() {
+            Some((count, last)) if *count == self.received => *last = (*last).max(lsn),
+            _ => self.marks.push_back((self.received, lsn)),
+        }
+    }
+
+    /// Confirms to Postgres the newest position whose rows are all confirmed.
+    pub(super) fn advance(&mut self) {
+        // Self-fencing: once the lease ran out here, a standby may be
+        // reading from this slot's position; confirm nothing.
+        if Instant::now() >= self.lease_until {
+            return;
+        }
+        let mut newest = None;
+        while let Some(&(count, lsn)) = self.marks.front() {
+            if count > self.confirmed {
+                break;
+            }
+            newest = Some(lsn);
+            self.marks.pop_front();
+        }
+        if let Some(lsn) = newest
+            && lsn > self.flushed
+        {
+            self.flushed = lsn;
+            self.client.update_applied_lsn(lsn);
+        }
+    }
+
+    /// After a reconnect the stream starts at the slot's confirmed position,
+    /// which may be before rows the relay already confirmed (and deleted).
+    /// Those form a prefix of what comes again; they are skipped.
+    pub(super) async fn skip_published(
+        &mut self,
+        rows: &mut Vec<OutboxRow>,
+        leader: &mut Leader,
+        database: &DatabaseConfig,
+    ) -> Result<(), Error> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let leader = leader.conn()?;
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        let doing = "checking which replayed rows were published";
+        let present: Vec<i64> = timed(database.call_timeout(), doing, async {
+            sqlx::query_scalar(STILL_IN_OUTBOX)
+                .bind(&seqs)
+                .fetch_all(leader)
+                .await
+                .map_err(Error::db(doing))
+        })
+        .await?;
+        let first = rows
+            .iter()
+            .position(|r| present.contains(&r.seq))
+            .unwrap_or(rows.len());
+        if first > 0 {
+            debug!(rows = first, "skipped rows confirmed before the reconnect");
+            rows.drain(..first);
+            self.confirmed += first as u64;
+            self.advance();
+        }
+        if !rows.is_empty() {
+            self.replaying = false;
+        }
+        Ok(())
+    }
+}

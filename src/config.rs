@@ -13,6 +13,7 @@ use std::time::Duration;
 use sqlx::postgres::PgConnectOptions;
 
 use crate::error::Error;
+pub use crate::target::DatabaseTarget;
 
 /// Which way the relay reads the outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,21 +45,6 @@ impl fmt::Display for Mode {
     }
 }
 
-/// Where a database is, without the password: safe to log and to put in errors.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DatabaseTarget {
-    pub host: String,
-    pub port: u16,
-    pub database: String,
-    pub user: String,
-}
-
-impl fmt::Display for DatabaseTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.host, self.port, self.database)
-    }
-}
-
 /// How to reach the outbox's database, and in which schema its tables live.
 #[derive(Clone)]
 pub struct DatabaseConfig {
@@ -75,13 +61,46 @@ pub struct DatabaseConfig {
     application_name: String,
 }
 
+/// The URL's `sslmode`, as libpq reads it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Allow,
+    /// TLS if the server offers it (libpq's default).
+    #[default]
+    Prefer,
+    Require,
+    /// TLS, and the server's certificate signed by `sslrootcert`.
+    VerifyCa,
+    /// As `VerifyCa`, and the certificate names the host in the URL.
+    VerifyFull,
+}
+
+impl FromStr for SslMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "disable" => SslMode::Disable,
+            "allow" => SslMode::Allow,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => {
+                return Err(format!(
+                    "sslmode \"{other}\" is not one of disable, allow, prefer, require, verify-ca, verify-full"
+                ));
+            }
+        })
+    }
+}
+
 /// The URL's `sslmode`, `sslrootcert`, `sslcert` and `sslkey`, as libpq
 /// reads them; the replication connection honours them as sqlx does.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsSettings {
-    /// `disable`, `allow`, `prefer` (the default), `require`, `verify-ca` or
-    /// `verify-full`.
-    pub mode: String,
+    pub mode: SslMode,
     pub root_cert: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -115,13 +134,14 @@ impl DatabaseConfig {
             .decode_utf8()
             .map(|p| p.into_owned())
             .unwrap_or(password);
-        let mut tls = TlsSettings {
-            mode: "prefer".into(),
-            ..TlsSettings::default()
-        };
+        let mut tls = TlsSettings::default();
         for (key, value) in parsed.query_pairs() {
             match key.as_ref() {
-                "sslmode" => tls.mode = value.into_owned(),
+                "sslmode" => {
+                    tls.mode = value.parse().map_err(|cause| {
+                        Error::Config(format!("{flag}: {cause}; {fix}?sslmode=verify-full"))
+                    })?
+                }
                 "sslrootcert" => tls.root_cert = Some(PathBuf::from(value.as_ref())),
                 "sslcert" => tls.cert = Some(PathBuf::from(value.as_ref())),
                 "sslkey" => tls.key = Some(PathBuf::from(value.as_ref())),
@@ -189,9 +209,21 @@ impl DatabaseConfig {
         self.call_timeout
     }
 
-    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+    /// The shortest [`DatabaseConfig::call_timeout`]: any less and no
+    /// query over a network can be waited for.
+    pub const MIN_CALL_TIMEOUT: Duration = Duration::from_secs(1);
+
+    /// Sets the call timeout; `flag` names where it came from, for the
+    /// error when it is below [`DatabaseConfig::MIN_CALL_TIMEOUT`].
+    pub fn with_call_timeout(mut self, timeout: Duration, flag: &str) -> Result<Self, Error> {
+        if timeout < Self::MIN_CALL_TIMEOUT {
+            return Err(Error::Config(format!(
+                "{flag} {} is too short to wait for any query; give at least 1s, e.g. 30s",
+                humantime::format_duration(timeout)
+            )));
+        }
         self.call_timeout = timeout;
-        self
+        Ok(self)
     }
 
     /// Connection options, with `search_path` set to the configured schema so
@@ -539,7 +571,7 @@ pub struct RelayConfig {
     pub on_poison: PoisonPolicy,
     /// Rows read, published and confirmed together; also the bound on
     /// records in flight.
-    pub batch_size: usize,
+    pub batch_size: std::num::NonZeroUsize,
     /// Longest wait between two polls of an idle outbox.
     pub poll_interval: Duration,
     /// How long a stopping relay waits for in-flight acks.
@@ -567,7 +599,7 @@ impl RelayConfig {
             topic_template: TopicTemplate::default(),
             null_payload: NullPayload::JsonNull,
             on_poison: PoisonPolicy::default(),
-            batch_size: 1000,
+            batch_size: std::num::NonZeroUsize::new(1000).expect("1000 is not zero"),
             poll_interval: Duration::from_millis(100),
             shutdown_timeout: Duration::from_secs(10),
             lease: LeaseConfig::default(),
@@ -640,13 +672,56 @@ mod tests {
         let schema = Identifier::parse("public", "--schema").unwrap();
         let db = DatabaseConfig::from_url(
             "postgres://u:p%40ss@h/db?sslmode=verify-full&sslrootcert=/etc/ca.pem",
-            schema,
+            schema.clone(),
             "--database-url",
         )
         .unwrap();
-        assert_eq!(db.tls().mode, "verify-full");
+        assert_eq!(db.tls().mode, SslMode::VerifyFull);
         assert_eq!(db.tls().root_cert, Some(PathBuf::from("/etc/ca.pem")));
         assert_eq!(db.password(), "p@ss");
+        let plain =
+            DatabaseConfig::from_url("postgres://u:p@h/db", schema.clone(), "--database-url");
+        assert_eq!(
+            plain.unwrap().tls().mode,
+            SslMode::Prefer,
+            "libpq's default"
+        );
+    }
+
+    #[test]
+    fn an_unknown_sslmode_is_an_error_not_a_silent_default() {
+        let schema = Identifier::parse("public", "--schema").unwrap();
+        let err = DatabaseConfig::from_url(
+            "postgres://u:s3cr3t@h/db?sslmode=verify_full",
+            schema,
+            "--database-url",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("--database-url: sslmode \"verify_full\" is not one of"),
+            "{err}"
+        );
+        assert!(!err.contains("s3cr3t"), "{err}");
+    }
+
+    #[test]
+    fn a_call_timeout_below_a_second_is_refused() {
+        let schema = Identifier::parse("public", "--schema").unwrap();
+        let db = DatabaseConfig::from_url("postgres://u:p@h/db", schema, "--database-url").unwrap();
+        let err = db
+            .clone()
+            .with_call_timeout(Duration::from_millis(500), "--database-timeout")
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("--database-timeout 500ms is too short"),
+            "{err}"
+        );
+        let db = db
+            .with_call_timeout(Duration::from_secs(5), "--database-timeout")
+            .unwrap();
+        assert_eq!(db.call_timeout(), Duration::from_secs(5));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! database URLs are carried as [`crate::config::DatabaseTarget`], which has no
 //! password in it.
 
-use crate::config::DatabaseTarget;
+use crate::target::DatabaseTarget;
 
 /// What went wrong, and whether trying again can help (see [`Error::is_transient`]).
 #[derive(Debug, thiserror::Error)]

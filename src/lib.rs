@@ -20,6 +20,7 @@ pub mod error;
 pub mod inbox;
 pub mod message;
 pub mod outbox;
+pub mod target;
 
 #[cfg(feature = "relay")]
 pub mod database;

@@ -621,7 +621,7 @@ impl<'a> ModeBench<'a> {
         let committed: Arc<Vec<AtomicU64>> =
             Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
         let origin = Instant::now();
-        let missing = |m: Missing| {
+        let missing = |relay: &RelayProcess, m: Missing| {
             relay.failed(&format!(
                 "published {} of {} live rows within the deadline",
                 m.received, m.total
@@ -631,15 +631,20 @@ impl<'a> ModeBench<'a> {
         let writers = self.write_live(&topic, &committed, origin, 0..warmup, shutdown);
         receive_timed(&consumer, &committed, origin, 0..warmup, rate, shutdown)
             .await
-            .map_err(missing)?;
+            .map_err(|m| missing(relay, m))?;
         join_writers(writers).await?;
+        // The relay records an ack before it confirms the row, and a row can
+        // reach the consumer before the relay has seen its ack: read the
+        // histogram once every row written so far is confirmed.
+        self.wait_until_drained(relay, shutdown).await?;
         let before = relay.ack_histogram().await?;
 
         let writers = self.write_live(&topic, &committed, origin, warmup..total, shutdown);
         let arrivals = receive_timed(&consumer, &committed, origin, warmup..total, rate, shutdown)
             .await
-            .map_err(missing)?;
+            .map_err(|m| missing(relay, m))?;
         join_writers(writers).await?;
+        self.wait_until_drained(relay, shutdown).await?;
         let after = relay.ack_histogram().await?;
         let acks = after.since(&before);
 

@@ -244,16 +244,10 @@ pub enum NullPayloadArg {
 impl RunArgs {
     /// Validates everything before anything connects.
     pub fn to_config(&self) -> Result<RelayConfig, Error> {
-        if self.database_timeout < Duration::from_secs(1) {
-            return Err(Error::Config(format!(
-                "--database-timeout (OUTBOX_DATABASE_TIMEOUT) {} is too short to wait for any query; give at least 1s, e.g. 30s",
-                humantime::format_duration(self.database_timeout)
-            )));
-        }
-        let database = self
-            .database
-            .to_config()?
-            .with_call_timeout(self.database_timeout);
+        let database = self.database.to_config()?.with_call_timeout(
+            self.database_timeout,
+            "--database-timeout (OUTBOX_DATABASE_TIMEOUT)",
+        )?;
         let mut config = RelayConfig::new(database, self.kafka.to_config()?);
         config.mode = self.mode;
         config.tail = self.tail.to_config()?;
@@ -270,7 +264,12 @@ impl RunArgs {
             PoisonArg::BlockAggregate => PoisonPolicy::BlockAggregate,
             PoisonArg::Halt => PoisonPolicy::Halt,
         };
-        config.batch_size = self.batch_size as usize;
+        config.batch_size =
+            std::num::NonZeroUsize::new(self.batch_size as usize).ok_or_else(|| {
+                Error::Config(
+                    "--batch-size (OUTBOX_BATCH_SIZE) is 0; give at least 1, e.g. 1000".into(),
+                )
+            })?;
         config.poll_interval = self.poll_interval;
         config.shutdown_timeout = self.shutdown_timeout;
         config.lease = LeaseConfig::new(self.lease, "--lease (OUTBOX_LEASE)")?;

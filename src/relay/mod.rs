@@ -200,7 +200,7 @@ impl<S: Source, K: Sink> Relay<S, K> {
             let reading = Instant::now();
             let rows = match self
                 .source
-                .next_batch(self.config.batch_size, idle, &shutdown)
+                .next_batch(self.config.batch_size.get(), idle, &shutdown)
                 .await
             {
                 Ok(rows) if rows.is_empty() => {

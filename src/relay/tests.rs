@@ -31,7 +31,7 @@ fn config(on_poison: PoisonPolicy, batch_size: usize) -> RelayConfig {
     };
     let mut config = RelayConfig::new(database, kafka);
     config.on_poison = on_poison;
-    config.batch_size = batch_size;
+    config.batch_size = std::num::NonZeroUsize::new(batch_size).unwrap();
     config.metrics_address = None;
     config
 }

@@ -2,6 +2,7 @@
 //! errors turned into ones a user can act on.
 
 use super::*;
+use crate::config;
 
 /// The SQLSTATE in a server error's text, which the replication client
 /// renders as `message (SQLSTATE xxxxx)`.
@@ -64,12 +65,13 @@ pub(super) fn replication_error(
 pub(super) fn replication_config(db: &DatabaseConfig, tail: &TailConfig) -> ReplicationConfig {
     let target = db.target();
     let settings = db.tls();
-    let mode = match settings.mode.as_str() {
-        "disable" => SslMode::Disable,
-        "require" => SslMode::Require,
-        "verify-ca" => SslMode::VerifyCa,
-        "verify-full" => SslMode::VerifyFull,
-        _ => SslMode::Prefer,
+    // `allow` (plain first, TLS if refused) has no counterpart: prefer TLS.
+    let mode = match settings.mode {
+        config::SslMode::Disable => SslMode::Disable,
+        config::SslMode::Allow | config::SslMode::Prefer => SslMode::Prefer,
+        config::SslMode::Require => SslMode::Require,
+        config::SslMode::VerifyCa => SslMode::VerifyCa,
+        config::SslMode::VerifyFull => SslMode::VerifyFull,
     };
     let mut tls = TlsConfig {
         mode,

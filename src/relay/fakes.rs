@@ -160,6 +160,8 @@ pub enum Plan {
     Reject,
     /// Refused for good before reaching the broker.
     Refuse,
+    /// Not handed to the broker this time.
+    NotSent,
     /// Never resolves.
     Hang,
 }
@@ -228,6 +230,7 @@ impl Sink for FakeSink {
             Plan::Fail(delay) => after(delay, Outcome::Failed("broker down".into())),
             Plan::Reject => after(Duration::ZERO, Outcome::Rejected("too large".into())),
             Plan::Refuse => Sent::Refused("invalid topic".into()),
+            Plan::NotSent => Sent::NotSent("local queue error".into()),
             Plan::Hang => Sent::Enqueued(futures::future::pending().boxed()),
         }
     }

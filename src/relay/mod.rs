@@ -33,7 +33,7 @@ use crate::message;
 use crate::metrics::{self, Dependency, Metrics};
 use crate::outbox::OutboxRow;
 use crate::ownership::{Candidate, Instance};
-use crate::sink::{KafkaSink, Outcome, Sink};
+use crate::sink::{KafkaSink, Outcome, Sent, Sink};
 use crate::source::{Aggregate, Confirm, PollSource, Source, TailSource};
 
 /// What a relay did before it stopped.
@@ -380,7 +380,13 @@ impl<S: Source, K: Sink> Relay<S, K> {
             if block && sent.refused() {
                 blocked.insert((row.aggregate_type.clone(), row.aggregate_id.clone()));
             }
+            let not_sent = matches!(sent, Sent::NotSent(_));
             pending.push(Some(sent));
+            // Nothing after it may overtake it: the rest of the batch is
+            // left unsent, unconfirmed, and read again.
+            if not_sent {
+                break;
+            }
         }
         // After shutdown fires, in-flight acks get `shutdown_timeout` more.
         let timeout = self.config.shutdown_timeout;

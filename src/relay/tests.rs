@@ -258,6 +258,21 @@ async fn transient_failures_back_off_exponentially_and_readiness_says_so() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_message_not_handed_over_is_overtaken_by_nothing_after_it() {
+    let source = FakeSource::with_rows(rows(4));
+    let sink = FakeSink::scripted(|m, attempt| match (seq_of(m), attempt) {
+        (2, 1) => Plan::NotSent,
+        _ => Plan::Ack(MS),
+    });
+    let relay = start(config(PoisonPolicy::DeadLetter, 10), &source, &sink);
+    until("the outbox to drain", || source.table().rows.is_empty()).await;
+    relay.stop().await.unwrap();
+    // Rows 3 and 4 were not sent behind the row that was not handed over.
+    assert_eq!(sink.sent(), [1, 2, 2, 3, 4]);
+    assert_eq!(source.table().confirms[0].published, [1]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_failing_read_is_retried_and_loses_nothing() {
     let source = FakeSource::with_rows(rows(3));
     source.table().failing_reads = 3;

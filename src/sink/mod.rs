@@ -19,7 +19,9 @@
 //!   authorized); it goes to `--on-poison`. Everything else is
 //!   [`Outcome::Failed`] and is sent again. A message refused before it
 //!   reached the broker is [`Sent::Refused`], known at once, so that under
-//!   `block-aggregate` the aggregate's later messages are never sent.
+//!   `block-aggregate` the aggregate's later messages are never sent; one
+//!   not handed over for a transient reason is [`Sent::NotSent`], and the
+//!   relay sends nothing after it, which could overtake it.
 //! - **Bounded waiting.** Every sent message resolves within
 //!   [`Sink::delivery_timeout`]; the relay renews its lease while it waits
 //!   that long and no longer.
@@ -57,6 +59,10 @@ pub enum Sent<A> {
     Enqueued(A),
     /// Refused for good before it reached the broker, with the reason.
     Refused(String),
+    /// Not handed to the broker this time (a transient local error). The
+    /// relay sends nothing more of the batch: a later message with the same
+    /// key must not overtake this one.
+    NotSent(String),
 }
 
 impl<A: Future<Output = Outcome>> Sent<A> {
@@ -70,6 +76,7 @@ impl<A: Future<Output = Outcome>> Sent<A> {
         match self {
             Sent::Enqueued(ack) => ack.await,
             Sent::Refused(reason) => Outcome::Rejected(reason),
+            Sent::NotSent(reason) => Outcome::Failed(reason),
         }
     }
 }

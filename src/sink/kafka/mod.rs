@@ -77,46 +77,25 @@ pub fn kafka_headers(record: &Message) -> OwnedHeaders {
 }
 
 /// Resolves to a record's outcome once librdkafka reports it.
-pub struct KafkaAck(AckState);
-
-enum AckState {
-    Waiting {
-        delivery: DeliveryFuture,
-        last_ack: Arc<LastAck>,
-    },
-    /// Failed to enqueue, transiently: known at once.
-    Done(Option<Outcome>),
-}
-
-impl KafkaAck {
-    fn waiting(delivery: DeliveryFuture, last_ack: Arc<LastAck>) -> Self {
-        KafkaAck(AckState::Waiting { delivery, last_ack })
-    }
-
-    fn done(outcome: Outcome) -> Self {
-        KafkaAck(AckState::Done(Some(outcome)))
-    }
+pub struct KafkaAck {
+    delivery: DeliveryFuture,
+    last_ack: Arc<LastAck>,
 }
 
 impl Future for KafkaAck {
     type Output = Outcome;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
-        let outcome = match &mut self.0 {
-            AckState::Done(outcome) => outcome
-                .take()
-                .unwrap_or_else(|| Outcome::Failed("the outcome was already taken".into())),
-            AckState::Waiting { delivery, last_ack } => match Pin::new(delivery).poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(Ok(_))) => {
-                    last_ack.record();
-                    Outcome::Acked
-                }
-                Poll::Ready(Ok(Err((err, _)))) => classify(&err),
-                Poll::Ready(Err(_)) => Outcome::Failed(
-                    "the producer was closed before the record was acknowledged".into(),
-                ),
-            },
+        let outcome = match Pin::new(&mut self.delivery).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(Ok(_))) => {
+                self.last_ack.record();
+                Outcome::Acked
+            }
+            Poll::Ready(Ok(Err((err, _)))) => classify(&err),
+            Poll::Ready(Err(_)) => {
+                Outcome::Failed("the producer was closed before the record was acknowledged".into())
+            }
         };
         Poll::Ready(outcome)
     }
@@ -291,7 +270,10 @@ impl Sink for KafkaSink {
         loop {
             match self.producer.send_result(future) {
                 Ok(delivery) => {
-                    return Sent::Enqueued(KafkaAck::waiting(delivery, self.last_ack.clone()));
+                    return Sent::Enqueued(KafkaAck {
+                        delivery,
+                        last_ack: self.last_ack.clone(),
+                    });
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     future = back;
@@ -300,7 +282,8 @@ impl Sink for KafkaSink {
                 Err((err, _)) => {
                     return match classify(&err) {
                         Outcome::Rejected(reason) => Sent::Refused(reason),
-                        outcome => Sent::Enqueued(KafkaAck::done(outcome)),
+                        Outcome::Failed(reason) => Sent::NotSent(reason),
+                        Outcome::Acked => Sent::NotSent(err.to_string()),
                     };
                 }
             }

@@ -397,7 +397,8 @@ impl<S: Source, K: Sink> Relay<S, K> {
         let renew_every = self.config.lease.renew_every();
         // `None`: the sink never gives up on a record (a timeout of 0).
         let renew_until = Instant::now().checked_add(self.sink.delivery_timeout() + renew_every);
-        let mut next_renewal = Instant::now() + renew_every;
+        // One timer for the whole batch, polled only while an ack is not in.
+        let mut renewal = pin!(tokio::time::sleep_until(Instant::now() + renew_every));
         let mut out = Published::default();
         for (row, pending) in rows.iter().zip(pending) {
             let Some(pending) = pending else {
@@ -409,13 +410,14 @@ impl<S: Source, K: Sink> Relay<S, K> {
             let mut delivery = pin!(pending.outcome());
             let outcome = loop {
                 tokio::select! {
+                    biased;
                     outcome = &mut delivery => break Some(outcome),
                     _ = &mut deadline => {
                         out.failure.get_or_insert_with(|| "in-flight records were not acknowledged within the shutdown timeout".into());
                         break None;
                     }
-                    _ = tokio::time::sleep_until(next_renewal), if renew_until.is_none_or(|until| Instant::now() < until) => {
-                        next_renewal += renew_every;
+                    _ = &mut renewal, if renew_until.is_none_or(|until| Instant::now() < until) => {
+                        renewal.as_mut().reset(Instant::now() + renew_every);
                         if let Err(e) = self.source.renew().await {
                             out.lease = Some(e);
                             break None;

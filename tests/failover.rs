@@ -112,15 +112,13 @@ async fn a_promoted_replica_under_the_same_url_loses_nothing(mode: &'static str)
     .await;
     // Rows the relay may not have published yet when the primary dies.
     let in_flight = write(&t.pool, 100, 20, 0.1).await;
-    written.committed.extend(in_flight.committed);
-    written.rolled_back.extend(in_flight.rolled_back);
+    written.append(in_flight);
     t.pool.close().await;
     pg.fail_over_to_copy().await.unwrap();
 
     let pool = migrated_pool(&t.url).await;
     let after = write(&pool, 100, 20, 0.1).await;
-    written.committed.extend(after.committed);
-    written.rolled_back.extend(after.rolled_back);
+    written.append(after);
     let records = consume_and_drain(
         &pool,
         &kafka.brokers(),

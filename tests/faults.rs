@@ -51,8 +51,7 @@ async fn postgres_restarts_lose_nothing(mode: &'static str) {
     let mut written = Written::default();
     for w in writers {
         let (w, _) = w.await.unwrap();
-        written.committed.extend(w.committed);
-        written.rolled_back.extend(w.rolled_back);
+        written.append(w);
     }
     let (records, _) =
         consume_everything_committed(pool, &kafka.brokers(), &topic, &written, DEADLINE).await;

@@ -141,8 +141,7 @@ async fn a_hung_leader_is_fenced_and_replaced(mode: &'static str, hang: Hang) {
     second_log
         .wait_for_line(ACTIVE, Duration::from_secs(1))
         .await;
-    written.committed.extend(after.committed);
-    written.rolled_back.extend(after.rolled_back);
+    written.append(after);
     let confirmed_before_resuming = confirmed_by(pool, pid(&first)).await;
     assert!(
         confirmed_before_resuming > 0,
@@ -156,8 +155,7 @@ async fn a_hung_leader_is_fenced_and_replaced(mode: &'static str, hang: Hang) {
     }
     first_log.wait_for_line("lost the lease", DEADLINE).await;
     let later = write(pool, 100, 20, 0.1).await;
-    written.committed.extend(later.committed);
-    written.rolled_back.extend(later.rolled_back);
+    written.append(later);
     let records = consume_and_drain(
         pool,
         &t.kafka.brokers(),
@@ -307,8 +305,7 @@ async fn a_broker_outage_longer_than_the_lease_moves_no_leadership(mode: &'stati
     t.kafka.stop_brokers();
     let stopped = Instant::now();
     let during = write(pool, 100, 20, 0.1).await;
-    written.committed.extend(during.committed);
-    written.rolled_back.extend(during.rolled_back);
+    written.append(during);
     wait_for("/readyz to say that Kafka is failing", DEADLINE, || async {
         let (status, body) = get(&address, "/readyz").await;
         status == 503 && body.contains("publishing to Kafka")
@@ -461,8 +458,7 @@ async fn a_standby_that_may_not_fence_says_why_and_waits() {
     .await;
     signal(&first, Signal::SIGSTOP);
     let after = write(pool, 50, 20, 0.1).await;
-    written.committed.extend(after.committed);
-    written.rolled_back.extend(after.rolled_back);
+    written.append(after);
     let line = second_log
         .wait_for_line("may not end its session", DEADLINE)
         .await;

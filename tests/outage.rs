@@ -35,8 +35,7 @@ async fn outbox_ids(pool: &sqlx::PgPool) -> HashSet<Uuid> {
 }
 
 fn extend(all: &mut Written, more: Written) {
-    all.committed.extend(more.committed);
-    all.rolled_back.extend(more.rolled_back);
+    all.append(more);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -40,8 +40,7 @@ async fn kill_9_in_a_loop_loses_nothing_and_keeps_order() {
     let mut written = Written::default();
     for w in writers {
         let w = w.await.unwrap();
-        written.committed.extend(w.committed);
-        written.rolled_back.extend(w.rolled_back);
+        written.append(w);
     }
     assert!(
         kills >= 10,
@@ -256,8 +255,7 @@ async fn injected_broker_errors_lose_nothing_and_keep_order() {
         ],
     );
     let more = write(pool, 150, 15, 0.1).await;
-    written.committed.extend(more.committed);
-    written.rolled_back.extend(more.rolled_back);
+    written.append(more);
 
     let records = consume_ids(&kafka.brokers(), &[&topic], &written.committed, DEADLINE).await;
     relay.kill().await.unwrap();

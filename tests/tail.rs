@@ -84,8 +84,7 @@ async fn kill_9_and_a_postgres_restart_lose_nothing_and_keep_order() {
     let mut uncertain = 0;
     for w in writers {
         let (w, u) = w.await.unwrap();
-        written.committed.extend(w.committed);
-        written.rolled_back.extend(w.rolled_back);
+        written.append(w);
         uncertain += u;
     }
     assert!(

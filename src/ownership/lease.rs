@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::DatabaseConfig;
-use crate::database::timed;
+use crate::database::{timed, within};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::ownership::Candidate;
@@ -170,14 +170,14 @@ impl Leader {
         let (conn, lease) = self.parts()?;
         let sent = Instant::now();
         let doing = "renewing the lease";
-        let renewed = timed(limit, doing, async {
+        let renewed = within(
+            limit,
+            doing,
             sqlx::query(RENEW)
                 .bind(&lease.name)
                 .bind(lease.epoch)
-                .execute(conn)
-                .await
-                .map_err(Error::db(doing))
-        })
+                .execute(conn),
+        )
         .await?;
         if renewed.rows_affected() == 0 {
             return Err(lease.lost());
@@ -242,13 +242,13 @@ pub async fn acquire(
     let mut standing_by = false;
     let mut cannot_fence: Option<String> = None;
     loop {
-        let locked: bool = timed(limit, "taking the leader lock", async {
+        let locked: bool = within(
+            limit,
+            "taking the leader lock",
             sqlx::query_scalar(TRY_LOCK)
                 .bind(&name)
-                .fetch_one(&mut conn)
-                .await
-                .map_err(Error::db("taking the leader lock"))
-        })
+                .fetch_one(&mut conn),
+        )
         .await?;
         if locked {
             let sent = Instant::now();
@@ -275,14 +275,14 @@ pub async fn acquire(
             standing_by = true;
         }
         let mut wait = STANDBY_INTERVAL;
-        let stale = timed(limit, "reading the lease", async {
+        let stale = within(
+            limit,
+            "reading the lease",
             sqlx::query_as::<_, (String, i64, i32, f64)>(STALE_HOLDER)
                 .bind(&name)
                 .bind(ttl.as_secs_f64())
-                .fetch_optional(&mut conn)
-                .await
-                .map_err(Error::db("reading the lease"))
-        })
+                .fetch_optional(&mut conn),
+        )
         .await?;
         if let Some((holder, epoch, pid, age)) = stale {
             match fence(&mut conn, &name, epoch, ttl, limit).await {

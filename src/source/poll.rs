@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::config::DatabaseConfig;
-use crate::database::timed;
+use crate::database::within;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::outbox::OutboxRow;
@@ -111,13 +111,13 @@ impl Source for PollSource {
                 Ok(conn) => conn,
                 Err(e) => return self.forget_on_error(Err(e)),
             };
-            let rows = timed(limit_time, "reading outbox rows", async {
+            let rows = within(
+                limit_time,
+                "reading outbox rows",
                 sqlx::query_as::<_, OutboxRow>(SELECT_BATCH)
                     .bind(limit)
-                    .fetch_all(conn)
-                    .await
-                    .map_err(Error::db("reading outbox rows"))
-            })
+                    .fetch_all(conn),
+            )
             .await;
             let rows = self.forget_on_error(rows)?;
             self.metrics.database_ok();

@@ -9,6 +9,14 @@ pub struct Written {
     pub rolled_back: Vec<Uuid>,
 }
 
+impl Written {
+    /// Adds what `more` wrote.
+    pub fn append(&mut self, more: Written) {
+        self.committed.extend(more.committed);
+        self.rolled_back.extend(more.rolled_back);
+    }
+}
+
 /// Creates `agg` with `aggregates` rows. Writers lock an aggregate's row and
 /// bump its version, so its events' versions follow commit order.
 pub async fn create_aggregates(pool: &PgPool, aggregates: u32) {

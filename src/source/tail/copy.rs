@@ -27,14 +27,14 @@ impl TailSource {
             return Ok(None);
         };
         let doing = "copying the rows already in the outbox";
-        let rows = timed(self.database.call_timeout(), doing, async {
+        let rows = within(
+            self.database.call_timeout(),
+            doing,
             sqlx::query_as::<_, OutboxRow>(SELECT_COPY_BATCH)
                 .bind(copy.after_seq)
                 .bind(i64::try_from(max).unwrap_or(i64::MAX))
-                .fetch_all(&mut copy.snapshot)
-                .await
-                .map_err(Error::db(doing))
-        })
+                .fetch_all(&mut copy.snapshot),
+        )
         .await?;
         if !rows.is_empty() {
             copy.batch_last_seqs = rows.iter().map(|r| r.seq).collect();

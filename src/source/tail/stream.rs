@@ -233,13 +233,13 @@ impl Stream {
         let leader = leader.conn()?;
         let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
         let doing = "checking which replayed rows were published";
-        let present: Vec<i64> = timed(database.call_timeout(), doing, async {
+        let present: Vec<i64> = within(
+            database.call_timeout(),
+            doing,
             sqlx::query_scalar(STILL_IN_OUTBOX)
                 .bind(&seqs)
-                .fetch_all(leader)
-                .await
-                .map_err(Error::db(doing))
-        })
+                .fetch_all(leader),
+        )
         .await?;
         let first = rows
             .iter()

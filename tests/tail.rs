@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use outbox_relay::embedded::{StopMode, TempPostgres};
 use rand::Rng;
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
 use support::*;
 use uuid::Uuid;
 
@@ -636,4 +636,111 @@ async fn the_slot_never_moves_past_rows_kafka_has_not_acknowledged() {
     relay.kill().await.unwrap();
     assert_delivered(&records, &written);
     assert_order(&records);
+}
+
+/// Postgres sends a transaction to a replication client once its commit
+/// record is flushed, a moment before other sessions can see its rows; under
+/// synchronous replication the committing session waits for a standby in
+/// between, for as long as the standby takes. Here the standby never answers,
+/// so the rows of the test's blocked transactions reach the relay while no
+/// query can see them, until the test cancels the commit's wait (the
+/// transaction stays committed). The relay must neither take them for rows
+/// it already published (right after connecting it skips replayed rows that
+/// are gone from the table), nor confirm them with a delete that finds
+/// nothing and leaves them in the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rows_sent_before_their_commit_is_visible_are_published_and_confirmed() {
+    let mut pg = TempPostgres::start().await.unwrap();
+    let url = pg.create_database("shop").await.unwrap();
+    // Every session of this database commits without waiting for the
+    // standby, except the blocked writer's.
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("alter database shop set synchronous_commit = local")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    admin.close().await.unwrap();
+    pg.set("synchronous_standby_names", "nobody");
+    pg.stop(StopMode::Fast);
+    pg.start_again().await.unwrap();
+
+    let t = Setup::on(url.clone(), Kafka::mock(), "tail").await;
+    let pool = &t.pool;
+    create_aggregates(pool, 5).await;
+    let topic = t.topic("acct", 2).await;
+    let mut cmd = t.relay_command();
+    cmd.env("OUTBOX_LOG", "info,outbox_relay::source=debug");
+    let (mut relay, log) = support::spawn_logged(cmd);
+    log.wait_for_line("streaming the outbox from the WAL", DEADLINE)
+        .await;
+
+    // Right after connecting, the relay checks which rows it already
+    // published; then, streaming, it deletes what Kafka acknowledged.
+    let mut written = Written::default();
+    for waiting in [
+        "received rows whose transaction is not visible yet",
+        "confirmed rows whose transaction is not visible yet",
+    ] {
+        let writer = blocked_commit(&url);
+        let pid = committing_pid(pool).await;
+        log.wait_for_line(waiting, DEADLINE).await;
+        let cancelled: bool = sqlx::query_scalar("select pg_cancel_backend($1)")
+            .bind(pid)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert!(cancelled);
+        written.append(writer.await.unwrap());
+        let records =
+            consume_ids(&t.kafka.brokers(), &[&topic], &written.committed, DEADLINE).await;
+        assert_delivered(&records, &written);
+        assert_order(&records);
+        wait_for("the outbox to drain", DEADLINE, || async {
+            outbox_count(pool).await == 0
+        })
+        .await;
+    }
+    relay.kill().await.unwrap();
+}
+
+/// Writes one business transaction whose commit waits for the synchronous
+/// standby, on a connection of its own; returns when the wait is cancelled.
+fn blocked_commit(url: &str) -> tokio::task::JoinHandle<Written> {
+    let url = url.to_string();
+    tokio::spawn(async move {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("set synchronous_commit = on")
+                        .execute(conn)
+                        .await
+                        .map(drop)
+                })
+            })
+            .connect(&url)
+            .await
+            .unwrap();
+        write(&pool, 1, 5, 0.0).await
+    })
+}
+
+/// The backend whose commit waits for the synchronous standby.
+async fn committing_pid(pool: &PgPool) -> i32 {
+    let until = std::time::Instant::now() + DEADLINE;
+    loop {
+        let pid: Option<i32> =
+            sqlx::query_scalar("select pid from pg_stat_activity where wait_event = 'SyncRep'")
+                .fetch_optional(pool)
+                .await
+                .unwrap();
+        if let Some(pid) = pid {
+            return pid;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "timed out waiting for a commit waiting for the standby"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

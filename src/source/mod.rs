@@ -84,12 +84,49 @@ pub trait Source {
     fn confirm(&mut self, confirm: &Confirm) -> impl Future<Output = Result<(), Error>> + Send;
 }
 
+/// A subquery: how many of the transactions in the `bigint[]` parameter
+/// `$xids` (32-bit ids, as a logical replication stream gives them) the
+/// statement's snapshot does not see.
+///
+/// A transaction is sent to a logical replication client once its commit
+/// record is flushed, which is a moment before it becomes visible to other
+/// sessions (longer under synchronous replication, where the committing
+/// session waits for a standby in between). Rows read from the WAL may
+/// therefore be invisible for a short while: a statement that looks them up
+/// or deletes them must see their transaction first, or it would take them
+/// for already deleted, or delete nothing. Once a committed transaction is
+/// visible to one snapshot it is visible to every later one.
+///
+/// Each id is widened to 64 bits against the snapshot's `xmax` (an id is
+/// within 2^31 of it), then checked with `pg_visible_in_snapshot`.
+macro_rules! unseen {
+    ($xids:literal) => {
+        concat!(
+            "(select count(*) from unnest(",
+            $xids,
+            "::bigint[]) as t(xid), \
+             lateral (select pg_current_snapshot() as snap) s, \
+             lateral (select pg_snapshot_xmax(s.snap)::text::bigint as xmax) m \
+             where not pg_visible_in_snapshot((m.xmax - (m.xmax % 4294967296 - t.xid + 6442450944) % 4294967296 \
+             + 2147483648)::text::xid8, s.snap))"
+        )
+    };
+}
+pub(crate) use unseen;
+
 /// Deletes published rows if the lease's epoch is still current, renewing
-/// it, in one statement; says whether the lease held.
-const DELETE_PUBLISHED: &str = "with lease as (update relay_lease set renewed_at = now() \
+/// it, in one statement; says whether the lease held, and how many of the
+/// transactions `$4` the statement did not see (see [`unseen!`]).
+const DELETE_PUBLISHED: &str = concat!(
+    "with lease as (update relay_lease set renewed_at = now() \
      where name = $2 and epoch = $3 returning 1), \
      deleted as (delete from outbox where seq = any($1) and exists (select 1 from lease) returning 1) \
-     select exists (select 1 from lease)";
+     select exists (select 1 from lease), ",
+    unseen!("$4")
+);
+
+/// How many of the transactions `$1` this statement does not see.
+const UNSEEN: &str = concat!("select ", unseen!("$1"));
 
 const MOVE_TO_DEAD_LETTER: &str = "with moved as (delete from outbox where seq = any($1) returning *) \
      insert into dead_letter (seq, id, aggregate_type, aggregate_id, event_type, topic, payload, headers, created_at, error) \
@@ -181,9 +218,15 @@ async fn read_blocked_aggregates(
 /// within the call timeout `limit`. An empty confirm only renews the lease.
 /// Fails with [`Error::LeaseLost`], confirming nothing, if the lease ran out
 /// here or another instance took it over.
+///
+/// `transactions` are the ids of the transactions the rows were read from
+/// when they came from the WAL (empty when they were read with a query):
+/// until every one of them is visible, the confirm is applied again, so that
+/// no row is left behind because it was not visible yet (see [`unseen!`]).
 pub(crate) async fn apply_confirm(
     leader: &mut Leader,
     confirm: &Confirm,
+    transactions: &[i64],
     limit: Duration,
 ) -> Result<(), Error> {
     if confirm.is_empty() {
@@ -192,10 +235,22 @@ pub(crate) async fn apply_confirm(
     let (conn, lease) = leader.parts()?;
     let sent = std::time::Instant::now();
     let held = timed(limit, "confirming published rows", async {
-        if confirm.dead_letters.is_empty() {
-            delete_published(conn, &confirm.published, lease).await
-        } else {
-            confirm_in_transaction(conn, confirm, lease).await
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let (held, unseen) = if confirm.dead_letters.is_empty() {
+                delete_published(conn, &confirm.published, transactions, lease).await?
+            } else {
+                confirm_in_transaction(conn, confirm, transactions, lease).await?
+            };
+            if !held || unseen == 0 {
+                return Ok(held);
+            }
+            tracing::debug!(
+                transactions = unseen,
+                "confirmed rows whose transaction is not visible yet; waiting for it"
+            );
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
     })
     .await?;
@@ -210,24 +265,38 @@ pub(crate) async fn apply_confirm(
 async fn delete_published(
     conn: &mut PgConnection,
     published: &[i64],
+    transactions: &[i64],
     lease: &ownership::Lease,
-) -> Result<bool, Error> {
-    sqlx::query_scalar(DELETE_PUBLISHED)
+) -> Result<(bool, i64), Error> {
+    sqlx::query_as(DELETE_PUBLISHED)
         .bind(published)
         .bind(lease.name())
         .bind(lease.epoch())
+        .bind(transactions)
         .fetch_one(conn)
         .await
         .map_err(Error::db("confirming published rows"))
 }
 
+/// With rows to move to the dead-letter table: one transaction, applied only
+/// once every transaction in `transactions` is visible (a statement sees
+/// what committed before it started).
 async fn confirm_in_transaction(
     conn: &mut PgConnection,
     confirm: &Confirm,
+    transactions: &[i64],
     lease: &ownership::Lease,
-) -> Result<bool, Error> {
+) -> Result<(bool, i64), Error> {
     let doing = "confirming published rows";
     let mut tx = conn.begin().await.map_err(Error::db(doing))?;
+    let unseen: i64 = sqlx::query_scalar(UNSEEN)
+        .bind(transactions)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(Error::db(doing))?;
+    if unseen > 0 {
+        return Ok((true, unseen));
+    }
     let renewed = sqlx::query(RENEW)
         .bind(lease.name())
         .bind(lease.epoch())
@@ -236,7 +305,7 @@ async fn confirm_in_transaction(
         .map_err(Error::db(doing))?;
     if renewed.rows_affected() == 0 {
         // Dropping the transaction rolls it back.
-        return Ok(false);
+        return Ok((false, 0));
     }
     if !confirm.published.is_empty() {
         sqlx::query("delete from outbox where seq = any($1)")
@@ -257,5 +326,5 @@ async fn confirm_in_transaction(
         .await
         .map_err(Error::db("moving rejected rows to the dead-letter table"))?;
     tx.commit().await.map_err(Error::db(doing))?;
-    Ok(true)
+    Ok((true, 0))
 }

@@ -166,7 +166,7 @@ impl Source for PollSource {
                 doing: "confirming published rows",
             });
         };
-        let result = apply_confirm(leader, confirm, self.database.call_timeout()).await;
+        let result = apply_confirm(leader, confirm, &[], self.database.call_timeout()).await;
         if result.is_ok() {
             debug!(
                 published = confirm.published.len(),

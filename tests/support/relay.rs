@@ -30,7 +30,11 @@ pub fn relay_command_in(mode: &str, url: &str, brokers: &str, prefix: &str) -> C
     ])
     .arg("--topic-template")
     .arg(format!("{prefix}.{{aggregate_type}}"))
-    .env("OUTBOX_LOG", "info")
+    // OUTBOX_TEST_RELAY_LOG=debug shows the relays' per-batch lines.
+    .env(
+        "OUTBOX_LOG",
+        std::env::var("OUTBOX_TEST_RELAY_LOG").unwrap_or_else(|_| "info".into()),
+    )
     .kill_on_drop(true);
     cmd
 }

@@ -280,7 +280,12 @@ impl Source for TailSource {
                 doing: "confirming published rows",
             });
         };
-        let applied = apply_confirm(leader, confirm, self.database.call_timeout()).await;
+        let transactions = match &self.phase {
+            Phase::Stream(stream) => stream.batch_xids.as_slice(),
+            _ => &[],
+        };
+        let applied =
+            apply_confirm(leader, confirm, transactions, self.database.call_timeout()).await;
         let lease_until = leader.lease().valid_until();
         self.reset(applied)?;
         let n = confirm.len();

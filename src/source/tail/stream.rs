@@ -4,12 +4,23 @@
 
 use super::*;
 
-pub(super) const STILL_IN_OUTBOX: &str = "select seq from outbox where seq = any($1)";
+/// Which of the rows `$1` are still in the outbox, and how many of the
+/// transactions `$2` this statement does not see yet (see
+/// [`crate::source::unseen!`]): only when it sees them all does an absent
+/// row mean a deleted one.
+pub(super) const STILL_IN_OUTBOX: &str = concat!(
+    "select array(select seq from outbox where seq = any($1)), ",
+    crate::source::unseen!("$2")
+);
 
 pub(super) struct Stream {
     pub(super) client: ReplicationClient,
     pub(super) outbox: Option<OutboxColumns>,
     pub(super) in_transaction: bool,
+    /// The id of the transaction being received.
+    pub(super) xid: u32,
+    /// The ids of the transactions the rows of the current batch came from.
+    pub(super) batch_xids: Vec<i64>,
     /// Rows taken from the stream since connecting (published or skipped).
     pub(super) received: u64,
     /// Of those, rows confirmed (a prefix).
@@ -51,6 +62,8 @@ impl Stream {
                         client,
                         outbox: None,
                         in_transaction: false,
+                        xid: 0,
+                        batch_xids: Vec::new(),
                         received: 0,
                         confirmed: 0,
                         marks: VecDeque::new(),
@@ -86,6 +99,7 @@ impl Stream {
         shutdown: &CancellationToken,
     ) -> Result<Vec<OutboxRow>, Error> {
         let idle_until = tokio::time::Instant::now() + idle;
+        self.batch_xids.clear();
         loop {
             let mut rows = Vec::new();
             while rows.len() < max {
@@ -134,7 +148,10 @@ impl Stream {
         database: &DatabaseConfig,
     ) -> Result<(), Error> {
         match event {
-            ReplicationEvent::Begin { .. } => self.in_transaction = true,
+            ReplicationEvent::Begin { xid, .. } => {
+                self.in_transaction = true;
+                self.xid = xid;
+            }
             ReplicationEvent::Commit { end_lsn, .. } => {
                 self.in_transaction = false;
                 self.mark(end_lsn);
@@ -173,6 +190,10 @@ impl Stream {
                                     .map_err(|e| undecodable(e.to_string()))?,
                             );
                             self.received += 1;
+                            let xid = i64::from(self.xid);
+                            if self.batch_xids.last() != Some(&xid) {
+                                self.batch_xids.push(xid);
+                            }
                         }
                     }
                     Message::Other(_) => {}
@@ -233,13 +254,28 @@ impl Stream {
         let leader = leader.conn()?;
         let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
         let doing = "checking which replayed rows were published";
-        let present: Vec<i64> = within(
-            database.call_timeout(),
-            doing,
-            sqlx::query_scalar(STILL_IN_OUTBOX)
-                .bind(&seqs)
-                .fetch_all(leader),
-        )
+        // Bounded as a whole: a transaction that stays invisible (a
+        // synchronous standby that does not answer) ends in a reconnect.
+        let present: Vec<i64> = timed(database.call_timeout(), doing, async {
+            let mut pause = Duration::from_millis(1);
+            loop {
+                let (present, unseen): (Vec<i64>, i64) = sqlx::query_as(STILL_IN_OUTBOX)
+                    .bind(&seqs)
+                    .bind(&self.batch_xids)
+                    .fetch_one(&mut *leader)
+                    .await
+                    .map_err(Error::db(doing))?;
+                if unseen == 0 {
+                    return Ok(present);
+                }
+                debug!(
+                    transactions = unseen,
+                    "received rows whose transaction is not visible yet; waiting for it"
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+        })
         .await?;
         let first = rows
             .iter()

@@ -514,6 +514,39 @@ impl fmt::Display for PoisonPolicy {
     }
 }
 
+/// The longest pause between two polls of an idle outbox (a notification
+/// from a writer ends it early).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PollInterval(Duration);
+
+impl PollInterval {
+    pub const DEFAULT: PollInterval = PollInterval(Duration::from_millis(100));
+    /// Below this an idle relay would query Postgres in a busy loop.
+    pub const MIN: Duration = Duration::from_millis(1);
+
+    /// `flag` names where the value came from, for the error message.
+    pub fn new(interval: Duration, flag: &str) -> Result<Self, Error> {
+        if interval < Self::MIN {
+            return Err(Error::Config(format!(
+                "{flag} {} would make an idle relay query Postgres without pause; give at least {}, e.g. 100ms",
+                humantime::format_duration(interval),
+                humantime::format_duration(Self::MIN)
+            )));
+        }
+        Ok(PollInterval(interval))
+    }
+
+    pub fn get(&self) -> Duration {
+        self.0
+    }
+}
+
+impl Default for PollInterval {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
 /// How long leadership lasts without progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseConfig {
@@ -573,7 +606,7 @@ pub struct RelayConfig {
     /// records in flight.
     pub batch_size: std::num::NonZeroUsize,
     /// Longest wait between two polls of an idle outbox.
-    pub poll_interval: Duration,
+    pub poll_interval: PollInterval,
     /// How long a stopping relay waits for in-flight acks.
     pub shutdown_timeout: Duration,
     /// Leadership among instances on one outbox.
@@ -600,7 +633,7 @@ impl RelayConfig {
             null_payload: NullPayload::JsonNull,
             on_poison: PoisonPolicy::default(),
             batch_size: std::num::NonZeroUsize::new(1000).expect("1000 is not zero"),
-            poll_interval: Duration::from_millis(100),
+            poll_interval: PollInterval::DEFAULT,
             shutdown_timeout: Duration::from_secs(10),
             lease: LeaseConfig::default(),
             metrics_address: Some(Self::DEFAULT_METRICS_ADDRESS),

@@ -12,8 +12,9 @@
 //! a service needs ([`outbox`], [`inbox`], [`MIGRATOR`]) and compiles no
 //! broker client, HTTP server or replication client. `relay` adds the
 //! sources, the loop, leadership and the metrics endpoints; `kafka` the Kafka
-//! sink (and [`inbox::kafka_message_id`]); `testkit` the throwaway Postgres
-//! of the tests and the demo; `cli` the binary. The default is all of them.
+//! sink (and [`inbox::kafka_message_id`]); `cli` the binary (with its demo
+//! and bench, and their throwaway Postgres, which is not part of the
+//! library). The default is all of them.
 
 pub mod config;
 pub mod error;
@@ -36,9 +37,6 @@ pub mod relay;
 pub mod sink;
 #[cfg(feature = "relay")]
 pub mod source;
-
-#[cfg(feature = "testkit")]
-pub mod embedded;
 
 pub use config::RelayConfig;
 pub use error::Error;

@@ -7,6 +7,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use clap::error::ErrorKind;
 mod cmd;
+// Shared with the test harness, which uses more of it than the binary.
+#[allow(dead_code)]
+mod testkit;
 
 use cmd::cli::{Cli, Command, DeadLettersCommand, LogFormat};
 use cmd::{bench, demo};

@@ -203,6 +203,26 @@ async fn a_bad_metrics_address_is_one_line() {
 }
 
 #[tokio::test]
+async fn a_poll_interval_of_zero_is_one_line() {
+    let (code, stderr) = run(&[
+        "run",
+        "--database-url",
+        "postgres://a:hunter2@h/d",
+        "--brokers",
+        "b:9092",
+        "--poll-interval",
+        "0s",
+    ])
+    .await;
+    assert_eq!(code, 2);
+    assert_one_line(
+        &stderr,
+        "error: --poll-interval (OUTBOX_POLL_INTERVAL) 0s would make an idle relay query Postgres without pause; give at least 1ms, e.g. 100ms",
+        "hunter2",
+    );
+}
+
+#[tokio::test]
 async fn unreachable_broker_is_retried_and_said_once() {
     let url = fresh_database().await;
     migrated_pool(&url).await;

@@ -7,7 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use outbox_relay::embedded::TempPostgres;
+use support::testkit::TempPostgres;
 use support::*;
 
 const DEADLINE: Duration = Duration::from_secs(120);

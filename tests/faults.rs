@@ -6,8 +6,8 @@ mod support;
 
 use std::time::Duration;
 
-use outbox_relay::embedded::{StopMode, TempPostgres};
 use sqlx::Connection;
+use support::testkit::{StopMode, TempPostgres};
 use support::*;
 
 const DEADLINE: Duration = Duration::from_secs(120);

@@ -85,7 +85,7 @@ async fn metrics_and_readiness_follow_what_the_relay_does() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn readiness_returns_after_a_database_outage_with_nothing_to_publish() {
-    let mut pg = outbox_relay::embedded::TempPostgres::start().await.unwrap();
+    let mut pg = support::testkit::TempPostgres::start().await.unwrap();
     let url = pg.create_database("shop").await.unwrap();
     let t = Setup::on(url, Kafka::mock(), "poll").await;
     let (mut relay, log) = t.logged_relay(&[]);
@@ -95,7 +95,7 @@ async fn readiness_returns_after_a_database_outage_with_nothing_to_publish() {
     })
     .await;
 
-    pg.stop(outbox_relay::embedded::StopMode::Fast);
+    pg.stop(support::testkit::StopMode::Fast);
     wait_for("/readyz to report the database", DEADLINE, || async {
         let (status, body) = get(&address, "/readyz").await;
         status == 503 && body.contains("reading the outbox")

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use outbox_relay::embedded::{StopMode, TempPostgres};
 use rand::Rng;
 use sqlx::{Connection, PgPool};
+use support::testkit::{StopMode, TempPostgres};
 use support::*;
 use uuid::Uuid;
 

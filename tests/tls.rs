@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use nix::unistd::{Uid, User, chown};
-use outbox_relay::embedded::{StopMode, TempPostgres};
+use support::testkit::{StopMode, TempPostgres};
 use support::*;
 
 const DEADLINE: Duration = Duration::from_secs(90);

@@ -45,15 +45,15 @@ use sqlx::{Connection, PgConnection, PgPool};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
+use crate::testkit::TempPostgres;
 use outbox_relay::config::{
     DatabaseConfig, Identifier, KafkaConfig, Mode, NullPayload, TailConfig, TopicTemplate,
 };
 use outbox_relay::database;
-use outbox_relay::embedded::TempPostgres;
 use outbox_relay::error::Error;
 use outbox_relay::message;
 use outbox_relay::outbox::{self, Event, OutboxRow};
-use outbox_relay::sink::kafka::{kafka_headers, producer_config};
+use outbox_relay::sink::kafka::producer_properties;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -940,18 +940,34 @@ impl ProducerContext for AckContext {
     }
 }
 
+/// The message's headers, in order.
+fn headers(record: &message::Message) -> rdkafka::message::OwnedHeaders {
+    let mut headers = rdkafka::message::OwnedHeaders::new_with_capacity(record.headers.len());
+    for (key, value) in &record.headers {
+        headers = headers.insert(rdkafka::message::Header {
+            key,
+            value: Some(value),
+        });
+    }
+    headers
+}
+
 /// Produces every record with the relay's producer settings and a delivery
 /// callback (no per-record future), waits for all acks, returns records/s.
 fn produce_all(config: &KafkaConfig, records: &[message::Message]) -> Result<f64, Error> {
     let acks = Arc::new(Acks::default());
-    let producer: ThreadedProducer<AckContext> = producer_config(config)
+    let mut client = rdkafka::ClientConfig::new();
+    for (key, value) in producer_properties(config) {
+        client.set(key, value);
+    }
+    let producer: ThreadedProducer<AckContext> = client
         .create_with_context(AckContext(acks.clone()))
         .map_err(Error::kafka("creating the plain producer"))?;
     let started = Instant::now();
     for record in records {
         let mut base = BaseRecord::to(&record.topic)
             .key(record.key.as_bytes())
-            .headers(kafka_headers(record));
+            .headers(headers(record));
         if let Some(value) = &record.value {
             base = base.payload(value.as_slice());
         }

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use outbox_relay::config::{
     DatabaseConfig, Identifier, KafkaConfig, LeaseConfig, Mode, NullPayload, PoisonPolicy,
-    RelayConfig, SlotName, TailConfig, TopicTemplate,
+    PollInterval, RelayConfig, SlotName, TailConfig, TopicTemplate,
 };
 use outbox_relay::error::Error;
 
@@ -270,7 +270,8 @@ impl RunArgs {
                     "--batch-size (OUTBOX_BATCH_SIZE) is 0; give at least 1, e.g. 1000".into(),
                 )
             })?;
-        config.poll_interval = self.poll_interval;
+        config.poll_interval =
+            PollInterval::new(self.poll_interval, "--poll-interval (OUTBOX_POLL_INTERVAL)")?;
         config.shutdown_timeout = self.shutdown_timeout;
         config.lease = LeaseConfig::new(self.lease, "--lease (OUTBOX_LEASE)")?;
         config.metrics_address = match self.metrics_address.trim() {

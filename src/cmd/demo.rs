@@ -23,11 +23,11 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::cmd::cli::DemoArgs;
+use crate::testkit::TempPostgres;
 use outbox_relay::config::{
     DatabaseConfig, Identifier, KafkaConfig, Mode, RelayConfig, SlotName, TailConfig, TopicTemplate,
 };
 use outbox_relay::database;
-use outbox_relay::embedded::TempPostgres;
 use outbox_relay::error::Error;
 use outbox_relay::inbox::{self, Claim};
 use outbox_relay::outbox::{self, Event};

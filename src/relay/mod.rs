@@ -82,7 +82,7 @@ pub async fn run(mut config: RelayConfig, shutdown: CancellationToken) -> Result
             let source = PollSource::new(
                 config.database.clone(),
                 candidate,
-                config.poll_interval,
+                config.poll_interval.get(),
                 metrics.clone(),
             );
             Relay::new(config, source, sink, metrics)

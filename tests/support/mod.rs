@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use outbox_relay::embedded::TempPostgres;
 use outbox_relay::outbox::{self, Event};
 use rand::Rng;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -27,6 +26,10 @@ use tokio::process::{Child, Command};
 use uuid::Uuid;
 
 mod certificates;
+/// The throwaway Postgres, shared with the binary's demo and bench.
+#[path = "../../src/testkit/mod.rs"]
+pub mod testkit;
+use testkit::TempPostgres;
 mod consume;
 mod http;
 mod kafka;

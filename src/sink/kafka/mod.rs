@@ -50,22 +50,33 @@ const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("client.id", "outbox-relay"),
 ];
 
-/// The relay's producer settings for `config`: [`PRODUCER_DEFAULTS`], then
-/// the operator's properties.
-pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
+/// The librdkafka properties the relay's producer is created with for
+/// `config`, in the order they are applied: the brokers, the settings its
+/// guarantees rest on, then the operator's `--kafka-config` (which may
+/// override them). A benchmark or a tool that wants a producer configured as
+/// the relay's starts from these.
+pub fn producer_properties(config: &KafkaConfig) -> Vec<(String, String)> {
+    let mut properties = vec![("bootstrap.servers".to_string(), config.brokers.clone())];
+    properties.extend(
+        PRODUCER_DEFAULTS
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.to_string())),
+    );
+    properties.extend(config.properties.iter().cloned());
+    properties
+}
+
+/// The relay's producer settings for `config`.
+fn producer_config(config: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", &config.brokers);
-    for (key, value) in PRODUCER_DEFAULTS {
-        client.set(*key, *value);
-    }
-    for (key, value) in &config.properties {
+    for (key, value) in producer_properties(config) {
         client.set(key, value);
     }
     client
 }
 
 /// The message's headers, in order, as librdkafka takes them.
-pub fn kafka_headers(record: &Message) -> OwnedHeaders {
+fn kafka_headers(record: &Message) -> OwnedHeaders {
     let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
     for (key, value) in &record.headers {
         headers = headers.insert(Header {

@@ -20,7 +20,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, Uid, User, chown};
 use sqlx::{Connection, PgConnection};
 
-use crate::error::Error;
+use outbox_relay::error::Error;
 
 /// How to stop the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,7 +159,7 @@ impl TempPostgres {
         ))
         .execute(&mut conn)
         .await
-        .map_err(Error::db("creating a database"))?;
+        .map_err(Error::db_error("creating a database"))?;
         conn.close().await.ok();
         Ok(self.url(name))
     }

@@ -514,6 +514,94 @@ impl fmt::Display for PoisonPolicy {
     }
 }
 
+/// How many lanes an outbox is split into (`--shards`). Every row falls in
+/// one of [`Shards::BUCKETS`] virtual buckets by a stable hash of its
+/// aggregate id (the `bucket` column); a lane is a contiguous range of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shards(u16);
+
+impl Shards {
+    pub const ONE: Shards = Shards(1);
+    /// The number of virtual buckets (the `bucket` column's range).
+    pub const BUCKETS: u16 = 1024;
+
+    /// `flag` names where the value came from, for the error message.
+    pub fn new(shards: u32, flag: &str) -> Result<Self, Error> {
+        match u16::try_from(shards) {
+            Ok(n) if (1..=Self::BUCKETS).contains(&n) => Ok(Shards(n)),
+            _ => Err(Error::Config(format!(
+                "{flag} {shards} is out of range: an outbox splits into 1 to {} lanes; give e.g. 4",
+                Self::BUCKETS
+            ))),
+        }
+    }
+
+    pub fn get(&self) -> u16 {
+        self.0
+    }
+
+    /// Every lane, in order.
+    pub fn lanes(self) -> impl Iterator<Item = Lane> {
+        (0..self.0).map(move |index| Lane {
+            index,
+            shards: self,
+        })
+    }
+}
+
+impl Default for Shards {
+    fn default() -> Self {
+        Self::ONE
+    }
+}
+
+/// One shard of an outbox: what one relay loop reads, publishes and
+/// confirms, under a lease of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lane {
+    index: u16,
+    shards: Shards,
+}
+
+impl Lane {
+    /// The whole outbox, unsharded.
+    pub const WHOLE: Lane = Lane {
+        index: 0,
+        shards: Shards::ONE,
+    };
+
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    pub fn shards(&self) -> Shards {
+        self.shards
+    }
+
+    /// The lane's buckets: `first..end`.
+    pub fn buckets(&self) -> std::ops::Range<i16> {
+        let (n, k) = (u32::from(self.shards.0), u32::from(self.index));
+        let at = |k: u32| (k * u32::from(Shards::BUCKETS) / n) as i16;
+        at(k)..at(k + 1)
+    }
+
+    /// The name of the lane's lease (and advisory lock) for the outbox in
+    /// `schema`. Unsharded, it is the outbox's own.
+    pub fn lease_name(&self, schema: &Identifier) -> String {
+        if self.shards == Shards::ONE {
+            format!("outbox-relay:{schema}")
+        } else {
+            format!("outbox-relay:{schema}/{}-of-{}", self.index, self.shards.0)
+        }
+    }
+}
+
+impl std::fmt::Display for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.shards.0)
+    }
+}
+
 /// The longest pause between two polls of an idle outbox (a notification
 /// from a writer ends it early).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -607,6 +695,8 @@ pub struct RelayConfig {
     pub batch_size: std::num::NonZeroUsize,
     /// Longest wait between two polls of an idle outbox.
     pub poll_interval: PollInterval,
+    /// Lanes the outbox is split into; each has its own loop and lease.
+    pub shards: Shards,
     /// How long a stopping relay waits for in-flight acks.
     pub shutdown_timeout: Duration,
     /// Leadership among instances on one outbox.
@@ -634,6 +724,7 @@ impl RelayConfig {
             on_poison: PoisonPolicy::default(),
             batch_size: std::num::NonZeroUsize::new(1000).expect("1000 is not zero"),
             poll_interval: PollInterval::DEFAULT,
+            shards: Shards::ONE,
             shutdown_timeout: Duration::from_secs(10),
             lease: LeaseConfig::default(),
             metrics_address: Some(Self::DEFAULT_METRICS_ADDRESS),
@@ -644,6 +735,30 @@ impl RelayConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lanes_cover_every_bucket_once() {
+        for n in [1, 2, 3, 7, 8, 1000, 1024] {
+            let shards = Shards::new(n, "--shards").unwrap();
+            let mut next = 0;
+            for lane in shards.lanes() {
+                let buckets = lane.buckets();
+                assert_eq!(buckets.start, next, "lane {lane}");
+                assert!(buckets.end > buckets.start, "lane {lane} is empty");
+                next = buckets.end;
+            }
+            assert_eq!(next, Shards::BUCKETS as i16, "{n} shards");
+        }
+        for n in [0, 1025] {
+            let err = Shards::new(n, "--shards (OUTBOX_SHARDS)").unwrap_err();
+            assert!(err.to_string().contains("1 to 1024 lanes"), "{err}");
+        }
+        let schema = Identifier::parse("shop", "--schema").unwrap();
+        assert_eq!(Lane::WHOLE.lease_name(&schema), "outbox-relay:shop");
+        let third = Shards::new(4, "--shards").unwrap().lanes().nth(2).unwrap();
+        assert_eq!(third.lease_name(&schema), "outbox-relay:shop/2-of-4");
+        assert_eq!(third.buckets(), 512..768);
+    }
 
     #[test]
     fn template_renders_placeholders() {

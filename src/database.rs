@@ -108,6 +108,24 @@ pub async fn check_schema(conn: &mut PgConnection, db: &DatabaseConfig) -> Resul
             });
         }
     }
+    // The newest migration (0005, lanes) added relay_lease.shards.
+    let relay_lease = format!("{}.relay_lease", db.schema().quoted());
+    let current: bool = sqlx::query_scalar(
+        "select exists (select 1 from pg_attribute where attrelid = to_regclass($1) \
+         and attname = 'shards' and not attisdropped)",
+    )
+    .bind(&relay_lease)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(Error::db("checking the outbox tables"))?;
+    if !current {
+        return Err(Error::Setup(format!(
+            "the outbox tables in schema \"{}\" of database \"{}\" at {} are older than this relay ({relay_lease} has no column shards); run `outbox-relay migrate` with the same --database-url and --schema",
+            db.schema(),
+            db.target().database,
+            db.target()
+        )));
+    }
     Ok(())
 }
 

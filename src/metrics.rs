@@ -47,6 +47,9 @@ pub enum Dependency {
 #[derive(Clone)]
 pub struct Metrics {
     inner: Arc<Inner>,
+    /// Whether the lane this handle reports for is held (see
+    /// [`Metrics::for_lane`]); shared by its clones.
+    held: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct Inner {
@@ -107,7 +110,7 @@ impl Metrics {
         );
         registry.register(
             "active",
-            "1 while this instance holds the relay lock, 0 while it stands by",
+            "Lanes this instance holds: 1 while it holds the relay lock of an unsharded outbox, 0 while it stands by",
             active.clone(),
         );
         registry.register(
@@ -162,6 +165,7 @@ impl Metrics {
                 lease_age_seconds,
                 unready: Mutex::new(None),
             }),
+            held: Arc::default(),
         }
     }
 
@@ -177,9 +181,24 @@ impl Metrics {
         self.inner.ack_latency.observe(seconds.max(0.0));
     }
 
-    /// Whether this instance is the active one.
+    /// The same metrics, for one more lane: its `set_active` counts in
+    /// `outbox_relay_active` independently of the other lanes'.
+    pub fn for_lane(&self) -> Metrics {
+        Metrics {
+            inner: self.inner.clone(),
+            held: Arc::default(),
+        }
+    }
+
+    /// Whether this handle's lane is held by this instance.
     pub fn set_active(&self, active: bool) {
-        self.inner.active.set(i64::from(active));
+        if self.held.swap(active, std::sync::atomic::Ordering::Relaxed) != active {
+            if active {
+                self.inner.active.inc();
+            } else {
+                self.inner.active.dec();
+            }
+        }
     }
 
     /// This instance took the lease over from another one.

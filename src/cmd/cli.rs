@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use outbox_relay::config::{
     DatabaseConfig, Identifier, KafkaConfig, LeaseConfig, Mode, NullPayload, PoisonPolicy,
-    PollInterval, RelayConfig, SlotName, TailConfig, TopicTemplate,
+    PollInterval, RelayConfig, Shards, SlotName, TailConfig, TopicTemplate,
 };
 use outbox_relay::error::Error;
 
@@ -168,6 +168,10 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_POLL_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
 
+    /// Lanes to split the outbox into by a hash of aggregate_id (poll mode); each is read, published and confirmed by its own loop under its own lease, so instances share them.
+    #[arg(long, env = "OUTBOX_SHARDS", default_value_t = 1)]
+    pub shards: u32,
+
     /// Address for /metrics, /healthz and /readyz (HOST:PORT), or `off`.
     #[arg(long, env = "OUTBOX_METRICS_ADDRESS", default_value = "127.0.0.1:9879")]
     pub metrics_address: String,
@@ -274,6 +278,13 @@ impl RunArgs {
             PollInterval::new(self.poll_interval, "--poll-interval (OUTBOX_POLL_INTERVAL)")?;
         config.shutdown_timeout = self.shutdown_timeout;
         config.lease = LeaseConfig::new(self.lease, "--lease (OUTBOX_LEASE)")?;
+        config.shards = Shards::new(self.shards, "--shards (OUTBOX_SHARDS)")?;
+        if config.shards != Shards::ONE && config.mode == Mode::Tail {
+            return Err(Error::Config(format!(
+                "--shards {} needs --mode poll: tail mode reads one replication slot per outbox and does not split it into lanes yet; drop --shards or use --mode poll",
+                self.shards
+            )));
+        }
         config.metrics_address = match self.metrics_address.trim() {
             "off" => None,
             address => Some(address.parse().map_err(|_| {

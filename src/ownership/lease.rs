@@ -9,15 +9,15 @@
 
 use std::time::{Duration, Instant};
 
-use sqlx::PgConnection;
+use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::DatabaseConfig;
+use crate::config::{DatabaseConfig, Lane};
 use crate::database::{timed, within};
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::ownership::Candidate;
+use crate::ownership::{Candidate, Share};
 
 /// What every session of the relay calls itself in `pg_stat_activity`,
 /// followed by the instance's id.
@@ -126,12 +126,42 @@ impl Lease {
 pub struct Leader {
     conn: PgConnection,
     lease: Lease,
+    /// Counts this lane as held while the leader lives.
+    share: Share,
+    counted: bool,
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        if self.counted {
+            self.share.dropped();
+        }
+    }
 }
 
 pub(crate) const RENEW: &str =
     "update relay_lease set renewed_at = now() where name = $1 and epoch = $2";
 
 impl Leader {
+    /// If this instance holds more lanes than its share, gives this one up
+    /// (closing the connection frees its lock at once) and returns `None`;
+    /// otherwise returns the leader. Call it between batches only, with
+    /// nothing in flight.
+    pub fn keep_or_hand_over(mut self) -> Option<Leader> {
+        if !self.share.claim_release() {
+            return Some(self);
+        }
+        // The claim already counted the lane as released.
+        self.counted = false;
+        info!(
+            name = self.lease.name,
+            held = self.share.held(),
+            instances = self.share.members(),
+            "handing the lane over: this instance held more than its share of the lanes"
+        );
+        None
+    }
+
     /// The leader connection, if the lease is still fresh.
     pub fn conn(&mut self) -> Result<&mut PgConnection, Error> {
         self.lease.check()?;
@@ -191,12 +221,26 @@ const TRY_LOCK: &str = "select pg_try_advisory_lock(hashtextextended($1, 0))";
 
 const HOLDER: &str = "select holder from relay_lease where name = $1";
 
-const TAKE: &str = "insert into relay_lease as l (name, holder, epoch, backend_pid) \
-     values ($1, $2, 1, pg_backend_pid()) \
+const TAKE: &str = "insert into relay_lease as l (name, holder, epoch, backend_pid, outbox, shards) \
+     values ($1, $2, 1, pg_backend_pid(), $3, $4) \
      on conflict (name) do update set holder = excluded.holder, epoch = l.epoch + 1, \
      backend_pid = excluded.backend_pid, acquired_at = now(), renewed_at = now(), \
-     takeovers = l.takeovers + (l.holder <> excluded.holder)::int \
+     takeovers = l.takeovers + (l.holder <> excluded.holder)::int, \
+     outbox = excluded.outbox, shards = excluded.shards \
      returning epoch";
+
+/// Serializes taking leases of one outbox, so that two instances with
+/// different `--shards` cannot both start.
+const LAYOUT_LOCK: &str = "select pg_advisory_xact_lock(hashtextextended($1, 0))";
+
+/// A live holder of a lease on the outbox `$1` with another `--shards` than
+/// `$2`: its session still holds an advisory lock.
+const OTHER_LAYOUT: &str = "select l.holder, l.shards from relay_lease l \
+     where l.outbox = $1 and l.shards <> $2 \
+     and exists (select 1 from pg_locks k where k.pid = l.backend_pid \
+       and k.locktype = 'advisory' and k.granted \
+       and k.database = (select oid from pg_database where datname = current_database())) \
+     limit 1";
 
 /// The holder of `$1` if its lease is older than `$2` seconds and the
 /// session that renewed it still holds the advisory lock (an advisory lock
@@ -226,40 +270,51 @@ const STANDBY_INTERVAL: Duration = Duration::from_secs(1);
 /// lock within milliseconds.
 const AFTER_FENCE: Duration = Duration::from_millis(100);
 
-/// Waits, as a standby, until this instance holds the lease `name` on `conn`,
-/// fencing a holder whose lease ran out. `None` on shutdown.
+/// Waits, as a standby, until this instance holds the lease of `lane` on
+/// `conn`, fencing a holder whose lease ran out. `None` on shutdown. Fails
+/// if a live instance runs the outbox with another `--shards`.
 pub async fn acquire(
     mut conn: PgConnection,
-    name: String,
+    lane: Lane,
+    share: &Share,
     candidate: &Candidate,
     database: &DatabaseConfig,
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> Result<Option<Leader>, Error> {
     let limit = database.call_timeout();
+    let name = lane.lease_name(database.schema());
     let instance = &candidate.instance;
     let ttl = candidate.lease.ttl();
     let mut standing_by = false;
     let mut cannot_fence: Option<String> = None;
     loop {
-        let locked: bool = within(
-            limit,
-            "taking the leader lock",
-            sqlx::query_scalar(TRY_LOCK)
-                .bind(&name)
-                .fetch_one(&mut conn),
-        )
-        .await?;
+        // Beyond its share of the lanes, an instance leaves a free lane to
+        // the others (it still fences a hung holder).
+        let locked: bool = share.may_take()
+            && within(
+                limit,
+                "taking the leader lock",
+                sqlx::query_scalar(TRY_LOCK)
+                    .bind(&name)
+                    .fetch_one(&mut conn),
+            )
+            .await?;
         if locked {
             let sent = Instant::now();
-            let (previous, epoch) =
-                timed(limit, "taking the lease", take(&mut conn, &name, instance)).await?;
+            let taking = take(&mut conn, &name, lane, database, instance);
+            let (previous, epoch) = timed(limit, "taking the lease", taking).await?;
             if let Some(previous) = previous.filter(|p| p != instance.id()) {
                 metrics.took_over();
                 info!(previous = %previous, epoch, "took the lease over from {previous}");
             }
-            info!(database = %database.target(), instance = instance.id(), epoch, "active: this instance holds the relay lock");
+            if lane == Lane::WHOLE {
+                info!(database = %database.target(), instance = instance.id(), epoch, "active: this instance holds the relay lock");
+            } else {
+                info!(database = %database.target(), instance = instance.id(), epoch, lane = %lane, "active: this instance holds lane {lane}");
+            }
             metrics.set_active(true);
+            share.took();
             return Ok(Some(Leader {
                 conn,
                 lease: Lease {
@@ -268,6 +323,8 @@ pub async fn acquire(
                     ttl,
                     valid_until: sent + ttl,
                 },
+                share: share.clone(),
+                counted: true,
             }));
         }
         if !standing_by {
@@ -317,20 +374,45 @@ pub async fn acquire(
 async fn take(
     conn: &mut PgConnection,
     name: &str,
+    lane: Lane,
+    database: &DatabaseConfig,
     instance: &Instance,
 ) -> Result<(Option<String>, i64), Error> {
     let doing = "taking the lease";
+    let outbox = database.schema().as_str();
+    let shards = i32::from(lane.shards().get());
+    let mut tx = conn.begin().await.map_err(Error::db(doing))?;
+    sqlx::query(LAYOUT_LOCK)
+        .bind(format!("outbox-relay:{outbox}:layout"))
+        .execute(&mut *tx)
+        .await
+        .map_err(Error::db(doing))?;
+    let other: Option<(String, i32)> = sqlx::query_as(OTHER_LAYOUT)
+        .bind(outbox)
+        .bind(shards)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(Error::db(doing))?;
+    if let Some((holder, theirs)) = other {
+        return Err(Error::Setup(format!(
+            "relay instance {holder} runs the outbox in schema \"{outbox}\" at {} with --shards {theirs}, and this one was started with --shards {shards}: instances that split an outbox differently would publish one aggregate twice at once; give every instance the same --shards (to change it, stop them all, then start them with the new value)",
+            database.target()
+        )));
+    }
     let previous: Option<String> = sqlx::query_scalar(HOLDER)
         .bind(name)
-        .fetch_optional(&mut *conn)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(Error::db(doing))?;
     let epoch: i64 = sqlx::query_scalar(TAKE)
         .bind(name)
         .bind(instance.id())
-        .fetch_one(&mut *conn)
+        .bind(outbox)
+        .bind(shards)
+        .fetch_one(&mut *tx)
         .await
         .map_err(Error::db(doing))?;
+    tx.commit().await.map_err(Error::db(doing))?;
     Ok((previous, epoch))
 }
 

@@ -12,11 +12,17 @@
 //! Why a resumed leader confirms nothing: every confirm runs on the leader
 //! connection (gone once fenced) and checks the epoch in the same statement,
 //! and an instance whose lease ran out on its own clock refuses to touch the
-//! connection at all ([`Leader::conn`]). Lanes take one lease each, by name.
+//! connection at all ([`Leader::conn`]).
+//!
+//! A sharded outbox (`--shards N`) has one lease per lane, each taken and
+//! fenced as above, and [`share`] spreads the lanes evenly over the live
+//! instances.
 
 pub(crate) mod lease;
+pub mod share;
 
 pub use lease::{Instance, Leader, Lease, acquire};
+pub use share::{Share, track_members};
 
 use crate::config::LeaseConfig;
 

@@ -26,13 +26,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::{Mode, PoisonPolicy, RelayConfig};
+use crate::config::{Lane, Mode, PoisonPolicy, RelayConfig, Shards};
 use crate::database::{self, timed};
 use crate::error::Error;
 use crate::message;
 use crate::metrics::{self, Dependency, Metrics};
 use crate::outbox::OutboxRow;
-use crate::ownership::{Candidate, Instance};
+use crate::ownership::{Candidate, Instance, Share, track_members};
 use crate::sink::{KafkaSink, Outcome, Sent, Sink};
 use crate::source::{Aggregate, Confirm, PollSource, Source, TailSource};
 
@@ -78,9 +78,15 @@ pub async fn run(mut config: RelayConfig, shutdown: CancellationToken) -> Result
     }
     info!(mode = %config.mode, database = %config.database.target(), brokers = %config.kafka.brokers, instance = candidate.instance.id(), "relay starting");
     match config.mode {
+        Mode::Poll if config.shards != Shards::ONE => {
+            drop(sink);
+            run_lanes(config, candidate, metrics, shutdown).await
+        }
         Mode::Poll => {
             let source = PollSource::new(
                 config.database.clone(),
+                Lane::WHOLE,
+                Share::whole(),
                 candidate,
                 config.poll_interval.get(),
                 metrics.clone(),
@@ -100,6 +106,66 @@ pub async fn run(mut config: RelayConfig, shutdown: CancellationToken) -> Result
                 .run(shutdown)
                 .await
         }
+    }
+}
+
+/// Runs one loop per lane of a sharded outbox, each with its own source
+/// (connection, lease) and producer, so every lane has a batch in flight of
+/// its own. A lane held by another instance waits as a standby. An error no
+/// retry can fix in one lane stops them all.
+async fn run_lanes(
+    config: RelayConfig,
+    candidate: Candidate,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> Result<RunStats, Error> {
+    let lanes_stop = shutdown.child_token();
+    let share = Share::of(usize::from(config.shards.get()));
+    tokio::spawn(track_members(
+        config.database.clone(),
+        share.clone(),
+        lanes_stop.clone(),
+    ));
+    let mut loops = tokio::task::JoinSet::new();
+    for lane in config.shards.lanes() {
+        let lane_metrics = metrics.for_lane();
+        let source = PollSource::new(
+            config.database.clone(),
+            lane,
+            share.clone(),
+            candidate.clone(),
+            config.poll_interval.get(),
+            lane_metrics.clone(),
+        );
+        let sink = KafkaSink::new(&config.kafka)?;
+        let relay = Relay::new(config.clone(), source, sink, lane_metrics);
+        let span = tracing::info_span!("lane", lane = %lane);
+        loops.spawn(tracing::Instrument::instrument(
+            relay.run(lanes_stop.clone()),
+            span,
+        ));
+    }
+    let mut total = RunStats::default();
+    let mut failed = None;
+    while let Some(joined) = loops.join_next().await {
+        match joined {
+            Ok(Ok(stats)) => {
+                total.published += stats.published;
+                total.dead_lettered += stats.dead_lettered;
+            }
+            Ok(Err(e)) => {
+                lanes_stop.cancel();
+                failed.get_or_insert(e);
+            }
+            Err(panicked) => {
+                lanes_stop.cancel();
+                failed.get_or_insert(Error::Setup(format!("a lane's loop panicked: {panicked}")));
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(total),
     }
 }
 

@@ -17,12 +17,12 @@ use std::time::Duration;
 use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::DatabaseConfig;
+use crate::config::{DatabaseConfig, Lane};
 use crate::database::{self, timed};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::outbox::OutboxRow;
-use crate::ownership::{self, Candidate, Leader, lease::RENEW};
+use crate::ownership::{self, Candidate, Leader, Share, lease::RENEW};
 
 pub mod poll;
 pub mod tail;
@@ -135,9 +135,11 @@ const MOVE_TO_DEAD_LETTER: &str = "with moved as (delete from outbox where seq =
      on conflict (id) do update set error = excluded.error, attempts = dead_letter.attempts + 1, failed_at = now()";
 
 /// Opens a connection and waits, as a standby, until it holds the lease on
-/// this schema's outbox. `None` on shutdown.
+/// `lane` of this schema's outbox. `None` on shutdown.
 pub(crate) async fn leader_connection(
     database: &DatabaseConfig,
+    lane: Lane,
+    share: &Share,
     candidate: &Candidate,
     metrics: &Metrics,
     shutdown: &CancellationToken,
@@ -150,8 +152,7 @@ pub(crate) async fn leader_connection(
         database::check_schema(&mut conn, database),
     )
     .await?;
-    let name = format!("outbox-relay:{}", database.schema());
-    ownership::acquire(conn, name, candidate, database, metrics, shutdown).await
+    ownership::acquire(conn, lane, share, candidate, database, metrics, shutdown).await
 }
 
 /// Drops the leader connection (and with it the lock and the lease) after

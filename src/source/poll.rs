@@ -18,12 +18,12 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::config::DatabaseConfig;
+use crate::config::{DatabaseConfig, Lane};
 use crate::database::within;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::outbox::OutboxRow;
-use crate::ownership::{Candidate, Leader};
+use crate::ownership::{Candidate, Leader, Share};
 use crate::source::{
     Aggregate, Confirm, Source, apply_confirm, blocked_aggregates, drop_leader, leader_connection,
 };
@@ -31,9 +31,16 @@ use crate::source::{
 const SELECT_BATCH: &str = "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
      payload::text as payload, headers, created_at from outbox order by seq limit $1";
 
+/// One lane's rows: those of its buckets, oldest `seq` first.
+const SELECT_LANE_BATCH: &str = "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
+     payload::text as payload, headers, created_at from outbox \
+     where bucket >= $2 and bucket < $3 order by seq limit $1";
+
 /// Reads the outbox table with SQL.
 pub struct PollSource {
     database: DatabaseConfig,
+    lane: Lane,
+    share: Share,
     candidate: Candidate,
     metrics: Metrics,
     leader: Option<Leader>,
@@ -47,16 +54,20 @@ impl PollSource {
     /// The first pause after an empty read.
     const FIRST_PAUSE: Duration = Duration::from_millis(1);
 
-    /// A source that connects on first use. `max_interval` is the longest
-    /// wait between two polls of an idle outbox.
+    /// A source of `lane`'s rows that connects on first use. `max_interval`
+    /// is the longest wait between two polls of an idle outbox.
     pub fn new(
         database: DatabaseConfig,
+        lane: Lane,
+        share: Share,
         candidate: Candidate,
         max_interval: Duration,
         metrics: Metrics,
     ) -> Self {
         PollSource {
             database,
+            lane,
+            share,
             candidate,
             metrics,
             leader: None,
@@ -69,8 +80,15 @@ impl PollSource {
     /// instance holds it. `None` on shutdown.
     async fn leader(&mut self, shutdown: &CancellationToken) -> Result<Option<&mut Leader>, Error> {
         if self.leader.is_none() {
-            let leader =
-                leader_connection(&self.database, &self.candidate, &self.metrics, shutdown).await?;
+            let leader = leader_connection(
+                &self.database,
+                self.lane,
+                &self.share,
+                &self.candidate,
+                &self.metrics,
+                shutdown,
+            )
+            .await?;
             match leader {
                 Some(leader) => self.leader = Some(leader),
                 None => return Ok(None),
@@ -95,11 +113,20 @@ impl Source for PollSource {
     ) -> Result<Vec<OutboxRow>, Error> {
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let mut idle_until = None;
+        // Between batches nothing is in flight: a lane beyond this
+        // instance's share is handed over here.
+        if let Some(leader) = self.leader.take() {
+            self.leader = leader.keep_or_hand_over();
+            if self.leader.is_none() {
+                self.metrics.set_active(false);
+            }
+        }
         loop {
             if shutdown.is_cancelled() {
                 return Ok(Vec::new());
             }
             let limit_time = self.database.call_timeout();
+            let lane = self.lane;
             let leader = match self.leader(shutdown).await {
                 Ok(Some(leader)) => leader,
                 Ok(None) => return Ok(Vec::new()),
@@ -111,14 +138,16 @@ impl Source for PollSource {
                 Ok(conn) => conn,
                 Err(e) => return self.forget_on_error(Err(e)),
             };
-            let rows = within(
-                limit_time,
-                "reading outbox rows",
-                sqlx::query_as::<_, OutboxRow>(SELECT_BATCH)
+            let query = if lane == Lane::WHOLE {
+                sqlx::query_as::<_, OutboxRow>(SELECT_BATCH).bind(limit)
+            } else {
+                let buckets = lane.buckets();
+                sqlx::query_as::<_, OutboxRow>(SELECT_LANE_BATCH)
                     .bind(limit)
-                    .fetch_all(conn),
-            )
-            .await;
+                    .bind(buckets.start)
+                    .bind(buckets.end)
+            };
+            let rows = within(limit_time, "reading outbox rows", query.fetch_all(conn)).await;
             let rows = self.forget_on_error(rows)?;
             self.metrics.database_ok();
             if !rows.is_empty() {

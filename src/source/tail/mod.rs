@@ -44,12 +44,12 @@ use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::{DatabaseConfig, TailConfig};
+use crate::config::{DatabaseConfig, Lane, TailConfig};
 use crate::database::{self, timed, within};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::outbox::OutboxRow;
-use crate::ownership::{Candidate, Leader};
+use crate::ownership::{Candidate, Leader, Share};
 use crate::source::{
     Aggregate, Confirm, Source, apply_confirm, blocked_aggregates, drop_leader, leader_connection,
 };
@@ -118,8 +118,15 @@ impl TailSource {
     /// initial copy or the stream. `false` on shutdown.
     async fn establish(&mut self, shutdown: &CancellationToken) -> Result<bool, Error> {
         if self.leader.is_none() {
-            let leader =
-                leader_connection(&self.database, &self.candidate, &self.metrics, shutdown).await?;
+            let leader = leader_connection(
+                &self.database,
+                Lane::WHOLE,
+                &Share::whole(),
+                &self.candidate,
+                &self.metrics,
+                shutdown,
+            )
+            .await?;
             match leader {
                 Some(leader) => self.leader = Some(leader),
                 None => return Ok(false),

@@ -1,0 +1,16 @@
+-- Lanes (`run --shards N`). Every row falls in one of 1024 virtual buckets,
+-- a stable hash of its aggregate id (the hash Postgres' own hash
+-- partitioning uses), so all rows of an aggregate share a bucket and keep
+-- their order within it. Shard k of N is a contiguous range of buckets:
+-- N can change without rewriting a row. The index reads one lane in `seq`
+-- order per bucket.
+alter table outbox add column bucket smallint not null
+    generated always as ((hashtextextended(aggregate_id, 0) & 1023)::smallint) stored;
+create index outbox_bucket_seq_idx on outbox (bucket, seq);
+
+-- The layout a lease belongs to: the outbox (schema) and its --shards. An
+-- instance whose --shards differs from a live holder's is refused.
+alter table relay_lease add column outbox text;
+alter table relay_lease add column shards integer not null default 1;
+update relay_lease set outbox = substr(name, length('outbox-relay:') + 1)
+    where name like 'outbox-relay:%';

@@ -1,0 +1,275 @@
+//! Lanes (`run --shards N`, poll mode): several relay instances share the
+//! shards of one outbox. Checked from Postgres (who holds which lane's lock)
+//! and from Kafka (every committed row, in order per aggregate).
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use rand::Rng;
+use sqlx::PgPool;
+use support::*;
+use tokio::process::Child;
+use tokio::task::JoinHandle;
+
+const DEADLINE: Duration = Duration::from_secs(120);
+const SHARDS: usize = 8;
+/// How long the lanes may take to spread evenly after an instance joins or
+/// leaves: a standby lane asks for its lock every second, the instances are
+/// counted every second, and an instance above its share hands a lane over
+/// after the batch in flight (or within a quarter lease when idle).
+const CONVERGED_WITHIN: Duration = Duration::from_secs(15);
+
+/// The holders of the lanes' locks: for each lane's lease, the instances
+/// (as `relay_lease.holder`, from the application name of each session that
+/// holds the lane's advisory lock) and whether the session that renews the
+/// lease is one of them.
+async fn lane_holders(pool: &PgPool) -> HashMap<String, (Vec<String>, bool)> {
+    let rows: Vec<(String, Vec<String>, bool)> = sqlx::query_as(
+        "select l.name, \
+           array(select substr(a.application_name, length('outbox-relay ') + 1) \
+                 from pg_locks k join pg_stat_activity a on a.pid = k.pid \
+                 where k.locktype = 'advisory' and k.granted and k.objsubid = 1 \
+                 and k.database = (select oid from pg_database where datname = current_database()) \
+                 and k.classid = ((hashtextextended(l.name, 0) >> 32) & 4294967295)::oid \
+                 and k.objid = (hashtextextended(l.name, 0) & 4294967295)::oid), \
+           exists (select 1 from pg_locks k where k.pid = l.backend_pid and k.locktype = 'advisory' \
+                 and k.granted and k.objsubid = 1 \
+                 and k.classid = ((hashtextextended(l.name, 0) >> 32) & 4294967295)::oid \
+                 and k.objid = (hashtextextended(l.name, 0) & 4294967295)::oid) \
+         from relay_lease l where l.name like 'outbox-relay:public/%-of-8'",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(name, holders, renewer)| (name, (holders, renewer)))
+        .collect()
+}
+
+/// Lanes held per instance, once every lane is held by exactly one instance
+/// (the one whose session renews its lease); `None` while some lane is free.
+async fn lanes_per_instance(pool: &PgPool) -> Option<HashMap<String, usize>> {
+    let holders = lane_holders(pool).await;
+    if holders.len() != SHARDS {
+        return None;
+    }
+    let mut per_instance = HashMap::new();
+    for (holders, renewer) in holders.values() {
+        if holders.len() != 1 || !renewer {
+            return None;
+        }
+        *per_instance.entry(holders[0].clone()).or_default() += 1;
+    }
+    Some(per_instance)
+}
+
+/// Waits until every lane is held and `instances` instances hold them evenly
+/// (the counts differ by at most one); returns how long that took.
+async fn wait_until_even(pool: &PgPool, instances: usize, within: Duration) -> Duration {
+    let since = Instant::now();
+    loop {
+        if let Some(per_instance) = lanes_per_instance(pool).await {
+            let (least, most) = (
+                per_instance.values().min().copied().unwrap_or(0),
+                per_instance.values().max().copied().unwrap_or(0),
+            );
+            if per_instance.len() == instances && most - least <= 1 {
+                return since.elapsed();
+            }
+        }
+        assert!(
+            since.elapsed() < within,
+            "the lanes did not spread evenly over {instances} instances within {within:?}: {:?}",
+            lane_holders(pool).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Samples, until stopped, that no lane is ever held by two sessions. (Who
+/// renews a lease is checked once the lanes settle: a new holder takes the
+/// lock a moment before it writes the lease row.)
+fn watch_lanes(pool: PgPool, stop: Arc<AtomicBool>) -> JoinHandle<usize> {
+    tokio::spawn(async move {
+        let mut samples = 0;
+        while !stop.load(Ordering::Relaxed) {
+            for (lane, (holders, _)) in lane_holders(&pool).await {
+                assert!(
+                    holders.len() <= 1,
+                    "lane {lane} has two owners: {holders:?}"
+                );
+            }
+            samples += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        samples
+    })
+}
+
+/// Writes business transactions until stopped.
+fn keep_writing(pool: PgPool, stop: Arc<AtomicBool>) -> JoinHandle<Written> {
+    tokio::spawn(async move {
+        let mut written = Written::default();
+        while !stop.load(Ordering::Relaxed) {
+            written.append(write(&pool, 5, 40, 0.1).await);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        written
+    })
+}
+
+fn sharded(t: &Setup) -> (Child, RelayLog) {
+    t.logged_relay(&["--shards", "8", "--batch-size", "20"])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_share_eight_lanes_through_kills() {
+    let t = Setup::new(Kafka::start()).await;
+    let pool = &t.pool;
+    create_aggregates(pool, 40).await;
+    let topic = t.topic("acct", 4).await;
+    let mut relays: Vec<(Child, RelayLog)> = (0..3).map(|_| sharded(&t)).collect();
+    wait_until_even(pool, 3, DEADLINE).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = keep_writing(pool.clone(), stop.clone());
+    let watcher = watch_lanes(pool.clone(), stop.clone());
+    for _ in 0..5 {
+        // A random moment: after a random number of further commits.
+        let before = committed_events(pool).await;
+        let more = rand::rng().random_range(20..120);
+        wait_for("the writers to go on", DEADLINE, || async {
+            committed_events(pool).await >= before + more
+        })
+        .await;
+        let victim = rand::rng().random_range(0..relays.len());
+        relays[victim].0.kill().await.unwrap();
+        relays[victim] = sharded(&t);
+        // The dead instance's lanes are taken over and the newcomer gets
+        // its share.
+        wait_until_even(pool, 3, DEADLINE).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.unwrap();
+    let samples = watcher.await.unwrap();
+    assert!(samples > 10, "the lanes were sampled {samples} times");
+
+    let records = consume_and_drain(
+        pool,
+        &t.kafka.brokers(),
+        &[&topic],
+        &written.committed,
+        DEADLINE,
+    )
+    .await;
+    for (relay, log) in &mut relays {
+        assert!(relay.try_wait().unwrap().is_none(), "{}", log.text());
+        relay.kill().await.unwrap();
+    }
+    assert_delivered(&records, &written);
+    assert_order(&records);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lanes_rebalance_when_an_instance_joins_and_when_one_leaves() {
+    let t = Setup::new(Kafka::start()).await;
+    let pool = &t.pool;
+    create_aggregates(pool, 40).await;
+    let topic = t.topic("acct", 4).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = keep_writing(pool.clone(), stop.clone());
+
+    let (mut a, a_log) = sharded(&t);
+    wait_until_even(pool, 1, DEADLINE).await;
+    let (mut b, b_log) = sharded(&t);
+    let joined = wait_until_even(pool, 2, CONVERGED_WITHIN).await;
+    let (mut c, c_log) = sharded(&t);
+    let joined_third = wait_until_even(pool, 3, CONVERGED_WITHIN).await;
+
+    // SIGTERM: b finishes its batches in flight, confirms them and exits;
+    // its lanes go to a and c.
+    kill(Pid::from_raw(b.id().unwrap() as i32), Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(DEADLINE, b.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{}", b_log.text());
+    let left = wait_until_even(pool, 2, CONVERGED_WITHIN).await;
+    eprintln!(
+        "evenly spread {joined:?} after the second instance joined, {joined_third:?} after the third, {left:?} after one left"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.unwrap();
+    let records = consume_and_drain(
+        pool,
+        &t.kafka.brokers(),
+        &[&topic],
+        &written.committed,
+        DEADLINE,
+    )
+    .await;
+    for (relay, log) in [(&mut a, &a_log), (&mut c, &c_log)] {
+        assert!(relay.try_wait().unwrap().is_none(), "{}", log.text());
+        relay.kill().await.unwrap();
+    }
+    assert_delivered(&records, &written);
+    // Lanes change hands between batches and SIGTERM confirms what was in
+    // flight: nothing is published twice.
+    assert_eq!(assert_order(&records), 0, "duplicates after hand-overs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_that_split_an_outbox_differently_never_run_together() {
+    let t = Setup::new(Kafka::start()).await;
+    let (mut whole, whole_log) = t.logged_relay(&[]);
+    whole_log
+        .wait_for_line("active: this instance holds the relay lock", DEADLINE)
+        .await;
+    refused(&t, "4", "1").await;
+
+    // Once the unsharded instance is gone, a sharded one starts, and then an
+    // unsharded one is refused in turn.
+    whole.kill().await.unwrap();
+    let (mut four, four_log) = t.logged_relay(&["--shards", "4"]);
+    four_log
+        .wait_for_line("active: this instance holds lane", DEADLINE)
+        .await;
+    refused(&t, "1", "4").await;
+    refused(&t, "2", "4").await;
+    assert!(four.try_wait().unwrap().is_none(), "{}", four_log.text());
+    four.kill().await.unwrap();
+}
+
+/// A relay started with `--shards shards` exits with one line naming the
+/// `running` instance's --shards and the fix.
+async fn refused(t: &Setup, shards: &str, running: &str) {
+    let mut cmd = t.relay_command();
+    cmd.args(["--shards", shards]);
+    let output = tokio::time::timeout(DEADLINE, cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains(&format!(
+            "with --shards {running}, and this one was started with --shards {shards}"
+        )) && last.contains("give every instance the same --shards"),
+        "{stderr}"
+    );
+}
+
+async fn committed_events(pool: &PgPool) -> i64 {
+    sqlx::query_scalar::<_, i64>("select coalesce(sum(version), 0)::bigint from agg")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0)
+}

@@ -223,6 +223,35 @@ async fn a_poll_interval_of_zero_is_one_line() {
 }
 
 #[tokio::test]
+async fn shards_out_of_range_or_in_tail_mode_are_one_line() {
+    let run_with = |extra: &'static [&'static str]| async move {
+        let mut args = vec![
+            "run",
+            "--database-url",
+            "postgres://a:hunter2@h/d",
+            "--brokers",
+            "b:9092",
+        ];
+        args.extend_from_slice(extra);
+        run(&args).await
+    };
+    let (code, stderr) = run_with(&["--shards", "0"]).await;
+    assert_eq!(code, 2);
+    assert_one_line(
+        &stderr,
+        "error: --shards (OUTBOX_SHARDS) 0 is out of range: an outbox splits into 1 to 1024 lanes; give e.g. 4",
+        "hunter2",
+    );
+    let (code, stderr) = run_with(&["--shards", "4", "--mode", "tail"]).await;
+    assert_eq!(code, 2);
+    assert_one_line(
+        &stderr,
+        "error: --shards 4 needs --mode poll: tail mode reads one replication slot per outbox and does not split it into lanes yet; drop --shards or use --mode poll",
+        "hunter2",
+    );
+}
+
+#[tokio::test]
 async fn unreachable_broker_is_retried_and_said_once() {
     let url = fresh_database().await;
     migrated_pool(&url).await;

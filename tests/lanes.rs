@@ -19,6 +19,9 @@ use tokio::task::JoinHandle;
 
 const DEADLINE: Duration = Duration::from_secs(120);
 const SHARDS: usize = 8;
+/// Enough aggregates that every lane gets some, and most buckets next to a
+/// lane's edge do too.
+const AGGREGATES: u32 = 400;
 /// How long the lanes may take to spread evenly after an instance joins or
 /// leaves: a standby lane asks for its lock every second, the instances are
 /// counted every second, and an instance above its share hands a lane over
@@ -117,7 +120,7 @@ fn keep_writing(pool: PgPool, stop: Arc<AtomicBool>) -> JoinHandle<Written> {
     tokio::spawn(async move {
         let mut written = Written::default();
         while !stop.load(Ordering::Relaxed) {
-            written.append(write(&pool, 5, 40, 0.1).await);
+            written.append(write(&pool, 5, AGGREGATES, 0.1).await);
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         written
@@ -128,11 +131,54 @@ fn sharded(t: &Setup) -> (Child, RelayLog) {
     t.logged_relay(&["--shards", "8", "--batch-size", "20"])
 }
 
+/// Records every delete from the outbox (each confirm): which instance ran
+/// it, how many rows, and how many of them belong to a lane whose lock the
+/// deleting session did not hold.
+async fn audit_confirms(pool: &PgPool) {
+    for statement in [
+        "create table confirm_audit (app text not null, rows bigint not null, unlocked bigint not null, \
+         at timestamptz not null default clock_timestamp())",
+        "create function audit_confirm() returns trigger language plpgsql as $$ begin \
+         insert into confirm_audit (app, rows, unlocked) \
+         select current_setting('application_name'), count(*), count(*) filter (where not exists ( \
+           select 1 from pg_locks k where k.pid = pg_backend_pid() and k.locktype = 'advisory' \
+           and k.granted and k.objsubid = 1 \
+           and k.classid = ((hashtextextended(g.lane, 0) >> 32) & 4294967295)::oid \
+           and k.objid = (hashtextextended(g.lane, 0) & 4294967295)::oid)) \
+         from (select 'outbox-relay:public/' || (bucket::int * 8 / 1024) || '-of-8' as lane from gone) g; \
+         return null; end $$",
+        "create trigger audit_confirm after delete on outbox referencing old table as gone \
+         for each statement execute function audit_confirm()",
+    ] {
+        sqlx::query(statement).execute(pool).await.unwrap();
+    }
+}
+
+/// Rows confirmed by a session that did not hold the row's lane.
+async fn confirmed_without_the_lane(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("select coalesce(sum(unlocked), 0)::bigint from confirm_audit")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Rows the relay process `pid` confirmed.
+async fn confirmed_by(pool: &PgPool, pid: u32) -> i64 {
+    sqlx::query_scalar(
+        "select coalesce(sum(rows), 0)::bigint from confirm_audit where app like '%/' || $1 || '/%'",
+    )
+    .bind(pid.to_string())
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_instances_share_eight_lanes_through_kills() {
     let t = Setup::new(Kafka::start()).await;
     let pool = &t.pool;
-    create_aggregates(pool, 40).await;
+    create_aggregates(pool, AGGREGATES).await;
+    audit_confirms(pool).await;
     let topic = t.topic("acct", 4).await;
     let mut relays: Vec<(Child, RelayLog)> = (0..3).map(|_| sharded(&t)).collect();
     wait_until_even(pool, 3, DEADLINE).await;
@@ -174,13 +220,74 @@ async fn three_instances_share_eight_lanes_through_kills() {
     }
     assert_delivered(&records, &written);
     assert_order(&records);
+    assert_eq!(confirmed_without_the_lane(pool).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_instance_loses_its_lanes_and_confirms_nothing_of_them_after_resuming() {
+    let t = Setup::new(Kafka::start()).await;
+    let pool = &t.pool;
+    create_aggregates(pool, AGGREGATES).await;
+    audit_confirms(pool).await;
+    let topic = t.topic("acct", 4).await;
+    let args = ["--shards", "8", "--batch-size", "20", "--lease", "3s"];
+    let (mut a, a_log) = t.logged_relay(&args);
+    let (mut b, b_log) = t.logged_relay(&args);
+    wait_until_even(pool, 2, DEADLINE).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = keep_writing(pool.clone(), stop.clone());
+    let before = committed_events(pool).await;
+    wait_for("the writers to go on", DEADLINE, || async {
+        committed_events(pool).await >= before + 50
+    })
+    .await;
+
+    // Frozen, a keeps its sessions (its kernel answers for them) but renews
+    // nothing: b fences it once its leases run out and takes every lane.
+    let a_pid = Pid::from_raw(a.id().unwrap() as i32);
+    kill(a_pid, Signal::SIGSTOP).unwrap();
+    let frozen = Instant::now();
+    wait_until_even(pool, 1, DEADLINE).await;
+    let took_over = frozen.elapsed();
+    assert!(
+        took_over < Duration::from_secs(15),
+        "b took {took_over:?} to take the frozen instance's lanes"
+    );
+    let confirmed_frozen = confirmed_by(pool, a.id().unwrap()).await;
+
+    // Resumed, a finds its sessions ended; it joins again and gets its share
+    // back under new leases.
+    kill(a_pid, Signal::SIGCONT).unwrap();
+    wait_until_even(pool, 2, DEADLINE).await;
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.unwrap();
+    let records = consume_and_drain(
+        pool,
+        &t.kafka.brokers(),
+        &[&topic],
+        &written.committed,
+        DEADLINE,
+    )
+    .await;
+    for (relay, log) in [(&mut a, &a_log), (&mut b, &b_log)] {
+        assert!(relay.try_wait().unwrap().is_none(), "{}", log.text());
+        relay.kill().await.unwrap();
+    }
+    assert_delivered(&records, &written);
+    assert_order(&records);
+    // Every confirm, a's after it resumed included, was made by the session
+    // holding the row's lane at that moment.
+    assert_eq!(confirmed_without_the_lane(pool).await, 0);
+    eprintln!(
+        "b took the frozen instance's lanes after {took_over:?}; a had confirmed {confirmed_frozen} rows before"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lanes_rebalance_when_an_instance_joins_and_when_one_leaves() {
     let t = Setup::new(Kafka::start()).await;
     let pool = &t.pool;
-    create_aggregates(pool, 40).await;
+    create_aggregates(pool, AGGREGATES).await;
     let topic = t.topic("acct", 4).await;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = keep_writing(pool.clone(), stop.clone());

@@ -216,8 +216,22 @@ pub struct Status {
     pub dead_letters: i64,
     /// Tail mode's slot, if it exists.
     pub slot: Option<SlotStatus>,
-    /// The active instance, if one ever took the lease.
+    /// The active instance, if one ever took the lease (unsharded).
     pub leader: Option<LeaderStatus>,
+    /// With `--shards N` (the layout of the most recently renewed lease):
+    /// every lane, its holder and its backlog.
+    pub lanes: Vec<LaneStatus>,
+}
+
+/// One lane of a sharded outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaneStatus {
+    /// `K/N`.
+    pub lane: String,
+    /// Its lease, if an instance ever took it.
+    pub leader: Option<LeaderStatus>,
+    pub unpublished: i64,
+    pub oldest_age: Option<Duration>,
 }
 
 /// The outbox's lease as `relay_lease` shows it.
@@ -274,6 +288,33 @@ impl std::fmt::Display for Status {
                 )?;
             }
         }
+        if !self.lanes.is_empty() {
+            write!(f, "\nlanes               {}", self.lanes.len())?;
+            for lane in &self.lanes {
+                let oldest = lane.oldest_age.map_or_else(
+                    || "-".to_owned(),
+                    |a| format!("{:.1}s ago", a.as_secs_f64()),
+                );
+                write!(f, "\n  lane {:<14}", lane.lane)?;
+                match &lane.leader {
+                    None => write!(f, "no holder yet")?,
+                    Some(leader) => write!(
+                        f,
+                        "{} (epoch {}, {}, renewed {:.1}s ago)",
+                        leader.holder,
+                        leader.epoch,
+                        if leader.connected {
+                            "connected"
+                        } else {
+                            "gone"
+                        },
+                        leader.lease_age.as_secs_f64()
+                    )?,
+                }
+                write!(f, ", {} unpublished, oldest {oldest}", lane.unpublished)?;
+            }
+            return Ok(());
+        }
         match &self.leader {
             None => write!(f, "\nleader              none yet"),
             Some(leader) => write!(
@@ -295,6 +336,32 @@ impl std::fmt::Display for Status {
 
 const SLOT_STATUS: &str = "select slot_name::text, (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, active, wal_status \
      from pg_replication_slots where slot_name = $1";
+
+/// Every lane of the layout whose lease was renewed last, if it is sharded:
+/// its lease and its backlog.
+const LANES_STATUS: &str = "with layout as (select shards as n from relay_lease where outbox = $1 \
+       order by renewed_at desc limit 1), \
+     lanes as (select k, n from layout, generate_series(0, n - 1) as k where n > 1), \
+     backlog as (select bucket::int * (select n from layout) / 1024 as k, count(*) as rows, \
+       extract(epoch from now() - min(created_at))::float8 as age from outbox group by 1) \
+     select l.k, l.n, r.holder, r.epoch, extract(epoch from now() - r.renewed_at)::float8, \
+       exists (select 1 from pg_stat_activity a where a.pid = r.backend_pid), r.takeovers, \
+       coalesce(b.rows, 0), b.age \
+     from lanes l \
+     left join relay_lease r on r.name = $2 || '/' || l.k || '-of-' || l.n \
+     left join backlog b on b.k = l.k order by l.k";
+
+type LaneRow = (
+    i32,
+    i32,
+    Option<String>,
+    Option<i64>,
+    Option<f64>,
+    bool,
+    Option<i64>,
+    i64,
+    Option<f64>,
+);
 
 const LEADER_STATUS: &str = "select holder, epoch, extract(epoch from now() - renewed_at)::float8, \
      exists (select 1 from pg_stat_activity a where a.pid = l.backend_pid), takeovers \
@@ -335,6 +402,28 @@ pub async fn status(db: &DatabaseConfig, slot: &SlotName) -> Result<Status, Erro
             connected,
             takeovers,
         });
+    let lanes = sqlx::query_as::<_, LaneRow>(LANES_STATUS)
+        .bind(db.schema().as_str())
+        .bind(format!("outbox-relay:{}", db.schema()))
+        .fetch_all(&mut conn)
+        .await
+        .map_err(Error::db("reading the lanes"))?
+        .into_iter()
+        .map(
+            |(k, n, holder, epoch, age, connected, takeovers, unpublished, oldest)| LaneStatus {
+                lane: format!("{k}/{n}"),
+                leader: holder.map(|holder| LeaderStatus {
+                    holder,
+                    epoch: epoch.unwrap_or_default(),
+                    lease_age: Duration::from_secs_f64(age.unwrap_or_default().max(0.0)),
+                    connected,
+                    takeovers: takeovers.unwrap_or_default(),
+                }),
+                unpublished,
+                oldest_age: oldest.map(|s| Duration::from_secs_f64(s.max(0.0))),
+            },
+        )
+        .collect();
     conn.close().await.ok();
     Ok(Status {
         target: db.target().clone(),
@@ -343,5 +432,6 @@ pub async fn status(db: &DatabaseConfig, slot: &SlotName) -> Result<Status, Erro
         dead_letters,
         slot,
         leader,
+        lanes,
     })
 }

@@ -308,6 +308,33 @@ async fn lanes_rebalance_when_an_instance_joins_and_when_one_leaves() {
         .unwrap();
     assert!(status.success(), "{}", b_log.text());
     let left = wait_until_even(pool, 2, CONVERGED_WITHIN).await;
+
+    // `status` lists every lane with its holder and its backlog.
+    let holders: Vec<String> = lanes_per_instance(pool)
+        .await
+        .map(|per_instance| per_instance.into_keys().collect())
+        .unwrap_or_default();
+    let output = relay_binary()
+        .args(["status", "--database-url", &t.url])
+        .output()
+        .await
+        .unwrap();
+    let status = String::from_utf8(output.stdout).unwrap();
+    assert!(status.contains("\nlanes               8\n"), "{status}");
+    for lane in 0..SHARDS {
+        let line = status
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("lane {lane}/8 ")))
+            .unwrap_or_else(|| panic!("lane {lane} is missing:\n{status}"));
+        assert!(
+            holders
+                .iter()
+                .any(|h| line.contains(&format!("{h} (epoch ")))
+                && line.contains("connected")
+                && line.contains("unpublished, oldest"),
+            "{line}"
+        );
+    }
     eprintln!(
         "evenly spread {joined:?} after the second instance joined, {joined_third:?} after the third, {left:?} after one left"
     );

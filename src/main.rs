@@ -117,6 +117,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 partitions: args.partitions,
                 batch_size: args.batch_size,
                 relay_log_dir: args.relay_log_dir.clone(),
+                lanes: args.lanes.clone(),
+                lanes_rows: args.lanes_rows,
+                lanes_rtt: args.lanes_rtt,
+                lanes_batch_size: args.lanes_batch_size,
             };
             let report = bench::run(&options, shutdown_on_signal()).await?;
             println!("{report}");

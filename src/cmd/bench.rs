@@ -76,6 +76,12 @@ pub struct BenchOptions {
     pub batch_size: u32,
     /// Keep the relay's logs here instead of a temp dir removed afterwards.
     pub relay_log_dir: Option<PathBuf>,
+    /// Lane counts to drain with in one instance (poll mode, `--shards`),
+    /// with the mock brokers' round trip set to `lanes_rtt`; empty skips it.
+    pub lanes: Vec<u16>,
+    pub lanes_rows: u64,
+    pub lanes_rtt: Duration,
+    pub lanes_batch_size: u32,
 }
 
 /// The figures of one run, as printed and as written with `--json`.
@@ -88,6 +94,28 @@ pub struct BenchReport {
     pub payload_bytes: usize,
     pub batch_size: u32,
     pub modes: Vec<ModeReport>,
+    pub lanes: Option<LanesReport>,
+}
+
+/// Drains of one backlog with 1, 2, 4, ... lanes in one instance, against a
+/// broker with a long round trip (a remote one).
+#[derive(Debug, Clone, Serialize)]
+pub struct LanesReport {
+    pub round_trip_ms: f64,
+    pub rows: u64,
+    pub batch_size: u32,
+    pub runs: Vec<LaneDrain>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LaneDrain {
+    pub lanes: u16,
+    pub seconds: f64,
+    pub rows_per_sec: f64,
+    pub relay_cpu_seconds_per_1k_rows: f64,
+    pub relay_peak_rss_mb: f64,
+    /// Drain rate over the first run's (the fewest lanes).
+    pub ratio_to_first: f64,
 }
 
 /// Where the figures were measured.
@@ -156,6 +184,8 @@ const POLL_TARGET: f64 = 0.5;
 const TAIL_TARGET: f64 = 0.8;
 const P99_TARGET_MS: f64 = 50.0;
 const RSS_TARGET_MB: f64 = 100.0;
+/// With a remote broker's round trip, four lanes over one.
+const LANES_TARGET: f64 = 3.0;
 
 /// At most this many records go to the plain producer: enough for a steady
 /// rate without holding a million-row backlog in this process's memory.
@@ -177,6 +207,7 @@ pub async fn run(
         payload_bytes: options.payload_bytes,
         batch_size: options.batch_size,
         modes: Vec::new(),
+        lanes: None,
     };
 
     for &mode in &options.modes {
@@ -186,7 +217,70 @@ pub async fn run(
         let bench = ModeBench::prepare(&pg, &kafka, options, mode, run_id).await?;
         report.modes.push(bench.run(&shutdown).await?);
     }
+    if !options.lanes.is_empty() && !shutdown.is_cancelled() {
+        report.lanes = Some(lanes(&pg, &kafka, options, run_id, &shutdown).await?);
+    }
     Ok(report)
+}
+
+/// Drains the same backlog once per lane count in `options.lanes`, each in a
+/// database of its own, with the mock brokers answering after
+/// `options.lanes_rtt`.
+async fn lanes(
+    pg: &TempPostgres,
+    kafka: &BenchKafka,
+    options: &BenchOptions,
+    run_id: &str,
+    shutdown: &CancellationToken,
+) -> Result<LanesReport, Error> {
+    let BenchKafka::Mock(mock) = kafka else {
+        return Err(bench(
+            "--lanes needs the mock cluster, whose round trip it sets; drop --brokers".into(),
+        ));
+    };
+    for broker in 1..=3 {
+        mock.broker_round_trip_time(broker, options.lanes_rtt)
+            .map_err(Error::kafka("setting the mock brokers' round trip"))?;
+    }
+    let mut runs: Vec<LaneDrain> = Vec::new();
+    for &lanes in &options.lanes {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let name = format!("bench_lanes_{lanes}");
+        let mut bench =
+            ModeBench::prepare_as(pg, kafka, options, Mode::Poll, &name, run_id).await?;
+        bench.relay_args = vec![
+            "--shards".into(),
+            lanes.to_string(),
+            "--batch-size".into(),
+            options.lanes_batch_size.to_string(),
+        ];
+        bench.insert(backlog(options, options.lanes_rows)).await?;
+        let mut relay = bench.start_relay("run")?;
+        let started = Instant::now();
+        bench.wait_until_drained(&mut relay, shutdown).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let usage = relay.usage()?;
+        relay.stop().await?;
+        bench.pool.close().await;
+        let rows_per_sec = options.lanes_rows as f64 / seconds;
+        let first = runs.first().map_or(rows_per_sec, |r| r.rows_per_sec);
+        runs.push(LaneDrain {
+            lanes,
+            seconds,
+            rows_per_sec,
+            relay_cpu_seconds_per_1k_rows: usage.cpu_seconds / options.lanes_rows as f64 * 1000.0,
+            relay_peak_rss_mb: usage.peak_rss_mb,
+            ratio_to_first: rows_per_sec / first,
+        });
+    }
+    Ok(LanesReport {
+        round_trip_ms: options.lanes_rtt.as_secs_f64() * 1e3,
+        rows: options.lanes_rows,
+        batch_size: options.lanes_batch_size,
+        runs,
+    })
 }
 
 /// The broker: the in-process mock cluster, or a real one.
@@ -253,6 +347,8 @@ impl BenchKafka {
 
 /// One mode's database, topics and relay settings.
 struct ModeBench<'a> {
+    /// The relay's arguments besides mode, brokers, topic and endpoints.
+    relay_args: Vec<String>,
     pg: &'a TempPostgres,
     kafka: &'a BenchKafka,
     options: &'a BenchOptions,
@@ -276,8 +372,19 @@ impl<'a> ModeBench<'a> {
         mode: Mode,
         run_id: &str,
     ) -> Result<ModeBench<'a>, Error> {
-        let name = format!("bench_{mode}");
-        let url = pg.create_database(&name).await?;
+        Self::prepare_as(pg, kafka, options, mode, &format!("bench_{mode}"), run_id).await
+    }
+
+    /// A database and topic named after `name`.
+    async fn prepare_as(
+        pg: &'a TempPostgres,
+        kafka: &'a BenchKafka,
+        options: &'a BenchOptions,
+        mode: Mode,
+        name: &str,
+        run_id: &str,
+    ) -> Result<ModeBench<'a>, Error> {
+        let url = pg.create_database(name).await?;
         let schema = Identifier::parse("public", "bench schema")?;
         let db = DatabaseConfig::from_url(&url, schema, "bench database")?;
         let tail = TailConfig::default();
@@ -287,7 +394,7 @@ impl<'a> ModeBench<'a> {
             .connect_with(db.connect_options().clone())
             .await
             .map_err(Error::db_error("opening the bench pool"))?;
-        let topic = format!("bench-{run_id}-{mode}");
+        let topic = format!("bench-{run_id}-{name}");
         kafka.create_topic(&topic, options.partitions).await?;
         let (log_dir, _temp_dir) = match &options.relay_log_dir {
             Some(dir) => {
@@ -304,6 +411,7 @@ impl<'a> ModeBench<'a> {
             }
         };
         Ok(ModeBench {
+            relay_args: vec!["--batch-size".into(), options.batch_size.to_string()],
             pg,
             kafka,
             options,
@@ -336,7 +444,7 @@ impl<'a> ModeBench<'a> {
                 .map_err(Error::db_error("creating pg_recvlogical's slot"))?;
         }
 
-        let events = backlog(options);
+        let events = backlog(options, options.rows);
         let insert_rate = self.insert(events).await?;
         let end_lsn: String = sqlx::query_scalar("select pg_current_wal_lsn()::text")
             .fetch_one(&self.pool)
@@ -510,7 +618,7 @@ impl<'a> ModeBench<'a> {
     fn start_relay(&self, phase: &str) -> Result<RelayProcess, Error> {
         let log_path = self
             .log_dir
-            .join(format!("relay-{}-{phase}.log", self.mode));
+            .join(format!("relay-{}-{phase}.log", self.topic));
         let log = std::fs::File::create(&log_path)
             .map_err(|e| bench(format!("cannot create {}: {e}", log_path.display())))?;
         let log_err = log
@@ -525,7 +633,7 @@ impl<'a> ModeBench<'a> {
             .args(["--mode", &self.mode.to_string()])
             .args(["--brokers", &self.kafka.brokers()])
             .args(["--topic-template", &self.topic])
-            .args(["--batch-size", &self.options.batch_size.to_string()])
+            .args(&self.relay_args)
             .args(["--metrics-address", &format!("127.0.0.1:{metrics_port}")])
             .args(["--slot", self.tail.slot.as_str()])
             .args(["--publication", self.tail.publication.as_str()])
@@ -882,10 +990,10 @@ impl Histogram {
 
 /// The backlog: `rows` events over `aggregates` aggregates, payloads of
 /// about `payload_bytes`.
-fn backlog(options: &BenchOptions) -> Vec<Event> {
+fn backlog(options: &BenchOptions, rows: u64) -> Vec<Event> {
     let pad = "x".repeat(options.payload_bytes.saturating_sub(60));
     let aggregates = u64::from(options.aggregates.max(1));
-    (0..options.rows)
+    (0..rows)
         .map(|k| {
             Event::new(
                 "bench",
@@ -1179,6 +1287,21 @@ fn bench(message: String) -> Error {
 /// Whether each mode met its targets, by name.
 pub fn targets(report: &BenchReport) -> BTreeMap<String, bool> {
     let mut out = BTreeMap::new();
+    if let Some(lanes) = &report.lanes {
+        let rate = |n: u16| {
+            lanes
+                .runs
+                .iter()
+                .find(|r| r.lanes == n)
+                .map(|r| r.rows_per_sec)
+        };
+        if let (Some(one), Some(four)) = (rate(1), rate(4)) {
+            out.insert(
+                format!("4 lanes drain >= {LANES_TARGET} x 1 lane"),
+                four >= LANES_TARGET * one,
+            );
+        }
+    }
     for mode in &report.modes {
         let target = if mode.mode == "tail" {
             TAIL_TARGET
@@ -1291,6 +1414,25 @@ impl fmt::Display for BenchReport {
             }
         }
 
+        if let Some(lanes) = &self.lanes {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "lanes in one instance (poll, --shards N), mock brokers answering after {:.0} ms, {} rows, --batch-size {}:",
+                lanes.round_trip_ms, lanes.rows, lanes.batch_size
+            )?;
+            for run in &lanes.runs {
+                writeln!(
+                    f,
+                    "  {:>3} lane(s) {:>9.0} rows/s {:>6.2} x the first  CPU {:.4} s/1k rows  peak RSS {:.1} MB",
+                    run.lanes,
+                    run.rows_per_sec,
+                    run.ratio_to_first,
+                    run.relay_cpu_seconds_per_1k_rows,
+                    run.relay_peak_rss_mb
+                )?;
+            }
+        }
         writeln!(f)?;
         writeln!(f, "targets:")?;
         for (target, met) in targets(self) {

@@ -443,6 +443,22 @@ pub struct BenchArgs {
     /// Also write the figures to this file as JSON.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+
+    /// Also drain with these lane counts in one instance (poll, --shards), e.g. 1,2,4,8, against the mock cluster with a slow round trip.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub lanes: Vec<u16>,
+
+    /// Backlog rows for each lanes drain.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1000..=10_000_000))]
+    pub lanes_rows: u64,
+
+    /// The mock brokers' round trip during the lanes drains (a remote broker).
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    pub lanes_rtt: Duration,
+
+    /// The relay's --batch-size during the lanes drains.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub lanes_batch_size: u32,
 }
 
 fn parse_mode(s: &str) -> Result<Mode, String> {

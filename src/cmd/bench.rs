@@ -1498,8 +1498,12 @@ mod tests {
             partitions: 6,
             batch_size: 1000,
             relay_log_dir: None,
+            lanes: Vec::new(),
+            lanes_rows: 0,
+            lanes_rtt: Duration::ZERO,
+            lanes_batch_size: 100,
         };
-        let events = backlog(&options);
+        let events = backlog(&options, options.rows);
         assert_eq!(events.len(), 2000);
         let sizes: Vec<usize> = events
             .iter()

@@ -448,8 +448,8 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub lanes: Vec<u16>,
 
-    /// Backlog rows for each lanes drain.
-    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1000..=10_000_000))]
+    /// Backlog rows for each lanes drain (timed from the relay's start, so enough rows that start-up does not dominate).
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1000..=10_000_000))]
     pub lanes_rows: u64,
 
     /// The mock brokers' round trip during the lanes drains (a remote broker).

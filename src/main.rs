@@ -4,8 +4,8 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
 use clap::error::ErrorKind;
+use clap::{CommandFactory, FromArgMatches};
 mod cmd;
 // Shared with the test harness, which uses more of it than the binary.
 #[allow(dead_code)]
@@ -18,28 +18,26 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|matches| Cli::from_arg_matches(&matches).map(|cli| (cli, matches)));
+    let (cli, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
             e.exit()
         }
         Err(e) if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
         Err(e) => {
-            // One line: clap's first line names the flag and the cause; the
-            // hint points at --help for the fix.
-            let rendered = e.render().to_string();
-            let message: Vec<&str> = rendered
-                .lines()
-                .take_while(|line| {
-                    !line.starts_with("Usage:") && !line.starts_with("For more information")
-                })
-                .map(str::trim)
-                .filter(|line| !line.is_empty() && !line.starts_with("tip:"))
-                .collect();
-            eprintln!("{}; see `outbox-relay --help`", message.join(" "));
+            eprintln!("{}; see `outbox-relay --help`", cmd::cli::one_line(&e));
             return ExitCode::from(2);
         }
     };
+    if let Some(run) = matches.subcommand_matches("run")
+        && let Err(e) = cmd::config_file::only_config_given(run)
+    {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let default_level = match cli.command {
         Command::Demo(_) => "warn",
         // The plain producer's settings draw librdkafka's warning that the
@@ -80,11 +78,16 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 db.schema()
             );
         }
-        Command::Run(args) => {
-            let config = args.to_config()?;
-            let shutdown = shutdown_on_signal();
-            relay::run(config, shutdown).await?;
-        }
+        Command::Run(args) => match &args.config {
+            Some(path) => {
+                let configs = cmd::config_file::load(path)?;
+                relay::run_all(configs, shutdown_on_signal()).await?;
+            }
+            None => {
+                let config = args.to_config()?;
+                relay::run(config, shutdown_on_signal()).await?;
+            }
+        },
         Command::Status(args) => {
             let db = args.database.to_config()?;
             let status = database::status(&db, &args.slot()?).await?;

@@ -23,6 +23,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -53,7 +54,14 @@ pub struct Metrics {
 }
 
 struct Inner {
-    registry: Registry,
+    handles: Handles,
+    /// Why the relay is not ready, and which dependency is at fault;
+    /// `None` when it is ready.
+    unready: Mutex<Option<(Dependency, String)>>,
+}
+
+/// The metrics of one outbox.
+struct Handles {
     published: Counter,
     dead_lettered: Counter,
     batches: Counter,
@@ -66,9 +74,199 @@ struct Inner {
     takeovers: Counter,
     fenced: Counter,
     lease_age_seconds: Gauge<f64, AtomicU64>,
-    /// Why the relay is not ready, and which dependency is at fault;
-    /// `None` when it is ready.
-    unready: Mutex<Option<(Dependency, String)>>,
+}
+
+/// The same metrics as families, one member per outbox (`outbox="NAME"`).
+struct Families {
+    published: Family<OutboxLabel, Counter>,
+    dead_lettered: Family<OutboxLabel, Counter>,
+    batches: Family<OutboxLabel, Counter>,
+    failures: Family<OutboxLabel, Counter>,
+    active: Family<OutboxLabel, Gauge>,
+    backlog_rows: Family<OutboxLabel, Gauge>,
+    oldest_unpublished_seconds: Family<OutboxLabel, Gauge<f64, AtomicU64>>,
+    slot_lag_bytes: Family<OutboxLabel, Gauge>,
+    ack_latency: Family<OutboxLabel, Histogram, fn() -> Histogram>,
+    takeovers: Family<OutboxLabel, Counter>,
+    fenced: Family<OutboxLabel, Counter>,
+    lease_age_seconds: Family<OutboxLabel, Gauge<f64, AtomicU64>>,
+}
+
+type OutboxLabel = Vec<(&'static str, String)>;
+
+impl Families {
+    fn handles(&self, name: &str) -> Handles {
+        let label: OutboxLabel = vec![("outbox", name.to_owned())];
+        Handles {
+            published: self.published.get_or_create(&label).clone(),
+            dead_lettered: self.dead_lettered.get_or_create(&label).clone(),
+            batches: self.batches.get_or_create(&label).clone(),
+            failures: self.failures.get_or_create(&label).clone(),
+            active: self.active.get_or_create(&label).clone(),
+            backlog_rows: self.backlog_rows.get_or_create(&label).clone(),
+            oldest_unpublished_seconds: self
+                .oldest_unpublished_seconds
+                .get_or_create(&label)
+                .clone(),
+            slot_lag_bytes: self.slot_lag_bytes.get_or_create(&label).clone(),
+            ack_latency: self.ack_latency.get_or_create(&label).clone(),
+            takeovers: self.takeovers.get_or_create(&label).clone(),
+            fenced: self.fenced.get_or_create(&label).clone(),
+            lease_age_seconds: self.lease_age_seconds.get_or_create(&label).clone(),
+        }
+    }
+}
+
+fn new_ack_histogram() -> Histogram {
+    Histogram::new(ACK_LATENCY_BUCKETS.iter().copied())
+}
+
+/// Registers every metric of `$m` (a [`Handles`] or a [`Families`]).
+macro_rules! register_all {
+    ($registry:expr, $m:expr) => {{
+        let (r, m) = (&mut *$registry, &$m);
+        r.register(
+            "published",
+            "Rows acknowledged by Kafka and confirmed",
+            m.published.clone(),
+        );
+        r.register(
+            "dead_lettered",
+            "Rows moved to the dead-letter table (rejected for good, or parked behind such a row)",
+            m.dead_lettered.clone(),
+        );
+        r.register("batches", "Batches confirmed", m.batches.clone());
+        r.register(
+            "failures",
+            "Failed attempts to read, publish or confirm (each is retried)",
+            m.failures.clone(),
+        );
+        r.register(
+            "active",
+            "Lanes this instance holds: 1 while it holds the relay lock of an unsharded outbox, 0 while it stands by",
+            m.active.clone(),
+        );
+        r.register(
+            "backlog_rows",
+            "Rows in the outbox, not yet confirmed",
+            m.backlog_rows.clone(),
+        );
+        r.register(
+            "oldest_unpublished_seconds",
+            "Age of the oldest row in the outbox (0 when empty)",
+            m.oldest_unpublished_seconds.clone(),
+        );
+        r.register(
+            "slot_lag_bytes",
+            "WAL bytes the tail-mode slot holds back (-1 without a slot)",
+            m.slot_lag_bytes.clone(),
+        );
+        r.register(
+            "takeovers",
+            "Times this instance took the lease over from another instance (after a crash, a lost session or a fence)",
+            m.takeovers.clone(),
+        );
+        r.register(
+            "fenced",
+            "Times this instance ended the sessions of an active instance whose lease had run out (hung, paused or cut off)",
+            m.fenced.clone(),
+        );
+        r.register(
+            "lease_age_seconds",
+            "Seconds since the active instance (whichever it is) last renewed its lease; above --lease means it is hung and no standby took over (-1: no lease yet)",
+            m.lease_age_seconds.clone(),
+        );
+        r.register(
+            "ack_latency_seconds",
+            "Seconds from a row's created_at (by default its transaction's start, on the database's clock) to Kafka's acknowledgement",
+            m.ack_latency.clone(),
+        );
+    }};
+}
+
+/// What `/metrics` and `/readyz` serve: one registry holding the metrics of
+/// every outbox the process relays, each outbox's under an `outbox` label
+/// when there are several. Cloning is cheap.
+#[derive(Clone)]
+pub struct Exposition {
+    registry: Arc<Registry>,
+    /// Each outbox's metrics, with its label when the process runs several.
+    outboxes: Arc<Vec<(Option<String>, Metrics)>>,
+}
+
+impl Exposition {
+    /// One outbox, unlabelled: the metrics as a single-outbox relay has
+    /// always shown them.
+    pub fn single() -> (Exposition, Metrics) {
+        let mut registry = Registry::with_prefix("outbox_relay");
+        let metrics = Metrics::register(&mut registry);
+        let exposition = Exposition {
+            registry: Arc::new(registry),
+            outboxes: Arc::new(vec![(None, metrics.clone())]),
+        };
+        (exposition, metrics)
+    }
+
+    /// Several outboxes, each under the label `outbox="NAME"`.
+    pub fn labelled(names: &[String]) -> (Exposition, Vec<Metrics>) {
+        let mut registry = Registry::with_prefix("outbox_relay");
+        let families = Families {
+            published: Family::default(),
+            dead_lettered: Family::default(),
+            batches: Family::default(),
+            failures: Family::default(),
+            active: Family::default(),
+            backlog_rows: Family::default(),
+            oldest_unpublished_seconds: Family::default(),
+            slot_lag_bytes: Family::default(),
+            ack_latency: Family::new_with_constructor(new_ack_histogram),
+            takeovers: Family::default(),
+            fenced: Family::default(),
+            lease_age_seconds: Family::default(),
+        };
+        register_all!(&mut registry, families);
+        let metrics: Vec<Metrics> = names
+            .iter()
+            .map(|name| Metrics::from_handles(families.handles(name)))
+            .collect();
+        let exposition = Exposition {
+            registry: Arc::new(registry),
+            outboxes: Arc::new(
+                names
+                    .iter()
+                    .cloned()
+                    .map(Some)
+                    .zip(metrics.iter().cloned())
+                    .collect(),
+            ),
+        };
+        (exposition, metrics)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Why the process is not ready: every failing outbox, one line each,
+    /// named when there are several. `None` when all are ready.
+    pub fn unready(&self) -> Option<String> {
+        let reasons: Vec<String> = self
+            .outboxes
+            .iter()
+            .filter_map(|(name, metrics)| {
+                let reason = metrics.unready()?;
+                Some(match name {
+                    Some(name) => format!("outbox {name}: {reason}"),
+                    None => reason,
+                })
+            })
+            .collect();
+        (!reasons.is_empty()).then(|| reasons.join("\n"))
+    }
 }
 
 impl Default for Metrics {
@@ -78,91 +276,36 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Metrics of their own, in a registry nothing serves (tests, tools).
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("outbox_relay");
-        let published = Counter::default();
-        let dead_lettered = Counter::default();
-        let batches = Counter::default();
-        let failures = Counter::default();
-        let active = Gauge::default();
-        let backlog_rows = Gauge::default();
-        let oldest_unpublished_seconds = Gauge::<f64, AtomicU64>::default();
-        let slot_lag_bytes = Gauge::default();
-        let ack_latency = Histogram::new(ACK_LATENCY_BUCKETS.iter().copied());
-        let takeovers = Counter::default();
-        let fenced = Counter::default();
-        let lease_age_seconds = Gauge::<f64, AtomicU64>::default();
-        registry.register(
-            "published",
-            "Rows acknowledged by Kafka and confirmed",
-            published.clone(),
-        );
-        registry.register(
-            "dead_lettered",
-            "Rows moved to the dead-letter table (rejected for good, or parked behind such a row)",
-            dead_lettered.clone(),
-        );
-        registry.register("batches", "Batches confirmed", batches.clone());
-        registry.register(
-            "failures",
-            "Failed attempts to read, publish or confirm (each is retried)",
-            failures.clone(),
-        );
-        registry.register(
-            "active",
-            "Lanes this instance holds: 1 while it holds the relay lock of an unsharded outbox, 0 while it stands by",
-            active.clone(),
-        );
-        registry.register(
-            "backlog_rows",
-            "Rows in the outbox, not yet confirmed",
-            backlog_rows.clone(),
-        );
-        registry.register(
-            "oldest_unpublished_seconds",
-            "Age of the oldest row in the outbox (0 when empty)",
-            oldest_unpublished_seconds.clone(),
-        );
-        registry.register(
-            "slot_lag_bytes",
-            "WAL bytes the tail-mode slot holds back (-1 without a slot)",
-            slot_lag_bytes.clone(),
-        );
-        registry.register(
-            "takeovers",
-            "Times this instance took the lease over from another instance (after a crash, a lost session or a fence)",
-            takeovers.clone(),
-        );
-        registry.register(
-            "fenced",
-            "Times this instance ended the sessions of an active instance whose lease had run out (hung, paused or cut off)",
-            fenced.clone(),
-        );
-        registry.register(
-            "lease_age_seconds",
-            "Seconds since the active instance (whichever it is) last renewed its lease; above --lease means it is hung and no standby took over (-1: no lease yet)",
-            lease_age_seconds.clone(),
-        );
-        registry.register(
-            "ack_latency_seconds",
-            "Seconds from a row's created_at (by default its transaction's start, on the database's clock) to Kafka's acknowledgement",
-            ack_latency.clone(),
-        );
+        Exposition::single().1
+    }
+
+    /// One outbox's metrics, registered in `registry`.
+    /// One outbox's metrics, registered in `registry` without labels.
+    fn register(registry: &mut Registry) -> Self {
+        let handles = Handles {
+            published: Counter::default(),
+            dead_lettered: Counter::default(),
+            batches: Counter::default(),
+            failures: Counter::default(),
+            active: Gauge::default(),
+            backlog_rows: Gauge::default(),
+            oldest_unpublished_seconds: Gauge::default(),
+            slot_lag_bytes: Gauge::default(),
+            ack_latency: new_ack_histogram(),
+            takeovers: Counter::default(),
+            fenced: Counter::default(),
+            lease_age_seconds: Gauge::default(),
+        };
+        register_all!(registry, handles);
+        Metrics::from_handles(handles)
+    }
+
+    fn from_handles(handles: Handles) -> Self {
         Metrics {
             inner: Arc::new(Inner {
-                registry,
-                published,
-                dead_lettered,
-                batches,
-                failures,
-                active,
-                backlog_rows,
-                oldest_unpublished_seconds,
-                slot_lag_bytes,
-                ack_latency,
-                takeovers,
-                fenced,
-                lease_age_seconds,
+                handles,
                 unready: Mutex::new(None),
             }),
             held: Arc::default(),
@@ -171,14 +314,17 @@ impl Metrics {
 
     /// A batch was confirmed.
     pub fn confirmed(&self, published: usize, dead_lettered: usize) {
-        self.inner.batches.inc();
-        self.inner.published.inc_by(published as u64);
-        self.inner.dead_lettered.inc_by(dead_lettered as u64);
+        self.inner.handles.batches.inc();
+        self.inner.handles.published.inc_by(published as u64);
+        self.inner
+            .handles
+            .dead_lettered
+            .inc_by(dead_lettered as u64);
     }
 
     /// Kafka acknowledged a row `seconds` after its `created_at`.
     pub fn acked(&self, seconds: f64) {
-        self.inner.ack_latency.observe(seconds.max(0.0));
+        self.inner.handles.ack_latency.observe(seconds.max(0.0));
     }
 
     /// The same metrics, for one more lane: its `set_active` counts in
@@ -194,26 +340,26 @@ impl Metrics {
     pub fn set_active(&self, active: bool) {
         if self.held.swap(active, std::sync::atomic::Ordering::Relaxed) != active {
             if active {
-                self.inner.active.inc();
+                self.inner.handles.active.inc();
             } else {
-                self.inner.active.dec();
+                self.inner.handles.active.dec();
             }
         }
     }
 
     /// This instance took the lease over from another one.
     pub fn took_over(&self) {
-        self.inner.takeovers.inc();
+        self.inner.handles.takeovers.inc();
     }
 
     /// This instance fenced an active instance whose lease ran out.
     pub fn fenced(&self) {
-        self.inner.fenced.inc();
+        self.inner.handles.fenced.inc();
     }
 
     /// The relay is failing on `dependency`, for `reason`.
     pub fn failing(&self, dependency: Dependency, reason: String) {
-        self.inner.failures.inc();
+        self.inner.handles.failures.inc();
         if let Ok(mut unready) = self.inner.unready.lock() {
             *unready = Some((dependency, reason));
         }
@@ -237,25 +383,18 @@ impl Metrics {
     }
 
     fn set_backlog(&self, status: &database::Status) {
-        self.inner.backlog_rows.set(status.unpublished);
+        self.inner.handles.backlog_rows.set(status.unpublished);
         self.inner
+            .handles
             .oldest_unpublished_seconds
             .set(status.oldest_age.map_or(0.0, |a| a.as_secs_f64()));
         let lag = status.slot.as_ref().and_then(|s| s.lag_bytes).unwrap_or(-1);
-        self.inner.slot_lag_bytes.set(lag);
+        self.inner.handles.slot_lag_bytes.set(lag);
         let lease_age = status
             .leader
             .as_ref()
             .map_or(-1.0, |l| l.lease_age.as_secs_f64());
-        self.inner.lease_age_seconds.set(lease_age);
-    }
-
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = encode(&mut out, &self.inner.registry);
-        out
+        self.inner.handles.lease_age_seconds.set(lease_age);
     }
 
     pub(crate) fn unready(&self) -> Option<String> {
@@ -284,7 +423,7 @@ pub async fn bind(address: SocketAddr) -> Result<TcpListener, Error> {
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`.
-pub async fn serve(listener: TcpListener, metrics: Metrics, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, exposition: Exposition, shutdown: CancellationToken) {
     if let Ok(address) = listener.local_addr() {
         info!(address = %address, "metrics and health endpoints listening");
     }
@@ -292,7 +431,7 @@ pub async fn serve(listener: TcpListener, metrics: Metrics, shutdown: Cancellati
         .route("/metrics", get(render))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(metrics);
+        .with_state(exposition);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;
@@ -301,18 +440,18 @@ pub async fn serve(listener: TcpListener, metrics: Metrics, shutdown: Cancellati
     }
 }
 
-async fn render(State(metrics): State<Metrics>) -> impl IntoResponse {
+async fn render(State(exposition): State<Exposition>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        metrics.render(),
+        exposition.render(),
     )
 }
 
-async fn ready(State(metrics): State<Metrics>) -> (StatusCode, String) {
-    match metrics.unready() {
+async fn ready(State(exposition): State<Exposition>) -> (StatusCode, String) {
+    match exposition.unready() {
         None => (StatusCode::OK, "ready\n".into()),
         Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
     }
@@ -344,8 +483,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn several_outboxes_render_under_their_labels() {
+        let (exposition, metrics) =
+            Exposition::labelled(&["h:5432/shop/public".into(), "h:5432/shop/b".into()]);
+        metrics[0].confirmed(4, 0);
+        metrics[1].confirmed(2, 0);
+        metrics[1].failing(Dependency::Database, "down".into());
+        let text = exposition.render();
+        assert!(
+            text.contains("outbox_relay_published_total{outbox=\"h:5432/shop/public\"} 4\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outbox_relay_published_total{outbox=\"h:5432/shop/b\"} 2\n"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("# TYPE outbox_relay_published counter")
+                .count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(
+            exposition.unready().as_deref(),
+            Some("outbox h:5432/shop/b: down")
+        );
+    }
+
+    #[test]
     fn counters_render_in_the_text_format() {
-        let m = Metrics::new();
+        let (exposition, m) = Exposition::single();
         m.confirmed(7, 1);
         m.confirmed(3, 0);
         m.set_active(true);
@@ -360,7 +527,7 @@ mod tests {
             Some("down"),
             "a read does not clear Kafka"
         );
-        let text = m.render();
+        let text = exposition.render();
         assert!(text.contains("outbox_relay_published_total 10\n"), "{text}");
         assert!(
             text.contains("outbox_relay_dead_lettered_total 1\n"),

@@ -54,7 +54,7 @@ pub enum Command {
 pub struct DatabaseArgs {
     /// Postgres URL: postgres://USER:PASSWORD@HOST:PORT/DATABASE?sslmode=...
     #[arg(long, env = "OUTBOX_DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
+    pub database_url: Option<String>,
 
     /// Schema holding the outbox tables.
     #[arg(long, env = "OUTBOX_SCHEMA", default_value = "public")]
@@ -64,11 +64,12 @@ pub struct DatabaseArgs {
 impl DatabaseArgs {
     pub fn to_config(&self) -> Result<DatabaseConfig, Error> {
         let schema = Identifier::parse(&self.schema, "--schema (OUTBOX_SCHEMA)")?;
-        DatabaseConfig::from_url(
-            &self.database_url,
-            schema,
-            "--database-url (OUTBOX_DATABASE_URL)",
-        )
+        let url = self.database_url.as_deref().ok_or_else(|| {
+            Error::Config(
+                "--database-url (OUTBOX_DATABASE_URL) is missing; give the Postgres URL, postgres://USER:PASSWORD@HOST:PORT/DATABASE".into(),
+            )
+        })?;
+        DatabaseConfig::from_url(url, schema, "--database-url (OUTBOX_DATABASE_URL)")
     }
 }
 
@@ -135,6 +136,10 @@ impl TailArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
+    /// Several outboxes from a TOML file: its top-level keys are these flags by their long names and apply to every outbox, each [[outbox]] table adds its own (see README, "Several outboxes in one process").
+    #[arg(long, env = "OUTBOX_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+
     /// How to read the outbox: poll (SQL batches) or tail (logical replication).
     #[arg(long, env = "OUTBOX_MODE", default_value = "poll", value_parser = parse_mode)]
     pub mode: Mode,
@@ -193,7 +198,7 @@ pub struct RunArgs {
 pub struct KafkaArgs {
     /// Kafka bootstrap servers, HOST:PORT[,HOST:PORT...].
     #[arg(long, env = "OUTBOX_BROKERS")]
-    pub brokers: String,
+    pub brokers: Option<String>,
 
     /// Extra librdkafka producer property KEY=VALUE (repeatable; env: comma-separated).
     #[arg(
@@ -220,13 +225,14 @@ impl KafkaArgs {
                 ))),
             })
             .collect::<Result<_, _>>()?;
-        if self.brokers.trim().is_empty() {
+        let brokers = self.brokers.as_deref().unwrap_or_default();
+        if brokers.trim().is_empty() {
             return Err(Error::Config(
-                "--brokers (OUTBOX_BROKERS) is empty; give the Kafka bootstrap servers as HOST:PORT[,HOST:PORT]".into(),
+                "--brokers (OUTBOX_BROKERS) is missing or empty; give the Kafka bootstrap servers as HOST:PORT[,HOST:PORT]".into(),
             ));
         }
         Ok(KafkaConfig {
-            brokers: self.brokers.clone(),
+            brokers: brokers.to_owned(),
             properties,
         })
     }
@@ -463,4 +469,17 @@ pub struct BenchArgs {
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
     s.parse()
+}
+
+/// A clap error as one line: its first lines name the flag and the cause;
+/// the usage and the hints are left out.
+pub fn one_line(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let message: Vec<&str> = rendered
+        .lines()
+        .take_while(|line| !line.starts_with("Usage:") && !line.starts_with("For more information"))
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with("tip:"))
+        .collect();
+    message.join(" ")
 }

@@ -30,7 +30,7 @@ use crate::config::{Lane, Mode, PoisonPolicy, RelayConfig, Shards};
 use crate::database::{self, timed};
 use crate::error::Error;
 use crate::message;
-use crate::metrics::{self, Dependency, Metrics};
+use crate::metrics::{self, Dependency, Exposition, Metrics};
 use crate::outbox::OutboxRow;
 use crate::ownership::{Candidate, Instance, Share, track_members};
 use crate::sink::{KafkaSink, Outcome, Sent, Sink};
@@ -49,16 +49,122 @@ pub struct RunStats {
 /// the configured shutdown timeout) for in-flight acks, confirms them, and
 /// returns. Errors a retry cannot fix (bad credentials, missing tables) end
 /// it early; transient ones are retried with backoff.
-pub async fn run(mut config: RelayConfig, shutdown: CancellationToken) -> Result<RunStats, Error> {
-    let metrics = Metrics::new();
+pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<RunStats, Error> {
+    let (exposition, metrics) = Exposition::single();
     let candidate = Candidate {
         instance: Instance::generate(),
         lease: config.lease,
     };
+    run_outbox(config, candidate, metrics, Some(exposition), &shutdown).await
+}
+
+/// Runs several outboxes in one process (`run --config`), each as [`run`]
+/// runs one, with its own leases, lanes, slot and producers, until
+/// `shutdown`. One endpoint serves them all, each outbox's metrics under the
+/// label `outbox="HOST:PORT/DATABASE/SCHEMA"`. An outbox that fails, even
+/// with an error no retry can fix (a database that refuses the login, tables
+/// missing), is reported and tried again with backoff while the others go
+/// on.
+pub async fn run_all(
+    configs: Vec<RelayConfig>,
+    shutdown: CancellationToken,
+) -> Result<RunStats, Error> {
+    let names: Vec<String> = configs
+        .iter()
+        .map(|c| format!("{}/{}", c.database.target(), c.database.schema()))
+        .collect();
+    for (i, name) in names.iter().enumerate() {
+        if names[..i].contains(name) {
+            return Err(Error::Config(format!(
+                "outbox {name} is listed twice; list each database and schema once"
+            )));
+        }
+    }
+    let (exposition, metrics) = Exposition::labelled(&names);
+    let endpoints = shutdown.child_token();
+    let _stop_endpoints = endpoints.clone().drop_guard();
+    if let Some(address) = configs.first().and_then(|c| c.metrics_address) {
+        let listener = metrics::bind(address).await?;
+        tokio::spawn(metrics::serve(listener, exposition, endpoints.clone()));
+    }
+    let instance = Instance::generate();
+    let mut outboxes = tokio::task::JoinSet::new();
+    for ((config, metrics), name) in configs.into_iter().zip(metrics).zip(&names) {
+        let candidate = Candidate {
+            instance: instance.clone(),
+            lease: config.lease,
+        };
+        let span = tracing::info_span!("outbox", outbox = %name);
+        outboxes.spawn(tracing::Instrument::instrument(
+            supervise(config, candidate, metrics, shutdown.clone()),
+            span,
+        ));
+    }
+    let mut total = RunStats::default();
+    while let Some(joined) = outboxes.join_next().await {
+        let stats = joined.map_err(|e| Error::Setup(format!("an outbox's loop panicked: {e}")))?;
+        total.published += stats.published;
+        total.dead_lettered += stats.dead_lettered;
+    }
+    Ok(total)
+}
+
+/// Runs one outbox of several until `shutdown`, starting it again after any
+/// failure, with backoff (1 s doubling to 30 s). A failure is logged when it
+/// first happens or changes, not on every retry.
+async fn supervise(
+    config: RelayConfig,
+    candidate: Candidate,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> RunStats {
+    let mut delay = Duration::from_secs(1);
+    let mut last: Option<String> = None;
+    loop {
+        let ran = run_outbox(
+            config.clone(),
+            candidate.clone(),
+            metrics.clone(),
+            None,
+            &shutdown,
+        )
+        .await;
+        match ran {
+            Ok(stats) => return stats,
+            Err(_) if shutdown.is_cancelled() => return RunStats::default(),
+            Err(e) => {
+                let text = e.to_string();
+                if last.as_deref() != Some(text.as_str()) {
+                    warn!("{text}; this outbox is tried again with backoff, the others go on");
+                } else {
+                    debug!(error = %text, "this outbox still fails");
+                }
+                metrics.failing(Dependency::Database, text.clone());
+                last = Some(text);
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return RunStats::default(),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// One outbox: the start-up checks, then the loop (one per lane when
+/// sharded). Serves the endpoints from `exposition` when given (a process
+/// with one outbox); samples the backlog gauges whenever metrics are on.
+async fn run_outbox(
+    mut config: RelayConfig,
+    candidate: Candidate,
+    metrics: Metrics,
+    exposition: Option<Exposition>,
+    shutdown: &CancellationToken,
+) -> Result<RunStats, Error> {
     config.database = config
         .database
         .with_application_name(&candidate.instance.application_name());
-    if !check_database(&config, &metrics, &shutdown).await? {
+    if !check_database(&config, &metrics, shutdown).await? {
         return Ok(RunStats::default());
     }
     let sink = KafkaSink::new(&config.kafka)?;
@@ -66,8 +172,10 @@ pub async fn run(mut config: RelayConfig, shutdown: CancellationToken) -> Result
     let endpoints = shutdown.child_token();
     let _stop_endpoints = endpoints.clone().drop_guard();
     if let Some(address) = config.metrics_address {
-        let listener = metrics::bind(address).await?;
-        tokio::spawn(metrics::serve(listener, metrics.clone(), endpoints.clone()));
+        if let Some(exposition) = exposition {
+            let listener = metrics::bind(address).await?;
+            tokio::spawn(metrics::serve(listener, exposition, endpoints.clone()));
+        }
         tokio::spawn(metrics::sample_backlog(
             metrics.clone(),
             config.database.clone(),
@@ -77,6 +185,7 @@ pub async fn run(mut config: RelayConfig, shutdown: CancellationToken) -> Result
         ));
     }
     info!(mode = %config.mode, database = %config.database.target(), brokers = %config.kafka.brokers, instance = candidate.instance.id(), "relay starting");
+    let shutdown = shutdown.clone();
     match config.mode {
         Mode::Poll if config.shards != Shards::ONE => {
             drop(sink);
@@ -121,11 +230,11 @@ async fn run_lanes(
 ) -> Result<RunStats, Error> {
     let lanes_stop = shutdown.child_token();
     let share = Share::of(usize::from(config.shards.get()));
-    tokio::spawn(track_members(
+    tokio::spawn(tracing::Instrument::in_current_span(track_members(
         config.database.clone(),
         share.clone(),
         lanes_stop.clone(),
-    ));
+    )));
     let mut loops = tokio::task::JoinSet::new();
     for lane in config.shards.lanes() {
         let lane_metrics = metrics.for_lane();

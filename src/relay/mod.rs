@@ -229,6 +229,8 @@ async fn run_lanes(
     shutdown: CancellationToken,
 ) -> Result<RunStats, Error> {
     let lanes_stop = shutdown.child_token();
+    // However this returns, the membership ends with it.
+    let _leave = lanes_stop.clone().drop_guard();
     let share = Share::of(usize::from(config.shards.get()));
     tokio::spawn(tracing::Instrument::in_current_span(track_members(
         config.database.clone(),

@@ -211,6 +211,7 @@ async fn create_publication(
 #[derive(Debug, Clone, PartialEq)]
 pub struct Status {
     pub target: crate::config::DatabaseTarget,
+    pub schema: String,
     pub unpublished: i64,
     pub oldest_age: Option<Duration>,
     pub dead_letters: i64,
@@ -259,6 +260,46 @@ pub struct SlotStatus {
     pub active: bool,
     /// `reserved`, `extended`, `unreserved` or `lost` (invalidated).
     pub wal_status: Option<String>,
+}
+
+impl Status {
+    /// `status --json`: a stable schema for scripts (`version` grows only
+    /// when a field changes meaning or goes away; new fields may appear).
+    /// Durations are seconds; what is unknown or absent is `null`.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+        let leader = |l: &LeaderStatus| {
+            json!({
+                "holder": l.holder,
+                "epoch": l.epoch,
+                "lease_age_seconds": l.lease_age.as_secs_f64(),
+                "connected": l.connected,
+                "takeovers": l.takeovers,
+            })
+        };
+        json!({
+            "version": 1,
+            "database": self.target.to_string(),
+            "schema": self.schema,
+            "unpublished": self.unpublished,
+            "oldest_unpublished_seconds": secs(self.oldest_age),
+            "dead_letters": self.dead_letters,
+            "slot": self.slot.as_ref().map(|s| json!({
+                "name": s.name,
+                "lag_bytes": s.lag_bytes,
+                "active": s.active,
+                "wal_status": s.wal_status,
+            })),
+            "leader": self.leader.as_ref().map(leader),
+            "lanes": self.lanes.iter().map(|lane| json!({
+                "lane": lane.lane,
+                "leader": lane.leader.as_ref().map(leader),
+                "unpublished": lane.unpublished,
+                "oldest_unpublished_seconds": secs(lane.oldest_age),
+            })).collect::<Vec<_>>(),
+        })
+    }
 }
 
 impl std::fmt::Display for Status {
@@ -427,6 +468,7 @@ pub async fn status(db: &DatabaseConfig, slot: &SlotName) -> Result<Status, Erro
     conn.close().await.ok();
     Ok(Status {
         target: db.target().clone(),
+        schema: db.schema().as_str().to_owned(),
         unpublished,
         oldest_age: oldest_secs.map(|s| Duration::from_secs_f64(s.max(0.0))),
         dead_letters,

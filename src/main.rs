@@ -91,7 +91,11 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Status(args) => {
             let db = args.database.to_config()?;
             let status = database::status(&db, &args.slot()?).await?;
-            println!("{status}");
+            if args.json {
+                println!("{}", status.to_json());
+            } else {
+                println!("{status}");
+            }
         }
         Command::InboxPurge(args) => {
             let db = args.database.to_config()?;

@@ -345,4 +345,21 @@ async fn migrate_twice_is_a_no_op_and_status_reads_the_backlog() {
     assert!(stdout.contains("replication slot    none"), "{stdout}");
     assert!(stdout.contains("leader              none yet"), "{stdout}");
     assert!(!stdout.contains("outbox-relay-temp"), "{stdout}");
+    let output = relay_binary()
+        .args(["status", "--json", "--database-url", &url])
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["version"], 1, "{json}");
+    assert_eq!(json["unpublished"], 1, "{json}");
+    assert_eq!(json["dead_letters"], 0, "{json}");
+    assert!(
+        json["oldest_unpublished_seconds"].as_f64().unwrap() >= 0.0,
+        "{json}"
+    );
+    assert!(json["slot"].is_null() && json["leader"].is_null(), "{json}");
+    assert_eq!(json["lanes"], serde_json::json!([]), "{json}");
+    assert!(!json.to_string().contains(":postgres@"), "{json}");
 }

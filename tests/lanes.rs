@@ -335,6 +335,23 @@ async fn lanes_rebalance_when_an_instance_joins_and_when_one_leaves() {
             "{line}"
         );
     }
+    let output = relay_binary()
+        .args(["status", "--json", "--database-url", &t.url])
+        .output()
+        .await
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["version"], 1, "{json}");
+    assert_eq!(json["schema"], "public", "{json}");
+    let lanes = json["lanes"].as_array().unwrap();
+    assert_eq!(lanes.len(), SHARDS, "{json}");
+    for (k, lane) in lanes.iter().enumerate() {
+        assert_eq!(lane["lane"], format!("{k}/8"), "{json}");
+        let holder = lane["leader"]["holder"].as_str().unwrap();
+        assert!(holders.iter().any(|h| h == holder), "{json}");
+        assert_eq!(lane["leader"]["connected"], true, "{json}");
+        assert!(lane["unpublished"].as_i64().unwrap() >= 0, "{json}");
+    }
     eprintln!(
         "evenly spread {joined:?} after the second instance joined, {joined_third:?} after the third, {left:?} after one left"
     );

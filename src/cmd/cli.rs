@@ -97,6 +97,10 @@ pub struct StatusArgs {
     /// Tail mode's replication slot, whose lag is shown.
     #[arg(long, env = "OUTBOX_SLOT", default_value = TailConfig::DEFAULT_SLOT)]
     pub slot: String,
+
+    /// Print the status as one JSON object (a stable schema, see README).
+    #[arg(long)]
+    pub json: bool,
 }
 
 impl StatusArgs {

@@ -123,6 +123,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 brokers: args.brokers.clone(),
                 partitions: args.partitions,
                 batch_size: args.batch_size,
+                shards: args.shards,
                 relay_log_dir: args.relay_log_dir.clone(),
                 lanes: args.lanes.clone(),
                 lanes_rows: args.lanes_rows,

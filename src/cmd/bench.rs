@@ -74,6 +74,8 @@ pub struct BenchOptions {
     pub partitions: i32,
     /// The relay's `--batch-size`.
     pub batch_size: u32,
+    /// The relay's `--shards` in poll mode.
+    pub shards: u16,
     /// Keep the relay's logs here instead of a temp dir removed afterwards.
     pub relay_log_dir: Option<PathBuf>,
     /// Lane counts to drain with in one instance (poll mode, `--shards`),
@@ -93,6 +95,8 @@ pub struct BenchReport {
     pub aggregates: u32,
     pub payload_bytes: usize,
     pub batch_size: u32,
+    /// `--shards` of the poll-mode relay.
+    pub shards: u16,
     pub modes: Vec<ModeReport>,
     pub lanes: Option<LanesReport>,
 }
@@ -206,6 +210,7 @@ pub async fn run(
         aggregates: options.aggregates,
         payload_bytes: options.payload_bytes,
         batch_size: options.batch_size,
+        shards: options.shards,
         modes: Vec::new(),
         lanes: None,
     };
@@ -410,8 +415,12 @@ impl<'a> ModeBench<'a> {
                 (temp.path().to_owned(), Some(temp))
             }
         };
+        let mut relay_args = vec!["--batch-size".into(), options.batch_size.to_string()];
+        if mode == Mode::Poll && options.shards > 1 {
+            relay_args.extend(["--shards".into(), options.shards.to_string()]);
+        }
         Ok(ModeBench {
-            relay_args: vec!["--batch-size".into(), options.batch_size.to_string()],
+            relay_args,
             pg,
             kafka,
             options,
@@ -1331,13 +1340,18 @@ impl fmt::Display for BenchReport {
         let m = &self.machine;
         writeln!(
             f,
-            "outbox-relay {} bench, {}: {} rows (~{}-byte payloads, {} aggregates), --batch-size {}",
+            "outbox-relay {} bench, {}: {} rows (~{}-byte payloads, {} aggregates), --batch-size {}{}",
             m.outbox_relay,
             m.measured_at,
             self.rows,
             self.payload_bytes,
             self.aggregates,
-            self.batch_size
+            self.batch_size,
+            if self.shards > 1 {
+                format!(", poll --shards {}", self.shards)
+            } else {
+                String::new()
+            }
         )?;
         writeln!(
             f,
@@ -1497,6 +1511,7 @@ mod tests {
             brokers: None,
             partitions: 6,
             batch_size: 1000,
+            shards: 1,
             relay_log_dir: None,
             lanes: Vec::new(),
             lanes_rows: 0,

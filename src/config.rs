@@ -348,11 +348,46 @@ pub struct TailConfig {
     /// Drop an invalidated slot, create a new one and publish again every
     /// row still in the outbox (duplicates possible, nothing lost).
     pub recreate_invalid_slot: bool,
+    /// The lane this slot and publication read ([`TailConfig::for_lane`]).
+    pub lane: Lane,
 }
 
 impl TailConfig {
     pub const DEFAULT_SLOT: &str = "outbox_relay";
     pub const DEFAULT_PUBLICATION: &str = "outbox_relay";
+
+    /// The slot and publication of `lane`: `SLOT_K_of_N` and
+    /// `PUBLICATION_K_of_N`, the publication filtered to the lane's buckets.
+    /// The whole outbox keeps the names as given.
+    pub fn for_lane(&self, lane: Lane) -> Result<TailConfig, Error> {
+        if lane == Lane::WHOLE {
+            return Ok(self.clone());
+        }
+        let suffix = format!("_{}_of_{}", lane.index(), lane.shards().get());
+        let too_long = |flag: &str, name: &str| {
+            Error::Config(format!(
+                "{flag} {name:?} is too long for --shards {}: each lane's is named {name}_K_of_N, at most 63 characters; give a shorter {flag}",
+                lane.shards().get()
+            ))
+        };
+        let slot = format!("{}{suffix}", self.slot.as_str());
+        let publication = format!("{}{suffix}", self.publication.as_str());
+        if slot.len() > 63 {
+            return Err(too_long("--slot (OUTBOX_SLOT)", self.slot.as_str()));
+        }
+        if publication.len() > 63 {
+            return Err(too_long(
+                "--publication (OUTBOX_PUBLICATION)",
+                self.publication.as_str(),
+            ));
+        }
+        Ok(TailConfig {
+            slot: SlotName(slot),
+            publication: Identifier(publication),
+            recreate_invalid_slot: self.recreate_invalid_slot,
+            lane,
+        })
+    }
 }
 
 impl Default for TailConfig {
@@ -361,6 +396,7 @@ impl Default for TailConfig {
             slot: SlotName(Self::DEFAULT_SLOT.into()),
             publication: Identifier(Self::DEFAULT_PUBLICATION.into()),
             recreate_invalid_slot: false,
+            lane: Lane::WHOLE,
         }
     }
 }

@@ -177,10 +177,47 @@ pub fn create_publication_sql(db: &DatabaseConfig, publication: &Identifier) -> 
     )
 }
 
+/// A lane's publication: the outbox's inserts in the lane's buckets only
+/// (a row filter, Postgres 15 and later).
+pub fn create_lane_publication_sql(
+    db: &DatabaseConfig,
+    tail: &crate::config::TailConfig,
+) -> String {
+    let buckets = tail.lane.buckets();
+    format!(
+        "create publication {} for table {}.outbox where (bucket >= {} and bucket < {}) with (publish = 'insert')",
+        tail.publication.quoted(),
+        db.schema().quoted(),
+        buckets.start,
+        buckets.end
+    )
+}
+
+/// Creates a lane's publication unless it exists (a relay started with
+/// `--shards` in tail mode does this for each lane it takes).
+pub(crate) async fn ensure_lane_publication(
+    conn: &mut PgConnection,
+    db: &DatabaseConfig,
+    tail: &crate::config::TailConfig,
+) -> Result<(), Error> {
+    let sql = create_lane_publication_sql(db, tail);
+    create_publication_with(conn, db, &tail.publication, &sql).await
+}
+
 async fn create_publication(
     conn: &mut PgConnection,
     db: &DatabaseConfig,
     publication: &Identifier,
+) -> Result<(), Error> {
+    let sql = create_publication_sql(db, publication);
+    create_publication_with(conn, db, publication, &sql).await
+}
+
+async fn create_publication_with(
+    conn: &mut PgConnection,
+    db: &DatabaseConfig,
+    publication: &Identifier,
+    sql: &str,
 ) -> Result<(), Error> {
     match publication_state(conn, db, publication).await? {
         (true, true) => Ok(()),
@@ -192,8 +229,7 @@ async fn create_publication(
             db.schema().quoted(),
         ))),
         (false, _) => {
-            let sql = create_publication_sql(db, publication);
-            sqlx::query(&sql).execute(&mut *conn).await.map_err(|e| {
+            sqlx::query(sql).execute(&mut *conn).await.map_err(|e| {
                 let cause = match &e {
                     sqlx::Error::Database(d) => d.message().to_owned(),
                     other => other.to_string(),

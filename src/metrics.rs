@@ -51,10 +51,16 @@ pub struct Metrics {
     /// Whether the lane this handle reports for is held (see
     /// [`Metrics::for_lane`]); shared by its clones.
     held: Arc<std::sync::atomic::AtomicBool>,
+    /// The lane's own metrics, for a lane of a sharded outbox.
+    lane: Option<Arc<LaneHandles>>,
 }
 
 struct Inner {
     handles: Handles,
+    /// Every lane's metrics, shared by all outboxes of the exposition.
+    lanes: LaneFamilies,
+    /// The outbox's label, when the exposition has several.
+    outbox: Option<String>,
     /// Why the relay is not ready, and which dependency is at fault;
     /// `None` when it is ready.
     unready: Mutex<Option<(Dependency, String)>>,
@@ -93,6 +99,36 @@ struct Families {
 }
 
 type OutboxLabel = Vec<(&'static str, String)>;
+
+/// Per-lane metrics of sharded outboxes, labelled `lane="K/N"` (and
+/// `outbox` when there are several).
+#[derive(Clone, Default)]
+struct LaneFamilies {
+    held: Family<OutboxLabel, Gauge>,
+    published: Family<OutboxLabel, Counter>,
+}
+
+impl LaneFamilies {
+    fn register(registry: &mut Registry) -> Self {
+        let families = LaneFamilies::default();
+        registry.register(
+            "lane_held",
+            "1 while this instance holds the lane (run --shards), 0 while it stands by for it",
+            families.held.clone(),
+        );
+        registry.register(
+            "lane_published",
+            "Rows of the lane acknowledged and confirmed by this instance",
+            families.published.clone(),
+        );
+        families
+    }
+}
+
+struct LaneHandles {
+    held: Gauge,
+    published: Counter,
+}
 
 impl Families {
     fn handles(&self, name: &str) -> Handles {
@@ -225,9 +261,12 @@ impl Exposition {
             lease_age_seconds: Family::default(),
         };
         register_all!(&mut registry, families);
+        let lanes = LaneFamilies::register(&mut registry);
         let metrics: Vec<Metrics> = names
             .iter()
-            .map(|name| Metrics::from_handles(families.handles(name)))
+            .map(|name| {
+                Metrics::from_handles(families.handles(name), lanes.clone(), Some(name.clone()))
+            })
             .collect();
         let exposition = Exposition {
             registry: Arc::new(registry),
@@ -284,6 +323,7 @@ impl Metrics {
     /// One outbox's metrics, registered in `registry`.
     /// One outbox's metrics, registered in `registry` without labels.
     fn register(registry: &mut Registry) -> Self {
+        let lanes = LaneFamilies::register(registry);
         let handles = Handles {
             published: Counter::default(),
             dead_lettered: Counter::default(),
@@ -299,21 +339,27 @@ impl Metrics {
             lease_age_seconds: Gauge::default(),
         };
         register_all!(registry, handles);
-        Metrics::from_handles(handles)
+        Metrics::from_handles(handles, lanes, None)
     }
 
-    fn from_handles(handles: Handles) -> Self {
+    fn from_handles(handles: Handles, lanes: LaneFamilies, outbox: Option<String>) -> Self {
         Metrics {
             inner: Arc::new(Inner {
                 handles,
+                lanes,
+                outbox,
                 unready: Mutex::new(None),
             }),
             held: Arc::default(),
+            lane: None,
         }
     }
 
     /// A batch was confirmed.
     pub fn confirmed(&self, published: usize, dead_lettered: usize) {
+        if let Some(lane) = &self.lane {
+            lane.published.inc_by(published as u64);
+        }
         self.inner.handles.batches.inc();
         self.inner.handles.published.inc_by(published as u64);
         self.inner
@@ -327,17 +373,32 @@ impl Metrics {
         self.inner.handles.ack_latency.observe(seconds.max(0.0));
     }
 
-    /// The same metrics, for one more lane: its `set_active` counts in
-    /// `outbox_relay_active` independently of the other lanes'.
-    pub fn for_lane(&self) -> Metrics {
+    /// The same metrics, for `lane`: its `set_active` counts in
+    /// `outbox_relay_active` independently of the other lanes', and it has
+    /// `outbox_relay_lane_held` and `outbox_relay_lane_published_total` of
+    /// its own.
+    pub fn for_lane(&self, lane: impl std::fmt::Display) -> Metrics {
+        let mut label: OutboxLabel = Vec::new();
+        if let Some(outbox) = &self.inner.outbox {
+            label.push(("outbox", outbox.clone()));
+        }
+        label.push(("lane", lane.to_string()));
+        let lanes = &self.inner.lanes;
         Metrics {
             inner: self.inner.clone(),
             held: Arc::default(),
+            lane: Some(Arc::new(LaneHandles {
+                held: lanes.held.get_or_create(&label).clone(),
+                published: lanes.published.get_or_create(&label).clone(),
+            })),
         }
     }
 
     /// Whether this handle's lane is held by this instance.
     pub fn set_active(&self, active: bool) {
+        if let Some(lane) = &self.lane {
+            lane.held.set(i64::from(active));
+        }
         if self.held.swap(active, std::sync::atomic::Ordering::Relaxed) != active {
             if active {
                 self.inner.handles.active.inc();

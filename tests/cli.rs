@@ -223,8 +223,8 @@ async fn a_poll_interval_of_zero_is_one_line() {
 }
 
 #[tokio::test]
-async fn shards_out_of_range_or_in_tail_mode_are_one_line() {
-    let run_with = |extra: &'static [&'static str]| async move {
+async fn shards_out_of_range_or_a_lane_slot_name_too_long_are_one_line() {
+    let run_with = |extra: Vec<&'static str>| async move {
         let mut args = vec![
             "run",
             "--database-url",
@@ -232,21 +232,26 @@ async fn shards_out_of_range_or_in_tail_mode_are_one_line() {
             "--brokers",
             "b:9092",
         ];
-        args.extend_from_slice(extra);
+        args.extend(extra);
         run(&args).await
     };
-    let (code, stderr) = run_with(&["--shards", "0"]).await;
+    let (code, stderr) = run_with(vec!["--shards", "0"]).await;
     assert_eq!(code, 2);
     assert_one_line(
         &stderr,
         "error: --shards (OUTBOX_SHARDS) 0 is out of range: an outbox splits into 1 to 1024 lanes; give e.g. 4",
         "hunter2",
     );
-    let (code, stderr) = run_with(&["--shards", "4", "--mode", "tail"]).await;
+    // Each lane has a slot of its own, named after --slot.
+    let long = "s".repeat(60);
+    let long: &'static str = Box::leak(long.into_boxed_str());
+    let (code, stderr) = run_with(vec!["--shards", "4", "--mode", "tail", "--slot", long]).await;
     assert_eq!(code, 2);
     assert_one_line(
         &stderr,
-        "error: --shards 4 needs --mode poll: tail mode reads one replication slot per outbox and does not split it into lanes yet; drop --shards or use --mode poll",
+        &format!(
+            "error: --slot (OUTBOX_SLOT) \"{long}\" is too long for --shards 4: each lane's is named {long}_K_of_N, at most 63 characters; give a shorter --slot (OUTBOX_SLOT)"
+        ),
         "hunter2",
     );
 }

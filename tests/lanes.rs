@@ -18,7 +18,10 @@ use tokio::process::Child;
 use tokio::task::JoinHandle;
 
 const DEADLINE: Duration = Duration::from_secs(120);
+/// Lanes in the poll-mode tests; tail mode's tests use fewer, as each lane
+/// has a walsender and a slot.
 const SHARDS: usize = 8;
+const TAIL_SHARDS: usize = 4;
 /// Enough aggregates that every lane gets some, and most buckets next to a
 /// lane's edge do too.
 const AGGREGATES: u32 = 400;
@@ -32,7 +35,7 @@ const CONVERGED_WITHIN: Duration = Duration::from_secs(15);
 /// (as `relay_lease.holder`, from the application name of each session that
 /// holds the lane's advisory lock) and whether the session that renews the
 /// lease is one of them.
-async fn lane_holders(pool: &PgPool) -> HashMap<String, (Vec<String>, bool)> {
+async fn lane_holders(pool: &PgPool, shards: usize) -> HashMap<String, (Vec<String>, bool)> {
     let rows: Vec<(String, Vec<String>, bool)> = sqlx::query_as(
         "select l.name, \
            array(select substr(a.application_name, length('outbox-relay ') + 1) \
@@ -45,8 +48,9 @@ async fn lane_holders(pool: &PgPool) -> HashMap<String, (Vec<String>, bool)> {
                  and k.granted and k.objsubid = 1 \
                  and k.classid = ((hashtextextended(l.name, 0) >> 32) & 4294967295)::oid \
                  and k.objid = (hashtextextended(l.name, 0) & 4294967295)::oid) \
-         from relay_lease l where l.name like 'outbox-relay:public/%-of-8'",
+         from relay_lease l where l.name like 'outbox-relay:public/%-of-' || $1",
     )
+    .bind(shards.to_string())
     .fetch_all(pool)
     .await
     .unwrap();
@@ -57,9 +61,9 @@ async fn lane_holders(pool: &PgPool) -> HashMap<String, (Vec<String>, bool)> {
 
 /// Lanes held per instance, once every lane is held by exactly one instance
 /// (the one whose session renews its lease); `None` while some lane is free.
-async fn lanes_per_instance(pool: &PgPool) -> Option<HashMap<String, usize>> {
-    let holders = lane_holders(pool).await;
-    if holders.len() != SHARDS {
+async fn lanes_per_instance(pool: &PgPool, shards: usize) -> Option<HashMap<String, usize>> {
+    let holders = lane_holders(pool, shards).await;
+    if holders.len() != shards {
         return None;
     }
     let mut per_instance = HashMap::new();
@@ -74,10 +78,15 @@ async fn lanes_per_instance(pool: &PgPool) -> Option<HashMap<String, usize>> {
 
 /// Waits until every lane is held and `instances` instances hold them evenly
 /// (the counts differ by at most one); returns how long that took.
-async fn wait_until_even(pool: &PgPool, instances: usize, within: Duration) -> Duration {
+async fn wait_until_even(
+    pool: &PgPool,
+    shards: usize,
+    instances: usize,
+    within: Duration,
+) -> Duration {
     let since = Instant::now();
     loop {
-        if let Some(per_instance) = lanes_per_instance(pool).await {
+        if let Some(per_instance) = lanes_per_instance(pool, shards).await {
             let (least, most) = (
                 per_instance.values().min().copied().unwrap_or(0),
                 per_instance.values().max().copied().unwrap_or(0),
@@ -89,7 +98,7 @@ async fn wait_until_even(pool: &PgPool, instances: usize, within: Duration) -> D
         assert!(
             since.elapsed() < within,
             "the lanes did not spread evenly over {instances} instances within {within:?}: {:?}",
-            lane_holders(pool).await
+            lane_holders(pool, shards).await
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -98,11 +107,11 @@ async fn wait_until_even(pool: &PgPool, instances: usize, within: Duration) -> D
 /// Samples, until stopped, that no lane is ever held by two sessions. (Who
 /// renews a lease is checked once the lanes settle: a new holder takes the
 /// lock a moment before it writes the lease row.)
-fn watch_lanes(pool: PgPool, stop: Arc<AtomicBool>) -> JoinHandle<usize> {
+fn watch_lanes(pool: PgPool, shards: usize, stop: Arc<AtomicBool>) -> JoinHandle<usize> {
     tokio::spawn(async move {
         let mut samples = 0;
         while !stop.load(Ordering::Relaxed) {
-            for (lane, (holders, _)) in lane_holders(&pool).await {
+            for (lane, (holders, _)) in lane_holders(&pool, shards).await {
                 assert!(
                     holders.len() <= 1,
                     "lane {lane} has two owners: {holders:?}"
@@ -127,17 +136,15 @@ fn keep_writing(pool: PgPool, stop: Arc<AtomicBool>) -> JoinHandle<Written> {
     })
 }
 
-fn sharded(t: &Setup) -> (Child, RelayLog) {
-    t.logged_relay(&["--shards", "8", "--batch-size", "20"])
+fn sharded(t: &Setup, shards: usize) -> (Child, RelayLog) {
+    t.logged_relay(&["--shards", &shards.to_string(), "--batch-size", "20"])
 }
 
 /// Records every delete from the outbox (each confirm): which instance ran
 /// it, how many rows, and how many of them belong to a lane whose lock the
 /// deleting session did not hold.
-async fn audit_confirms(pool: &PgPool) {
-    for statement in [
-        "create table confirm_audit (app text not null, rows bigint not null, unlocked bigint not null, \
-         at timestamptz not null default clock_timestamp())",
+async fn audit_confirms(pool: &PgPool, shards: usize) {
+    let function = format!(
         "create function audit_confirm() returns trigger language plpgsql as $$ begin \
          insert into confirm_audit (app, rows, unlocked) \
          select current_setting('application_name'), count(*), count(*) filter (where not exists ( \
@@ -145,8 +152,13 @@ async fn audit_confirms(pool: &PgPool) {
            and k.granted and k.objsubid = 1 \
            and k.classid = ((hashtextextended(g.lane, 0) >> 32) & 4294967295)::oid \
            and k.objid = (hashtextextended(g.lane, 0) & 4294967295)::oid)) \
-         from (select 'outbox-relay:public/' || (bucket::int * 8 / 1024) || '-of-8' as lane from gone) g; \
-         return null; end $$",
+         from (select 'outbox-relay:public/' || (bucket::int * {shards} / 1024) || '-of-{shards}' as lane from gone) g; \
+         return null; end $$"
+    );
+    for statement in [
+        "create table confirm_audit (app text not null, rows bigint not null, unlocked bigint not null, \
+         at timestamptz not null default clock_timestamp())",
+        function.as_str(),
         "create trigger audit_confirm after delete on outbox referencing old table as gone \
          for each statement execute function audit_confirm()",
     ] {
@@ -174,18 +186,27 @@ async fn confirmed_by(pool: &PgPool, pid: u32) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_instances_share_eight_lanes_through_kills() {
-    let t = Setup::new(Kafka::start()).await;
+async fn poll_mode_three_instances_share_eight_lanes_through_kills() {
+    three_instances_share_the_lanes_through_kills(Setup::new(Kafka::start()).await, SHARDS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tail_mode_three_instances_share_four_lanes_through_kills() {
+    three_instances_share_the_lanes_through_kills(Setup::tail(Kafka::start()).await, TAIL_SHARDS)
+        .await;
+}
+
+async fn three_instances_share_the_lanes_through_kills(t: Setup, shards: usize) {
     let pool = &t.pool;
     create_aggregates(pool, AGGREGATES).await;
-    audit_confirms(pool).await;
+    audit_confirms(pool, shards).await;
     let topic = t.topic("acct", 4).await;
-    let mut relays: Vec<(Child, RelayLog)> = (0..3).map(|_| sharded(&t)).collect();
-    wait_until_even(pool, 3, DEADLINE).await;
+    let mut relays: Vec<(Child, RelayLog)> = (0..3).map(|_| sharded(&t, shards)).collect();
+    wait_until_even(pool, shards, 3, DEADLINE).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let writer = keep_writing(pool.clone(), stop.clone());
-    let watcher = watch_lanes(pool.clone(), stop.clone());
+    let watcher = watch_lanes(pool.clone(), shards, stop.clone());
     for _ in 0..5 {
         // A random moment: after a random number of further commits.
         let before = committed_events(pool).await;
@@ -196,10 +217,10 @@ async fn three_instances_share_eight_lanes_through_kills() {
         .await;
         let victim = rand::rng().random_range(0..relays.len());
         relays[victim].0.kill().await.unwrap();
-        relays[victim] = sharded(&t);
+        relays[victim] = sharded(&t, shards);
         // The dead instance's lanes are taken over and the newcomer gets
         // its share.
-        wait_until_even(pool, 3, DEADLINE).await;
+        wait_until_even(pool, shards, 3, DEADLINE).await;
     }
     stop.store(true, Ordering::Relaxed);
     let written = writer.await.unwrap();
@@ -224,16 +245,32 @@ async fn three_instances_share_eight_lanes_through_kills() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_frozen_instance_loses_its_lanes_and_confirms_nothing_of_them_after_resuming() {
-    let t = Setup::new(Kafka::start()).await;
+async fn poll_mode_a_frozen_instance_loses_its_lanes_and_confirms_nothing_of_them_after_resuming() {
+    a_frozen_instance_loses_its_lanes(Setup::new(Kafka::start()).await, SHARDS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tail_mode_a_frozen_instance_loses_its_lanes_and_confirms_nothing_of_them_after_resuming() {
+    a_frozen_instance_loses_its_lanes(Setup::tail(Kafka::start()).await, TAIL_SHARDS).await;
+}
+
+async fn a_frozen_instance_loses_its_lanes(t: Setup, shards: usize) {
     let pool = &t.pool;
     create_aggregates(pool, AGGREGATES).await;
-    audit_confirms(pool).await;
+    audit_confirms(pool, shards).await;
     let topic = t.topic("acct", 4).await;
-    let args = ["--shards", "8", "--batch-size", "20", "--lease", "3s"];
+    let shards_arg = shards.to_string();
+    let args = [
+        "--shards",
+        &shards_arg,
+        "--batch-size",
+        "20",
+        "--lease",
+        "3s",
+    ];
     let (mut a, a_log) = t.logged_relay(&args);
     let (mut b, b_log) = t.logged_relay(&args);
-    wait_until_even(pool, 2, DEADLINE).await;
+    wait_until_even(pool, shards, 2, DEADLINE).await;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = keep_writing(pool.clone(), stop.clone());
     let before = committed_events(pool).await;
@@ -247,7 +284,7 @@ async fn a_frozen_instance_loses_its_lanes_and_confirms_nothing_of_them_after_re
     let a_pid = Pid::from_raw(a.id().unwrap() as i32);
     kill(a_pid, Signal::SIGSTOP).unwrap();
     let frozen = Instant::now();
-    wait_until_even(pool, 1, DEADLINE).await;
+    wait_until_even(pool, shards, 1, DEADLINE).await;
     let took_over = frozen.elapsed();
     assert!(
         took_over < Duration::from_secs(15),
@@ -258,7 +295,7 @@ async fn a_frozen_instance_loses_its_lanes_and_confirms_nothing_of_them_after_re
     // Resumed, a finds its sessions ended; it joins again and gets its share
     // back under new leases.
     kill(a_pid, Signal::SIGCONT).unwrap();
-    wait_until_even(pool, 2, DEADLINE).await;
+    wait_until_even(pool, shards, 2, DEADLINE).await;
     stop.store(true, Ordering::Relaxed);
     let written = writer.await.unwrap();
     let records = consume_and_drain(
@@ -292,12 +329,12 @@ async fn lanes_rebalance_when_an_instance_joins_and_when_one_leaves() {
     let stop = Arc::new(AtomicBool::new(false));
     let writer = keep_writing(pool.clone(), stop.clone());
 
-    let (mut a, a_log) = sharded(&t);
-    wait_until_even(pool, 1, DEADLINE).await;
-    let (mut b, b_log) = sharded(&t);
-    let joined = wait_until_even(pool, 2, CONVERGED_WITHIN).await;
-    let (mut c, c_log) = sharded(&t);
-    let joined_third = wait_until_even(pool, 3, CONVERGED_WITHIN).await;
+    let (mut a, a_log) = sharded(&t, SHARDS);
+    wait_until_even(pool, SHARDS, 1, DEADLINE).await;
+    let (mut b, b_log) = sharded(&t, SHARDS);
+    let joined = wait_until_even(pool, SHARDS, 2, CONVERGED_WITHIN).await;
+    let (mut c, c_log) = sharded(&t, SHARDS);
+    let joined_third = wait_until_even(pool, SHARDS, 3, CONVERGED_WITHIN).await;
 
     // SIGTERM: b finishes its batches in flight, confirms them and exits;
     // its lanes go to a and c.
@@ -307,10 +344,10 @@ async fn lanes_rebalance_when_an_instance_joins_and_when_one_leaves() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "{}", b_log.text());
-    let left = wait_until_even(pool, 2, CONVERGED_WITHIN).await;
+    let left = wait_until_even(pool, SHARDS, 2, CONVERGED_WITHIN).await;
 
     // `status` lists every lane with its holder and its backlog.
-    let holders: Vec<String> = lanes_per_instance(pool)
+    let holders: Vec<String> = lanes_per_instance(pool, SHARDS)
         .await
         .map(|per_instance| per_instance.into_keys().collect())
         .unwrap_or_default();
@@ -333,6 +370,27 @@ async fn lanes_rebalance_when_an_instance_joins_and_when_one_leaves() {
                 && line.contains("connected")
                 && line.contains("unpublished, oldest"),
             "{line}"
+        );
+    }
+    // Each instance's /metrics: one lane_held per lane, 1 for the lanes it
+    // holds, as many as outbox_relay_active says and Postgres shows.
+    let per_instance = lanes_per_instance(pool, SHARDS).await.unwrap();
+    for (relay, log) in [(&a, &a_log), (&c, &c_log)] {
+        let address = endpoint_address(log, DEADLINE).await;
+        let (_, text) = get(&address, "/metrics").await;
+        let held: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("outbox_relay_lane_held{") && l.ends_with(" 1"))
+            .collect();
+        let instance = per_instance
+            .keys()
+            .find(|id| id.contains(&format!("/{}/", relay.id().unwrap())))
+            .unwrap();
+        assert_eq!(held.len(), per_instance[instance], "{text}");
+        assert_eq!(
+            value(&text, "outbox_relay_active"),
+            Some(per_instance[instance] as f64),
+            "{text}"
         );
     }
     let output = relay_binary()

@@ -134,6 +134,7 @@ impl TailArgs {
                 "--publication (OUTBOX_PUBLICATION)",
             )?,
             recreate_invalid_slot: self.recreate_invalid_slot,
+            lane: outbox_relay::config::Lane::WHOLE,
         })
     }
 }
@@ -289,11 +290,9 @@ impl RunArgs {
         config.shutdown_timeout = self.shutdown_timeout;
         config.lease = LeaseConfig::new(self.lease, "--lease (OUTBOX_LEASE)")?;
         config.shards = Shards::new(self.shards, "--shards (OUTBOX_SHARDS)")?;
-        if config.shards != Shards::ONE && config.mode == Mode::Tail {
-            return Err(Error::Config(format!(
-                "--shards {} needs --mode poll: tail mode reads one replication slot per outbox and does not split it into lanes yet; drop --shards or use --mode poll",
-                self.shards
-            )));
+        // Every lane's slot and publication name must fit.
+        for lane in config.shards.lanes() {
+            config.tail.for_lane(lane)?;
         }
         config.metrics_address = match self.metrics_address.trim() {
             "off" => None,

@@ -197,6 +197,7 @@ pub async fn run(options: &DemoOptions, shutdown: CancellationToken) -> Result<D
         slot: SlotName::parse(&schema_name, "demo slot")?,
         publication: Identifier::parse(&schema_name, "demo publication")?,
         recreate_invalid_slot: false,
+        lane: outbox_relay::config::Lane::WHOLE,
     };
     database::migrate(&db, &tail.publication).await?;
     let pool = PgPoolOptions::new()

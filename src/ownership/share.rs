@@ -5,13 +5,16 @@
 //! the outbox's membership key for as long as it runs them, on a connection
 //! of its own; the number of sessions holding it is the number of live
 //! instances (a killed instance's session, and its lock, end with it; a hung
-//! one's when a standby fences it). An instance takes a free lane only while
-//! it holds fewer than its share, `ceil(lanes / instances)`, and hands over
-//! the lanes it holds beyond that between two batches, so every instance
-//! ends up with its share, within one.
+//! one's when a standby fences it). With `q = lanes / instances` (rounded
+//! down), an instance takes a free lane only while it holds fewer than
+//! `ceil(lanes / instances)` and, while another instance holds fewer than
+//! `q`, only while it holds fewer than `q` itself; it hands over, between two
+//! batches, the lanes it holds beyond the ceiling, and beyond `q` while
+//! another instance holds fewer than `q`. So every instance ends up with `q`
+//! or `q + 1` lanes.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sqlx::PgConnection;
@@ -32,6 +35,8 @@ struct Counts {
     lanes: usize,
     members: AtomicUsize,
     held: AtomicUsize,
+    /// Some instance holds fewer than `lanes / members`.
+    starving: AtomicBool,
 }
 
 impl Share {
@@ -47,13 +52,34 @@ impl Share {
             lanes,
             members: AtomicUsize::new(1),
             held: AtomicUsize::new(0),
+            starving: AtomicBool::new(false),
         }))
     }
 
-    /// How many lanes this instance should hold.
+    /// The most lanes an instance should hold: `ceil(lanes / instances)`.
     pub fn fair(&self) -> usize {
         let members = self.0.members.load(Ordering::Relaxed).max(1);
         self.0.lanes.div_ceil(members)
+    }
+
+    /// The fewest lanes an instance should hold: `lanes / instances`.
+    pub fn floor(&self) -> usize {
+        let members = self.0.members.load(Ordering::Relaxed).max(1);
+        self.0.lanes / members
+    }
+
+    /// The most lanes this instance may keep now: the ceiling, or the floor
+    /// while another instance holds fewer than the floor.
+    fn limit(&self) -> usize {
+        if self.0.starving.load(Ordering::Relaxed) {
+            self.floor()
+        } else {
+            self.fair()
+        }
+    }
+
+    pub(crate) fn set_starving(&self, starving: bool) {
+        self.0.starving.store(starving, Ordering::Relaxed);
     }
 
     /// How many lanes this instance holds.
@@ -72,7 +98,7 @@ impl Share {
 
     /// Whether a standby lane may try to take its lane.
     pub(crate) fn may_take(&self) -> bool {
-        self.held() < self.fair()
+        self.held() < self.limit()
     }
 
     pub(crate) fn took(&self) {
@@ -87,11 +113,11 @@ impl Share {
     /// caller to hand over: true for exactly as many callers as there are
     /// such lanes. The claim already counts the lane as no longer held.
     pub(crate) fn claim_release(&self) -> bool {
-        let fair = self.fair();
+        let limit = self.limit();
         self.0
             .held
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
-                (held > fair).then(|| held - 1)
+                (held > limit).then(|| held - 1)
             })
             .is_ok()
     }
@@ -112,6 +138,9 @@ pub async fn track_members(database: DatabaseConfig, share: Share, shutdown: Can
             join(&mut conn, &database, &key).await?;
             loop {
                 let members = count(&mut conn, &database, &key).await?;
+                let floor = share.0.lanes / members.max(1);
+                let at_floor = holding_at_least(&mut conn, &database, share.0.lanes, floor).await?;
+                share.set_starving(at_floor < members);
                 if members != reported {
                     info!(
                         instances = members,
@@ -159,6 +188,37 @@ const MEMBERS: &str = "select count(*) from pg_locks k \
      and k.classid = ((hashtextextended($1, 0) >> 32) & 4294967295)::oid \
      and k.objid = (hashtextextended($1, 0) & 4294967295)::oid";
 
+/// Live instances holding at least `floor` lanes of this outbox's layout
+/// (`lanes` lanes): a lane counts for the instance whose session holds its
+/// lock.
+const HOLDING_AT_LEAST: &str = "select count(*) from ( \
+       select l.holder from relay_lease l where l.outbox = $1 and l.shards = $2 \
+       and exists (select 1 from pg_locks k where k.pid = l.backend_pid \
+         and k.locktype = 'advisory' and k.granted and k.objsubid = 1 \
+         and k.database = (select oid from pg_database where datname = current_database()) \
+         and k.classid = ((hashtextextended(l.name, 0) >> 32) & 4294967295)::oid \
+         and k.objid = (hashtextextended(l.name, 0) & 4294967295)::oid) \
+       group by l.holder having count(*) >= $3) held";
+
+async fn holding_at_least(
+    conn: &mut PgConnection,
+    database: &DatabaseConfig,
+    lanes: usize,
+    floor: usize,
+) -> Result<usize, Error> {
+    let holders: i64 = within(
+        database.call_timeout(),
+        "counting the lanes each instance holds",
+        sqlx::query_scalar(HOLDING_AT_LEAST)
+            .bind(database.schema().as_str())
+            .bind(i32::try_from(lanes).unwrap_or(i32::MAX))
+            .bind(i64::try_from(floor).unwrap_or(i64::MAX))
+            .fetch_one(conn),
+    )
+    .await?;
+    Ok(usize::try_from(holders).unwrap_or(0))
+}
+
 async fn count(
     conn: &mut PgConnection,
     database: &DatabaseConfig,
@@ -201,6 +261,28 @@ mod tests {
         assert!(!share.may_take());
         share.dropped();
         assert_eq!(share.held(), 3);
+    }
+
+    #[test]
+    fn an_instance_with_less_than_the_floor_gets_a_lane_from_the_others() {
+        // 4 lanes, 3 instances: 2, 2 and 0 respects the ceiling (2), but the
+        // third holds less than the floor (1): the others keep 1 each.
+        let share = Share::of(4);
+        share.set_members(3);
+        share.took();
+        share.took();
+        assert!(!share.may_take());
+        assert!(!share.claim_release());
+        share.set_starving(true);
+        assert!(share.claim_release());
+        assert!(!share.claim_release(), "one lane is enough");
+        assert_eq!(share.held(), 1);
+        assert!(
+            !share.may_take(),
+            "the free lane is left to the starving one"
+        );
+        share.set_starving(false);
+        assert!(share.may_take());
     }
 
     #[test]

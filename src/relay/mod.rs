@@ -187,7 +187,7 @@ async fn run_outbox(
     info!(mode = %config.mode, database = %config.database.target(), brokers = %config.kafka.brokers, instance = candidate.instance.id(), "relay starting");
     let shutdown = shutdown.clone();
     match config.mode {
-        Mode::Poll if config.shards != Shards::ONE => {
+        _ if config.shards != Shards::ONE => {
             drop(sink);
             run_lanes(config, candidate, metrics, shutdown).await
         }
@@ -208,6 +208,7 @@ async fn run_outbox(
             let source = TailSource::new(
                 config.database.clone(),
                 config.tail.clone(),
+                Share::whole(),
                 candidate,
                 metrics.clone(),
             );
@@ -239,22 +240,35 @@ async fn run_lanes(
     )));
     let mut loops = tokio::task::JoinSet::new();
     for lane in config.shards.lanes() {
-        let lane_metrics = metrics.for_lane();
-        let source = PollSource::new(
-            config.database.clone(),
-            lane,
-            share.clone(),
-            candidate.clone(),
-            config.poll_interval.get(),
-            lane_metrics.clone(),
-        );
+        let lane_metrics = metrics.for_lane(lane);
         let sink = KafkaSink::new(&config.kafka)?;
-        let relay = Relay::new(config.clone(), source, sink, lane_metrics);
         let span = tracing::info_span!("lane", lane = %lane);
-        loops.spawn(tracing::Instrument::instrument(
-            relay.run(lanes_stop.clone()),
-            span,
-        ));
+        let stop = lanes_stop.clone();
+        match config.mode {
+            Mode::Poll => {
+                let source = PollSource::new(
+                    config.database.clone(),
+                    lane,
+                    share.clone(),
+                    candidate.clone(),
+                    config.poll_interval.get(),
+                    lane_metrics.clone(),
+                );
+                let relay = Relay::new(config.clone(), source, sink, lane_metrics);
+                loops.spawn(tracing::Instrument::instrument(relay.run(stop), span));
+            }
+            Mode::Tail => {
+                let source = TailSource::new(
+                    config.database.clone(),
+                    config.tail.for_lane(lane)?,
+                    share.clone(),
+                    candidate.clone(),
+                    lane_metrics.clone(),
+                );
+                let relay = Relay::new(config.clone(), source, sink, lane_metrics);
+                loops.spawn(tracing::Instrument::instrument(relay.run(stop), span));
+            }
+        }
     }
     let mut total = RunStats::default();
     let mut failed = None;

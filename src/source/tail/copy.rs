@@ -4,8 +4,10 @@
 
 use super::*;
 
+/// The lane's rows (every bucket for the whole outbox) after `$1`.
 pub(super) const SELECT_COPY_BATCH: &str = "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
-     payload::text as payload, headers, created_at from outbox where seq > $1 order by seq limit $2";
+     payload::text as payload, headers, created_at from outbox \
+     where seq > $1 and bucket >= $3 and bucket < $4 order by seq limit $2";
 
 pub(super) const SLOT_COPY_DONE: &str =
     "update relay_slot set copied_at = now() where slot_name = $1";
@@ -33,6 +35,8 @@ impl TailSource {
             sqlx::query_as::<_, OutboxRow>(SELECT_COPY_BATCH)
                 .bind(copy.after_seq)
                 .bind(i64::try_from(max).unwrap_or(i64::MAX))
+                .bind(self.tail.lane.buckets().start)
+                .bind(self.tail.lane.buckets().end)
                 .fetch_all(&mut copy.snapshot),
         )
         .await?;

@@ -69,7 +69,9 @@ const SLOT_COPIED: &str = "select copied_at is not null from relay_slot where sl
 /// Reads the outbox from the WAL.
 pub struct TailSource {
     database: DatabaseConfig,
+    /// The slot and publication of this source's lane.
     tail: TailConfig,
+    share: Share,
     candidate: Candidate,
     metrics: Metrics,
     /// Holds the lease; reads the slot's state, deletes confirmed rows.
@@ -88,15 +90,18 @@ enum Phase {
 }
 
 impl TailSource {
+    /// A source of the lane `tail.lane` (see [`TailConfig::for_lane`]).
     pub fn new(
         database: DatabaseConfig,
         tail: TailConfig,
+        share: Share,
         candidate: Candidate,
         metrics: Metrics,
     ) -> Self {
         TailSource {
             database,
             tail,
+            share,
             candidate,
             metrics,
             leader: None,
@@ -120,8 +125,8 @@ impl TailSource {
         if self.leader.is_none() {
             let leader = leader_connection(
                 &self.database,
-                Lane::WHOLE,
-                &Share::whole(),
+                self.tail.lane,
+                &self.share,
                 &self.candidate,
                 &self.metrics,
                 shutdown,
@@ -133,6 +138,15 @@ impl TailSource {
             }
         }
         let conn = leader_conn(&mut self.leader)?;
+        if self.tail.lane != Lane::WHOLE {
+            let ensured = database::ensure_lane_publication(conn, &self.database, &self.tail);
+            timed(
+                self.database.call_timeout(),
+                "creating the lane's publication",
+                ensured,
+            )
+            .await?;
+        }
         check_prerequisites(conn, &self.database, &self.tail).await?;
         let slot_name = self.tail.slot.as_str();
         let slot: Option<(String, Option<String>, Option<String>)> = within(
@@ -215,6 +229,16 @@ impl Source for TailSource {
         shutdown: &CancellationToken,
     ) -> Result<Vec<OutboxRow>, Error> {
         self.handed = 0;
+        // Between batches nothing is in flight: a lane beyond this
+        // instance's share is handed over here, its replication connection
+        // closed with it so that the next holder can read the slot.
+        if let Some(leader) = self.leader.take() {
+            self.leader = leader.keep_or_hand_over();
+            if self.leader.is_none() {
+                self.phase = Phase::Idle;
+                self.metrics.set_active(false);
+            }
+        }
         loop {
             if shutdown.is_cancelled() {
                 return Ok(Vec::new());

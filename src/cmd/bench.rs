@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::testkit::TempPostgres;
 use outbox_relay::config::{
-    DatabaseConfig, Identifier, KafkaConfig, Mode, NullPayload, TailConfig, TopicTemplate,
+    DatabaseConfig, Identifier, KafkaConfig, Mode, NullPayload, Shards, TailConfig, TopicTemplate,
 };
 use outbox_relay::database;
 use outbox_relay::error::Error;
@@ -74,7 +74,7 @@ pub struct BenchOptions {
     pub partitions: i32,
     /// The relay's `--batch-size`.
     pub batch_size: u32,
-    /// The relay's `--shards` in poll mode.
+    /// The relay's `--shards`.
     pub shards: u16,
     /// Keep the relay's logs here instead of a temp dir removed afterwards.
     pub relay_log_dir: Option<PathBuf>,
@@ -95,7 +95,7 @@ pub struct BenchReport {
     pub aggregates: u32,
     pub payload_bytes: usize,
     pub batch_size: u32,
-    /// `--shards` of the poll-mode relay.
+    /// The relay's `--shards`.
     pub shards: u16,
     pub modes: Vec<ModeReport>,
     pub lanes: Option<LanesReport>,
@@ -416,7 +416,7 @@ impl<'a> ModeBench<'a> {
             }
         };
         let mut relay_args = vec!["--batch-size".into(), options.batch_size.to_string()];
-        if mode == Mode::Poll && options.shards > 1 {
+        if options.shards > 1 {
             relay_args.extend(["--shards".into(), options.shards.to_string()]);
         }
         Ok(ModeBench {
@@ -668,17 +668,24 @@ impl<'a> ModeBench<'a> {
     }
 
     /// Waits until the relay's slot exists and its first copy finished.
+    /// Waits until the relay's slot (each lane's, with `--shards`) exists
+    /// and its first copy finished.
     async fn wait_for_slot(&self, relay: &mut RelayProcess) -> Result<(), Error> {
         let deadline = Instant::now() + Duration::from_secs(60);
+        let shards = Shards::new(u32::from(self.options.shards), "--shards")?;
+        let slots: Vec<String> = shards
+            .lanes()
+            .map(|lane| Ok(self.tail.for_lane(lane)?.slot.as_str().to_owned()))
+            .collect::<Result<_, Error>>()?;
         loop {
-            let ready: Option<bool> = sqlx::query_scalar(
-                "select copied_at is not null from relay_slot where slot_name = $1",
+            let ready: i64 = sqlx::query_scalar(
+                "select count(*) from relay_slot where slot_name = any($1) and copied_at is not null",
             )
-            .bind(self.tail.slot.as_str())
-            .fetch_optional(&self.pool)
+            .bind(&slots)
+            .fetch_one(&self.pool)
             .await
             .map_err(Error::db_error("reading the relay's slot"))?;
-            if ready == Some(true) {
+            if ready == slots.len() as i64 {
                 return Ok(());
             }
             relay.check_running()?;
@@ -1348,7 +1355,7 @@ impl fmt::Display for BenchReport {
             self.aggregates,
             self.batch_size,
             if self.shards > 1 {
-                format!(", poll --shards {}", self.shards)
+                format!(", --shards {}", self.shards)
             } else {
                 String::new()
             }

@@ -445,7 +445,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
 
-    /// The relay's --shards in poll mode (lanes in one instance).
+    /// The relay's --shards (lanes in one instance).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub shards: u16,
 

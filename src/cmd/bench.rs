@@ -745,17 +745,27 @@ impl<'a> ModeBench<'a> {
         let committed: Arc<Vec<AtomicU64>> =
             Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
         let origin = Instant::now();
-        let missing = |relay: &RelayProcess, m: Missing| {
+        // Which side lost sight of a row: one still in the outbox was never
+        // confirmed; with an empty outbox the broker acknowledged every row.
+        let missing = |relay: &RelayProcess, m: Missing, in_outbox: i64| {
             relay.failed(&format!(
-                "published {} of {} live rows within the deadline",
+                "published {} of {} live rows within the deadline ({in_outbox} rows still in the outbox)",
                 m.received, m.total
             ))
         };
+        let in_outbox = || async {
+            sqlx::query_scalar::<_, i64>("select count(*) from outbox")
+                .fetch_one(&self.pool)
+                .await
+                .unwrap_or(-1)
+        };
 
         let writers = self.write_live(&topic, &committed, origin, 0..warmup, shutdown);
-        receive_timed(&consumer, &committed, origin, 0..warmup, rate, shutdown)
-            .await
-            .map_err(|m| missing(relay, m))?;
+        if let Err(m) =
+            receive_timed(&consumer, &committed, origin, 0..warmup, rate, shutdown).await
+        {
+            return Err(missing(relay, m, in_outbox().await));
+        }
         join_writers(writers).await?;
         // The relay records an ack before it confirms the row, and a row can
         // reach the consumer before the relay has seen its ack: read the
@@ -764,9 +774,12 @@ impl<'a> ModeBench<'a> {
         let before = relay.ack_histogram().await?;
 
         let writers = self.write_live(&topic, &committed, origin, warmup..total, shutdown);
-        let arrivals = receive_timed(&consumer, &committed, origin, warmup..total, rate, shutdown)
-            .await
-            .map_err(|m| missing(relay, m))?;
+        let arrivals =
+            match receive_timed(&consumer, &committed, origin, warmup..total, rate, shutdown).await
+            {
+                Ok(arrivals) => arrivals,
+                Err(m) => return Err(missing(relay, m, in_outbox().await)),
+            };
         join_writers(writers).await?;
         self.wait_until_drained(relay, shutdown).await?;
         let after = relay.ack_histogram().await?;

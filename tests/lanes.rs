@@ -174,17 +174,6 @@ async fn confirmed_without_the_lane(pool: &PgPool) -> i64 {
         .unwrap()
 }
 
-/// Rows the relay process `pid` confirmed.
-async fn confirmed_by(pool: &PgPool, pid: u32) -> i64 {
-    sqlx::query_scalar(
-        "select coalesce(sum(rows), 0)::bigint from confirm_audit where app like '%/' || $1 || '/%'",
-    )
-    .bind(pid.to_string())
-    .fetch_one(pool)
-    .await
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn poll_mode_three_instances_share_eight_lanes_through_kills() {
     three_instances_share_the_lanes_through_kills(Setup::new(Kafka::start()).await, SHARDS).await;

@@ -49,17 +49,6 @@ async fn audit_confirms(pool: &PgPool) {
     }
 }
 
-/// Rows the relay process `pid` has deleted from the outbox.
-async fn confirmed_by(pool: &PgPool, pid: u32) -> i64 {
-    sqlx::query_scalar(
-        "select coalesce(sum(rows), 0)::bigint from confirm_audit where app like '%/' || $1 || '/%'",
-    )
-    .bind(pid.to_string())
-    .fetch_one(pool)
-    .await
-    .unwrap()
-}
-
 /// The lease's epoch: it grows with every acquisition.
 async fn epoch(pool: &PgPool) -> i64 {
     sqlx::query_scalar("select epoch from relay_lease")

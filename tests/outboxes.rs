@@ -47,6 +47,14 @@ async fn migrate(url: &str, schema: &str) {
         .unwrap();
 }
 
+/// Every committed row of `written` arrives on `topic`, in order per
+/// aggregate.
+async fn assert_arrives(kafka: &Kafka, topic: &str, written: &Written) {
+    let records = consume_ids(&kafka.brokers(), &[topic], &written.committed, DEADLINE).await;
+    assert_delivered(&records, written);
+    assert_order(&records);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_process_relays_several_outboxes_and_a_failing_one_stops_none_of_the_others() {
     let t = Setup::new(Kafka::start()).await;
@@ -125,24 +133,8 @@ topic_template = "{prefix}-d.{{aggregate_type}}"
     // a and b publish while c has no tables and d's database is down.
     let written_a = write(&a, 40, 10, 0.1).await;
     let written_b = write(&b, 40, 10, 0.1).await;
-    let records = consume_ids(
-        &kafka.brokers(),
-        &[&topics[0]],
-        &written_a.committed,
-        DEADLINE,
-    )
-    .await;
-    assert_delivered(&records, &written_a);
-    assert_order(&records);
-    let records = consume_ids(
-        &kafka.brokers(),
-        &[&topics[1]],
-        &written_b.committed,
-        DEADLINE,
-    )
-    .await;
-    assert_delivered(&records, &written_b);
-    assert_order(&records);
+    assert_arrives(kafka, &topics[0], &written_a).await;
+    assert_arrives(kafka, &topics[1], &written_b).await;
     log.wait_for_line("\"tenant_c\".outbox does not exist", DEADLINE)
         .await;
     log.wait_for_line(
@@ -174,14 +166,7 @@ topic_template = "{prefix}-d.{{aggregate_type}}"
     let c = pool_in(&t.url, "tenant_c").await;
     create_aggregates(&c, 10).await;
     let written_c = write(&c, 40, 10, 0.1).await;
-    let records = consume_ids(
-        &kafka.brokers(),
-        &[&topics[2]],
-        &written_c.committed,
-        DEADLINE,
-    )
-    .await;
-    assert_delivered(&records, &written_c);
+    assert_arrives(kafka, &topics[2], &written_c).await;
 
     // d's database comes up: it starts too, in tail mode.
     other.start_again().await.unwrap();
@@ -190,19 +175,10 @@ topic_template = "{prefix}-d.{{aggregate_type}}"
     log.wait_for_line("streaming the outbox from the WAL", DEADLINE)
         .await;
     let written_d = write(&d, 40, 10, 0.1).await;
-    let records = consume_ids(
-        &kafka.brokers(),
-        &[&topics[3]],
-        &written_d.committed,
-        DEADLINE,
-    )
-    .await;
-    assert_delivered(&records, &written_d);
-    assert_order(&records);
+    assert_arrives(kafka, &topics[3], &written_d).await;
     // And a went on the whole time.
     let more_a = write(&a, 20, 10, 0.1).await;
-    let records = consume_ids(&kafka.brokers(), &[&topics[0]], &more_a.committed, DEADLINE).await;
-    assert_delivered(&records, &more_a);
+    assert_arrives(kafka, &topics[0], &more_a).await;
     assert!(relay.try_wait().unwrap().is_none(), "{}", log.text());
     relay.kill().await.unwrap();
 }

@@ -68,3 +68,16 @@ pub async fn outbox_count(pool: &PgPool) -> i64 {
         .await
         .unwrap()
 }
+
+/// Rows the relay process `pid` deleted from the outbox, as recorded by a
+/// test's `confirm_audit` trigger (which stores each deleting session's
+/// application name, `outbox-relay HOST/PID/NONCE`, and its row count).
+pub async fn confirmed_by(pool: &PgPool, pid: u32) -> i64 {
+    sqlx::query_scalar(
+        "select coalesce(sum(rows), 0)::bigint from confirm_audit where app like '%/' || $1 || '/%'",
+    )
+    .bind(pid.to_string())
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}

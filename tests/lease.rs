@@ -33,22 +33,6 @@ const TAKEOVER_BOUND: Duration = Duration::from_secs(15);
 /// outage tests freeze: they run alone (write), the others together (read).
 static BROKER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
-/// Records, for every statement that deletes outbox rows (a confirm), which
-/// relay instance ran it: its sessions carry the instance id, with the
-/// process id in it, as their application_name.
-async fn audit_confirms(pool: &PgPool) {
-    for statement in [
-        "create table confirm_audit (app text not null, rows bigint not null, at timestamptz not null default clock_timestamp())",
-        "create function audit_confirm() returns trigger language plpgsql as $$ begin \
-         insert into confirm_audit (app, rows) select current_setting('application_name'), count(*) from gone; \
-         return null; end $$",
-        "create trigger audit_confirm after delete on outbox referencing old table as gone \
-         for each statement execute function audit_confirm()",
-    ] {
-        sqlx::query(statement).execute(pool).await.unwrap();
-    }
-}
-
 /// The lease's epoch: it grows with every acquisition.
 async fn epoch(pool: &PgPool) -> i64 {
     sqlx::query_scalar("select epoch from relay_lease")
@@ -80,7 +64,7 @@ async fn a_hung_leader_is_fenced_and_replaced(mode: &'static str, hang: Hang) {
     let _broker = BROKER.read().await;
     let t = Setup::on(fresh_database().await, Kafka::start(), mode).await;
     let pool = &t.pool;
-    audit_confirms(pool).await;
+    audit_confirms(pool, 1).await;
     create_aggregates(pool, 20).await;
     let topic = t.topic("acct", 4).await;
     let dir = tempfile::tempdir().unwrap();

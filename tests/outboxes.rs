@@ -192,32 +192,24 @@ async fn a_flag_beside_config_or_an_outbox_listed_twice_is_one_line() {
         "brokers = \"127.0.0.1:1\"\n\n[[outbox]]\ndatabase_url = \"postgres://u:hunter2@127.0.0.1:1/d\"\n\n[[outbox]]\ndatabase_url = \"postgres://u:hunter2@127.0.0.1:1/d\"\n",
     )
     .unwrap();
-    let output = relay_binary()
-        .arg("run")
-        .arg("--config")
-        .arg(&file)
-        .args(["--batch-size", "5"])
-        .output()
-        .await
-        .unwrap();
-    let stderr = String::from_utf8(output.stderr).unwrap();
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    // Exits 2 with exactly one line on stderr.
+    let refused = |extra: &'static [&'static str]| {
+        let mut cmd = relay_binary();
+        cmd.arg("run").arg("--config").arg(&file).args(extra);
+        async move {
+            let output = cmd.output().await.unwrap();
+            let stderr = String::from_utf8(output.stderr).unwrap();
+            assert_eq!(output.status.code(), Some(2), "{stderr}");
+            stderr.trim().to_owned()
+        }
+    };
     assert_eq!(
-        stderr.trim(),
+        refused(&["--batch-size", "5"]).await,
         "error: --batch-size given with --config: put every setting in the file (a top-level key applies to every outbox) or in its OUTBOX_* variable"
     );
-
-    let output = relay_binary()
-        .arg("run")
-        .arg("--config")
-        .arg(&file)
-        .output()
-        .await
-        .unwrap();
-    let stderr = String::from_utf8(output.stderr).unwrap();
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let stderr = refused(&[]).await;
     assert_eq!(
-        stderr.trim(),
+        stderr,
         "error: outbox 127.0.0.1:1/d/public is listed twice; list each database and schema once"
     );
     assert!(!stderr.contains("hunter2"));

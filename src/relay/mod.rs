@@ -45,6 +45,13 @@ pub struct RunStats {
     pub dead_lettered: u64,
 }
 
+impl std::ops::AddAssign for RunStats {
+    fn add_assign(&mut self, other: RunStats) {
+        self.published += other.published;
+        self.dead_lettered += other.dead_lettered;
+    }
+}
+
 /// Runs the relay until `shutdown` fires, then stops reading, waits (up to
 /// the configured shutdown timeout) for in-flight acks, confirms them, and
 /// returns. Errors a retry cannot fix (bad credentials, missing tables) end
@@ -102,9 +109,7 @@ pub async fn run_all(
     }
     let mut total = RunStats::default();
     while let Some(joined) = outboxes.join_next().await {
-        let stats = joined.map_err(|e| Error::Setup(format!("an outbox's loop panicked: {e}")))?;
-        total.published += stats.published;
-        total.dead_lettered += stats.dead_lettered;
+        total += joined.map_err(|e| Error::Setup(format!("an outbox's loop panicked: {e}")))?;
     }
     Ok(total)
 }
@@ -167,7 +172,6 @@ async fn run_outbox(
     if !check_database(&config, &metrics, shutdown).await? {
         return Ok(RunStats::default());
     }
-    let sink = KafkaSink::new(&config.kafka)?;
     // The endpoints and the backlog sampler live exactly as long as the loop.
     let endpoints = shutdown.child_token();
     let _stop_endpoints = endpoints.clone().drop_guard();
@@ -185,36 +189,69 @@ async fn run_outbox(
         ));
     }
     info!(mode = %config.mode, database = %config.database.target(), brokers = %config.kafka.brokers, instance = candidate.instance.id(), "relay starting");
-    let shutdown = shutdown.clone();
-    match config.mode {
-        _ if config.shards != Shards::ONE => {
-            drop(sink);
-            run_lanes(config, candidate, metrics, shutdown).await
-        }
+    if config.shards == Shards::ONE {
+        let sink = KafkaSink::new(&config.kafka)?;
+        lane_loop(
+            &config,
+            Lane::WHOLE,
+            Share::whole(),
+            candidate,
+            metrics,
+            sink,
+        )?
+        .run(shutdown.clone())
+        .await
+    } else {
+        run_lanes(config, candidate, metrics, shutdown.clone()).await
+    }
+}
+
+/// The relay loop of one lane (or of the whole outbox), over the source of
+/// the configured mode.
+fn lane_loop(
+    config: &RelayConfig,
+    lane: Lane,
+    share: Share,
+    candidate: Candidate,
+    metrics: Metrics,
+    sink: KafkaSink,
+) -> Result<LaneLoop, Error> {
+    Ok(match config.mode {
         Mode::Poll => {
             let source = PollSource::new(
                 config.database.clone(),
-                Lane::WHOLE,
-                Share::whole(),
+                lane,
+                share,
                 candidate,
                 config.poll_interval.get(),
                 metrics.clone(),
             );
-            Relay::new(config, source, sink, metrics)
-                .run(shutdown)
-                .await
+            LaneLoop::Poll(Relay::new(config.clone(), source, sink, metrics))
         }
         Mode::Tail => {
             let source = TailSource::new(
                 config.database.clone(),
-                config.tail.clone(),
-                Share::whole(),
+                config.tail.for_lane(lane)?,
+                share,
                 candidate,
                 metrics.clone(),
             );
-            Relay::new(config, source, sink, metrics)
-                .run(shutdown)
-                .await
+            LaneLoop::Tail(Relay::new(config.clone(), source, sink, metrics))
+        }
+    })
+}
+
+/// A relay loop over either source.
+enum LaneLoop {
+    Poll(Relay<PollSource, KafkaSink>),
+    Tail(Relay<TailSource, KafkaSink>),
+}
+
+impl LaneLoop {
+    async fn run(self, shutdown: CancellationToken) -> Result<RunStats, Error> {
+        match self {
+            LaneLoop::Poll(relay) => relay.run(shutdown).await,
+            LaneLoop::Tail(relay) => relay.run(shutdown).await,
         }
     }
 }
@@ -240,44 +277,26 @@ async fn run_lanes(
     )));
     let mut loops = tokio::task::JoinSet::new();
     for lane in config.shards.lanes() {
-        let lane_metrics = metrics.for_lane(lane);
         let sink = KafkaSink::new(&config.kafka)?;
+        let relay = lane_loop(
+            &config,
+            lane,
+            share.clone(),
+            candidate.clone(),
+            metrics.for_lane(lane),
+            sink,
+        )?;
         let span = tracing::info_span!("lane", lane = %lane);
-        let stop = lanes_stop.clone();
-        match config.mode {
-            Mode::Poll => {
-                let source = PollSource::new(
-                    config.database.clone(),
-                    lane,
-                    share.clone(),
-                    candidate.clone(),
-                    config.poll_interval.get(),
-                    lane_metrics.clone(),
-                );
-                let relay = Relay::new(config.clone(), source, sink, lane_metrics);
-                loops.spawn(tracing::Instrument::instrument(relay.run(stop), span));
-            }
-            Mode::Tail => {
-                let source = TailSource::new(
-                    config.database.clone(),
-                    config.tail.for_lane(lane)?,
-                    share.clone(),
-                    candidate.clone(),
-                    lane_metrics.clone(),
-                );
-                let relay = Relay::new(config.clone(), source, sink, lane_metrics);
-                loops.spawn(tracing::Instrument::instrument(relay.run(stop), span));
-            }
-        }
+        loops.spawn(tracing::Instrument::instrument(
+            relay.run(lanes_stop.clone()),
+            span,
+        ));
     }
     let mut total = RunStats::default();
     let mut failed = None;
     while let Some(joined) = loops.join_next().await {
         match joined {
-            Ok(Ok(stats)) => {
-                total.published += stats.published;
-                total.dead_lettered += stats.dead_lettered;
-            }
+            Ok(Ok(stats)) => total += stats,
             Ok(Err(e)) => {
                 lanes_stop.cancel();
                 failed.get_or_insert(e);

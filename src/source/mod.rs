@@ -97,17 +97,18 @@ pub trait Source {
 /// for already deleted, or delete nothing. Once a committed transaction is
 /// visible to one snapshot it is visible to every later one.
 ///
-/// Each id is widened to 64 bits against the snapshot's `xmax` (an id is
-/// within 2^31 of it), then checked with `pg_visible_in_snapshot`.
+/// The snapshot is taken once per statement, not once per id; each id is
+/// widened to 64 bits against its `xmax` (an id is within 2^31 of it), then
+/// checked with `pg_visible_in_snapshot`.
 macro_rules! unseen {
     ($xids:literal) => {
         concat!(
             "(select count(*) from unnest(",
             $xids,
             "::bigint[]) as t(xid), \
-             lateral (select pg_current_snapshot() as snap) s, \
-             lateral (select pg_snapshot_xmax(s.snap)::text::bigint as xmax) m \
-             where not pg_visible_in_snapshot((m.xmax - (m.xmax % 4294967296 - t.xid + 6442450944) % 4294967296 \
+             (select snap, pg_snapshot_xmax(snap)::text::bigint as xmax \
+              from (select pg_current_snapshot() as snap) c) s \
+             where not pg_visible_in_snapshot((s.xmax - (s.xmax % 4294967296 - t.xid + 6442450944) % 4294967296 \
              + 2147483648)::text::xid8, s.snap))"
         )
     };
@@ -153,6 +154,20 @@ pub(crate) async fn leader_connection(
     )
     .await?;
     ownership::acquire(conn, lane, share, candidate, database, metrics, shutdown).await
+}
+
+/// Between batches, when nothing is in flight: gives up the lane `leader`
+/// holds if this instance holds more lanes than its share (see
+/// [`crate::ownership::share`]). Returns whether it did.
+pub(crate) fn hand_over_beyond_share(leader: &mut Option<Leader>, metrics: &Metrics) -> bool {
+    let Some(held) = leader.take() else {
+        return false;
+    };
+    *leader = held.keep_or_hand_over();
+    if leader.is_none() {
+        metrics.set_active(false);
+    }
+    leader.is_none()
 }
 
 /// Drops the leader connection (and with it the lock and the lease) after

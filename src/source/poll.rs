@@ -25,7 +25,8 @@ use crate::metrics::Metrics;
 use crate::outbox::OutboxRow;
 use crate::ownership::{Candidate, Leader, Share};
 use crate::source::{
-    Aggregate, Confirm, Source, apply_confirm, blocked_aggregates, drop_leader, leader_connection,
+    Aggregate, Confirm, Source, apply_confirm, blocked_aggregates, drop_leader,
+    hand_over_beyond_share, leader_connection,
 };
 
 const SELECT_BATCH: &str = "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
@@ -113,14 +114,7 @@ impl Source for PollSource {
     ) -> Result<Vec<OutboxRow>, Error> {
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let mut idle_until = None;
-        // Between batches nothing is in flight: a lane beyond this
-        // instance's share is handed over here.
-        if let Some(leader) = self.leader.take() {
-            self.leader = leader.keep_or_hand_over();
-            if self.leader.is_none() {
-                self.metrics.set_active(false);
-            }
-        }
+        hand_over_beyond_share(&mut self.leader, &self.metrics);
         loop {
             if shutdown.is_cancelled() {
                 return Ok(Vec::new());

@@ -69,9 +69,48 @@ pub async fn outbox_count(pool: &PgPool) -> i64 {
         .unwrap()
 }
 
-/// Rows the relay process `pid` deleted from the outbox, as recorded by a
-/// test's `confirm_audit` trigger (which stores each deleting session's
-/// application name, `outbox-relay HOST/PID/NONCE`, and its row count).
+/// Records every statement that deletes outbox rows (a confirm): which relay
+/// instance ran it (its sessions carry the instance id, with the process id
+/// in it, as their application_name), how many rows, and how many of them
+/// are in a lane (of `shards`; 1: the whole outbox) whose lock the deleting
+/// session did not hold.
+pub async fn audit_confirms(pool: &PgPool, shards: usize) {
+    let lane = match shards {
+        1 => "'outbox-relay:public'".to_owned(),
+        n => format!("'outbox-relay:public/' || (bucket::int * {n} / 1024) || '-of-{n}'"),
+    };
+    let function = format!(
+        "create function audit_confirm() returns trigger language plpgsql as $$ begin \
+         insert into confirm_audit (app, rows, unlocked) \
+         select current_setting('application_name'), count(*), count(*) filter (where not exists ( \
+           select 1 from pg_locks k where k.pid = pg_backend_pid() and k.locktype = 'advisory' \
+           and k.granted and k.objsubid = 1 \
+           and k.classid = ((hashtextextended(g.lane, 0) >> 32) & 4294967295)::oid \
+           and k.objid = (hashtextextended(g.lane, 0) & 4294967295)::oid)) \
+         from (select {lane} as lane from gone) g; \
+         return null; end $$"
+    );
+    for statement in [
+        "create table confirm_audit (app text not null, rows bigint not null, unlocked bigint not null, \
+         at timestamptz not null default clock_timestamp())",
+        function.as_str(),
+        "create trigger audit_confirm after delete on outbox referencing old table as gone \
+         for each statement execute function audit_confirm()",
+    ] {
+        sqlx::query(statement).execute(pool).await.unwrap();
+    }
+}
+
+/// Rows confirmed by a session that did not hold the row's lane.
+pub async fn confirmed_without_the_lane(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("select coalesce(sum(unlocked), 0)::bigint from confirm_audit")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Rows the relay process `pid` deleted from the outbox, as recorded by
+/// [`audit_confirms`].
 pub async fn confirmed_by(pool: &PgPool, pid: u32) -> i64 {
     sqlx::query_scalar(
         "select coalesce(sum(rows), 0)::bigint from confirm_audit where app like '%/' || $1 || '/%'",

@@ -51,7 +51,8 @@ use crate::metrics::Metrics;
 use crate::outbox::OutboxRow;
 use crate::ownership::{Candidate, Leader, Share};
 use crate::source::{
-    Aggregate, Confirm, Source, apply_confirm, blocked_aggregates, drop_leader, leader_connection,
+    Aggregate, Confirm, Source, apply_confirm, blocked_aggregates, drop_leader,
+    hand_over_beyond_share, leader_connection,
 };
 use pgoutput::{Message, OutboxColumns};
 
@@ -229,15 +230,10 @@ impl Source for TailSource {
         shutdown: &CancellationToken,
     ) -> Result<Vec<OutboxRow>, Error> {
         self.handed = 0;
-        // Between batches nothing is in flight: a lane beyond this
-        // instance's share is handed over here, its replication connection
-        // closed with it so that the next holder can read the slot.
-        if let Some(leader) = self.leader.take() {
-            self.leader = leader.keep_or_hand_over();
-            if self.leader.is_none() {
-                self.phase = Phase::Idle;
-                self.metrics.set_active(false);
-            }
+        // A lane handed over takes its replication connection with it, so
+        // that the next holder can read the slot.
+        if hand_over_beyond_share(&mut self.leader, &self.metrics) {
+            self.phase = Phase::Idle;
         }
         loop {
             if shutdown.is_cancelled() {

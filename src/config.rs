@@ -350,6 +350,9 @@ pub struct TailConfig {
     pub recreate_invalid_slot: bool,
     /// The lane this slot and publication read ([`TailConfig::for_lane`]).
     pub lane: Lane,
+    /// Keep published rows this long instead of deleting each once
+    /// published (`--retention`); `None` deletes them.
+    pub retention: Option<std::time::Duration>,
 }
 
 impl TailConfig {
@@ -386,6 +389,7 @@ impl TailConfig {
             publication: Identifier(publication),
             recreate_invalid_slot: self.recreate_invalid_slot,
             lane,
+            retention: self.retention,
         })
     }
 }
@@ -397,6 +401,7 @@ impl Default for TailConfig {
             publication: Identifier(Self::DEFAULT_PUBLICATION.into()),
             recreate_invalid_slot: false,
             lane: Lane::WHOLE,
+            retention: None,
         }
     }
 }

@@ -747,10 +747,35 @@ impl<'a> ModeBench<'a> {
         let origin = Instant::now();
         // Which side lost sight of a row: one still in the outbox was never
         // confirmed; with an empty outbox the broker acknowledged every row.
-        let missing = |relay: &RelayProcess, m: Missing, in_outbox: i64| {
+        // With an empty outbox, a second consumer reads the whole topic
+        // again: whether the broker holds the rows the first one missed.
+        let missing = async |relay: &RelayProcess, m: Missing, in_outbox: i64| {
+            let reread = if in_outbox == 0 {
+                let brokers = self.kafka.brokers();
+                let partitions = self.options.partitions;
+                let topic = topic.clone();
+                let absent = m.absent.clone();
+                match tokio::task::spawn_blocking(move || {
+                    reread(&brokers, &topic, partitions, &absent)
+                })
+                .await
+                {
+                    Ok(Ok(found)) => format!(
+                        "; read again from the start by a new consumer, {} of the {} missing rows are on the broker ({found:?})",
+                        found.len(),
+                        m.absent.len()
+                    ),
+                    Ok(Err(e)) => format!("; reading the topic again failed: {e}"),
+                    Err(e) => format!("; reading the topic again failed: {e}"),
+                }
+            } else {
+                String::new()
+            };
             relay.failed(&format!(
-                "published {} of {} live rows within the deadline ({in_outbox} rows still in the outbox)",
-                m.received, m.total
+                "published {} of {} live rows within the deadline ({in_outbox} rows still in the outbox; missing k = {:?}){reread}",
+                m.received,
+                m.total,
+                &m.absent[..m.absent.len().min(20)]
             ))
         };
         let in_outbox = || async {
@@ -764,7 +789,7 @@ impl<'a> ModeBench<'a> {
         if let Err(m) =
             receive_timed(&consumer, &committed, origin, 0..warmup, rate, shutdown).await
         {
-            return Err(missing(relay, m, in_outbox().await));
+            return Err(missing(relay, m, in_outbox().await).await);
         }
         join_writers(writers).await?;
         // The relay records an ack before it confirms the row, and a row can
@@ -778,7 +803,7 @@ impl<'a> ModeBench<'a> {
             match receive_timed(&consumer, &committed, origin, warmup..total, rate, shutdown).await
             {
                 Ok(arrivals) => arrivals,
-                Err(m) => return Err(missing(relay, m, in_outbox().await)),
+                Err(m) => return Err(missing(relay, m, in_outbox().await).await),
             };
         join_writers(writers).await?;
         self.wait_until_drained(relay, shutdown).await?;
@@ -877,6 +902,8 @@ struct Latencies {
 struct Missing {
     received: u64,
     total: u64,
+    /// The records that did not arrive.
+    absent: Vec<u64>,
 }
 
 /// Reads until every record `k` in `range` arrived once (other records and
@@ -921,7 +948,14 @@ async fn receive_timed(
         values.push(arrived.saturating_sub(sent[k as usize].load(Ordering::Acquire)));
     }
     if received < total {
-        return Err(Missing { received, total });
+        let absent = (range.start..range.end)
+            .filter(|k| !seen[(k - range.start) as usize])
+            .collect();
+        return Err(Missing {
+            received,
+            total,
+            absent,
+        });
     }
     values.sort_unstable();
     let first = sent[range.start as usize].load(Ordering::Acquire);
@@ -1159,6 +1193,62 @@ fn live_consumer(brokers: &str, topic: &str, partitions: i32) -> Result<StreamCo
         .assign(&assignment)
         .map_err(Error::kafka("assigning the live topic"))?;
     Ok(consumer)
+}
+
+/// Reads every partition of `topic` from the start up to its high
+/// watermark with a fresh consumer; returns, for each record `k` in
+/// `wanted` found there, its partition and offset.
+fn reread(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    wanted: &[u64],
+) -> Result<Vec<(u64, i32, i64)>, Error> {
+    use rdkafka::consumer::BaseConsumer;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "outbox-relay-bench-reread")
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(Error::kafka("creating the re-reading consumer"))?;
+    let mut assignment = TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for partition in 0..partitions {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
+            .map_err(Error::kafka("reading the live topic's watermarks"))?;
+        ends.insert(partition, high);
+        assignment
+            .add_partition_offset(topic, partition, Offset::Beginning)
+            .map_err(Error::kafka("assigning the live topic"))?;
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(Error::kafka("assigning the live topic"))?;
+    let mut found = Vec::new();
+    let mut done: std::collections::BTreeSet<i32> = ends
+        .iter()
+        .filter(|(_, high)| **high == 0)
+        .map(|(partition, _)| *partition)
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while done.len() < ends.len() && Instant::now() < deadline {
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let Ok(m) = message else { continue };
+        if m.offset() + 1 >= ends[&m.partition()] {
+            done.insert(m.partition());
+        }
+        let k = m
+            .payload()
+            .and_then(|p| serde_json::from_slice::<Value>(p).ok())
+            .and_then(|v| v.get("k").and_then(Value::as_u64));
+        if let Some(k) = k.filter(|k| wanted.contains(k)) {
+            found.push((k, m.partition(), m.offset()));
+        }
+    }
+    Ok(found)
 }
 
 /// The relay under measurement.

@@ -123,6 +123,10 @@ pub struct TailArgs {
     /// If Postgres invalidated the slot, create a new one and publish every row still in the outbox again.
     #[arg(long, env = "OUTBOX_RECREATE_INVALID_SLOT")]
     pub recreate_invalid_slot: bool,
+
+    /// Tail mode: keep published rows this long (e.g. 7d), then remove them in bulk, instead of deleting each once published; `replay` republishes them.
+    #[arg(long, env = "OUTBOX_RETENTION", value_parser = humantime::parse_duration)]
+    pub retention: Option<Duration>,
 }
 
 impl TailArgs {
@@ -135,6 +139,15 @@ impl TailArgs {
             )?,
             recreate_invalid_slot: self.recreate_invalid_slot,
             lane: outbox_relay::config::Lane::WHOLE,
+            retention: match self.retention {
+                Some(d) if d < Duration::from_secs(1) => {
+                    return Err(Error::Config(format!(
+                        "--retention (OUTBOX_RETENTION) is {}; give at least 1s, e.g. 7d",
+                        humantime::format_duration(d)
+                    )));
+                }
+                retention => retention,
+            },
         })
     }
 }
@@ -266,6 +279,11 @@ impl RunArgs {
         let mut config = RelayConfig::new(database, self.kafka.to_config()?);
         config.mode = self.mode;
         config.tail = self.tail.to_config()?;
+        if config.tail.retention.is_some() && self.mode == Mode::Poll {
+            return Err(Error::Config(
+                "--retention (OUTBOX_RETENTION) needs --mode tail: poll mode's progress is the table itself, it removes each row once published; use --mode tail to keep published rows".into(),
+            ));
+        }
         config.topic_template = TopicTemplate::parse(
             &self.topic_template,
             "--topic-template (OUTBOX_TOPIC_TEMPLATE)",

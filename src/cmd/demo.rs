@@ -198,6 +198,7 @@ pub async fn run(options: &DemoOptions, shutdown: CancellationToken) -> Result<D
         publication: Identifier::parse(&schema_name, "demo publication")?,
         recreate_invalid_slot: false,
         lane: outbox_relay::config::Lane::WHOLE,
+        retention: None,
     };
     database::migrate(&db, &tail.publication).await?;
     let pool = PgPoolOptions::new()

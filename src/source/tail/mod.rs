@@ -21,6 +21,10 @@
 //!   that come again but are no longer in the table were already published
 //!   and are skipped; and a slot that was lost or invalidated can be replaced
 //!   by publishing whatever the table still holds.
+//! - **Or, with `--retention`, the outbox keeps published rows** for that
+//!   long and removes them in bulk; what is published is then recorded
+//!   beside the slot (see [`retention`]), and a replaced slot republishes
+//!   only rows of transactions not known to be published.
 //! - **Nothing missed at the mode boundary.** A new slot is created with an
 //!   exported snapshot; the rows that snapshot sees (committed before the
 //!   slot) are published first, in `seq` order, then the stream takes over.
@@ -30,6 +34,7 @@
 mod copy;
 mod pgoutput;
 mod replication;
+mod retention;
 mod slot;
 mod stream;
 
@@ -80,6 +85,24 @@ pub struct TailSource {
     phase: Phase,
     /// Rows in the batch the relay is publishing.
     handed: usize,
+    /// With retention: when this owner last emitted a progress marker.
+    marker_at: Option<Instant>,
+    /// With retention: published-before as last recorded.
+    recorded_published_before: Option<u64>,
+    /// With retention: removes the lane's old published rows while this
+    /// instance owns the lane.
+    purge: Option<Purge>,
+}
+
+/// The background removal of retained rows; stops when dropped.
+struct Purge {
+    stop: CancellationToken,
+}
+
+impl Drop for Purge {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 enum Phase {
@@ -108,6 +131,9 @@ impl TailSource {
             leader: None,
             phase: Phase::Idle,
             handed: 0,
+            marker_at: None,
+            recorded_published_before: None,
+            purge: None,
         }
     }
 
@@ -137,6 +163,17 @@ impl TailSource {
                 Some(leader) => self.leader = Some(leader),
                 None => return Ok(false),
             }
+        }
+        if let (Some(retention), None) = (self.tail.retention, &self.purge) {
+            let stop = CancellationToken::new();
+            tokio::spawn(retention::purge_loop(
+                self.database.clone(),
+                self.tail.slot.as_str().to_owned(),
+                self.tail.lane,
+                retention,
+                stop.clone(),
+            ));
+            self.purge = Some(Purge { stop });
         }
         let conn = leader_conn(&mut self.leader)?;
         if self.tail.lane != Lane::WHOLE {
@@ -190,13 +227,19 @@ impl TailSource {
                     )));
                 }
                 if wal_status.as_deref() == Some("lost") {
-                    if !self.tail.recreate_invalid_slot {
+                    if self.tail.retention.is_some() {
+                        warn!(
+                            slot = slot_name,
+                            "the replication slot was invalidated; with --retention the relay knows which rows are published: creating it again and publishing the rows not known to be (duplicates possible, nothing lost)"
+                        );
+                    } else if !self.tail.recreate_invalid_slot {
                         return Err(slot_invalidated(&self.database, &self.tail));
+                    } else {
+                        warn!(
+                            slot = slot_name,
+                            "the replication slot was invalidated; --recreate-invalid-slot given: creating it again and publishing every row still in the outbox (duplicates possible, nothing lost)"
+                        );
                     }
-                    warn!(
-                        slot = slot_name,
-                        "the replication slot was invalidated; --recreate-invalid-slot given: creating it again and publishing every row still in the outbox (duplicates possible, nothing lost)"
-                    );
                     self.phase = Phase::Idle;
                     return self.create_slot(true, shutdown).await;
                 }
@@ -205,7 +248,14 @@ impl TailSource {
         };
         if exists && copied == Some(true) {
             let leader = self.leader.as_mut().ok_or_else(no_leader)?;
-            let stream = Stream::connect(&self.database, &self.tail, leader, shutdown).await?;
+            let resume = match self.tail.retention {
+                Some(_) => {
+                    retention::resume_point(leader.conn()?, &self.database, slot_name).await?
+                }
+                None => None,
+            };
+            let stream =
+                Stream::connect(&self.database, &self.tail, leader, resume, shutdown).await?;
             self.phase = match stream {
                 Some(stream) => Phase::Stream(Box::new(stream)),
                 None => return Ok(false),
@@ -234,6 +284,9 @@ impl Source for TailSource {
         // that the next holder can read the slot.
         if hand_over_beyond_share(&mut self.leader, &self.metrics) {
             self.phase = Phase::Idle;
+        }
+        if self.leader.is_none() {
+            self.purge = None;
         }
         loop {
             if shutdown.is_cancelled() {
@@ -284,13 +337,19 @@ impl Source for TailSource {
     }
 
     async fn renew(&mut self) -> Result<(), Error> {
-        let Some(leader) = self.leader.as_mut() else {
+        if self.leader.is_none() {
             return Ok(());
+        }
+        let renewed = match self.tail.retention {
+            Some(_) => self.record_retained(&Confirm::default(), 0).await,
+            None => match self.leader.as_mut() {
+                Some(leader) => leader.renew(self.database.call_timeout()).await,
+                None => Ok(()),
+            },
         };
-        let renewed = leader.renew(self.database.call_timeout()).await;
-        let lease_until = leader.lease().valid_until();
         self.reset(renewed)?;
-        if let Phase::Stream(stream) = &mut self.phase {
+        let lease_until = self.leader.as_ref().map(|l| l.lease().valid_until());
+        if let (Phase::Stream(stream), Some(lease_until)) = (&mut self.phase, lease_until) {
             stream.lease_until = lease_until;
         }
         Ok(())
@@ -307,14 +366,23 @@ impl Source for TailSource {
                 doing: "confirming published rows",
             });
         };
-        let transactions = match &self.phase {
-            Phase::Stream(stream) => stream.batch_xids.as_slice(),
-            _ => &[],
+        let applied = match self.tail.retention {
+            Some(_) => self.record_retained(confirm, confirm.len()).await,
+            None => {
+                let transactions = match &self.phase {
+                    Phase::Stream(stream) => stream.batch_xids.as_slice(),
+                    _ => &[],
+                };
+                apply_confirm(leader, confirm, transactions, self.database.call_timeout()).await
+            }
         };
-        let applied =
-            apply_confirm(leader, confirm, transactions, self.database.call_timeout()).await;
-        let lease_until = leader.lease().valid_until();
         self.reset(applied)?;
+        let lease_until = self
+            .leader
+            .as_ref()
+            .ok_or_else(no_leader)?
+            .lease()
+            .valid_until();
         let n = confirm.len();
         match &mut self.phase {
             Phase::Copy(copy) => {
@@ -338,6 +406,53 @@ impl Source for TailSource {
                 }
             }
             Phase::Idle => {}
+        }
+        Ok(())
+    }
+}
+
+impl TailSource {
+    /// With retention: moves `confirm`'s rejected rows to the dead-letter
+    /// table and records the first `n` rows of the batch as published, with
+    /// published-before when it moved, checking and renewing the lease; then
+    /// emits a progress marker when one is due.
+    async fn record_retained(&mut self, confirm: &Confirm, n: usize) -> Result<(), Error> {
+        let leader = self.leader.as_mut().ok_or_else(no_leader)?;
+        let last = n.checked_sub(1);
+        let (transactions, resume, published_before, copy) = match &self.phase {
+            Phase::Stream(stream) => (
+                stream.batch_xids.as_slice(),
+                last.and_then(|i| stream.batch_positions.get(i)).copied(),
+                stream
+                    .published_before
+                    .filter(|p| Some(*p) > self.recorded_published_before),
+                None,
+            ),
+            Phase::Copy(copy) => (
+                &[][..],
+                None,
+                None,
+                last.and_then(|i| copy.batch_last_seqs.get(i))
+                    .map(|seq| (copy.snapshot_text.as_str(), *seq)),
+            ),
+            Phase::Idle => (&[][..], None, None, None),
+        };
+        let progress = retention::Progress {
+            slot: self.tail.slot.as_str(),
+            resume,
+            published_before,
+            copy,
+        };
+        retention::record(leader, &self.database, confirm, transactions, &progress).await?;
+        if published_before.is_some() {
+            self.recorded_published_before = published_before;
+        }
+        if self
+            .marker_at
+            .is_none_or(|at| at.elapsed() >= retention::MARKER_EVERY)
+        {
+            retention::emit_marker(leader, &self.database).await?;
+            self.marker_at = Some(Instant::now());
         }
         Ok(())
     }

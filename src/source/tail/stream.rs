@@ -1,6 +1,7 @@
 //! The WAL stream: outbox inserts decoded from `pgoutput`, the marks that say
 //! which WAL position is safe to confirm once the rows before it are
-//! confirmed, and the skip of rows confirmed before a reconnect.
+//! confirmed, the skip of rows confirmed before a reconnect, and (with
+//! retention) the markers that say which transactions are all published.
 
 use super::*;
 
@@ -13,14 +14,36 @@ pub(super) const STILL_IN_OUTBOX: &str = concat!(
     crate::source::unseen!("$2")
 );
 
+/// The prefix of the logical decoding messages relays emit with retention:
+/// the content is `pg_snapshot_xmin` of the emitting statement's snapshot,
+/// so every transaction older than it committed (or aborted) before the
+/// message did, and is published once the rows before the message are.
+pub(super) const MARKER_PREFIX: &str = "outbox-relay";
+
 pub(super) struct Stream {
     pub(super) client: ReplicationClient,
     pub(super) outbox: Option<OutboxColumns>,
     pub(super) in_transaction: bool,
     /// The id of the transaction being received.
     pub(super) xid: u32,
+    /// The commit position of the transaction being received, and how many
+    /// of its outbox rows came so far.
+    pub(super) txn: (Lsn, u64),
     /// The ids of the transactions the rows of the current batch came from.
     pub(super) batch_xids: Vec<i64>,
+    /// Where each row of the current batch is in the stream: its
+    /// transaction's commit position and its place in that transaction.
+    pub(super) batch_positions: Vec<(Lsn, u64)>,
+    /// With retention (rows are kept, so their absence says nothing): the
+    /// last row confirmed before this connection; rows up to it come again
+    /// and are skipped.
+    pub(super) resume: Option<(Lsn, u64)>,
+    /// Markers received (see [`MARKER_PREFIX`]): once the rows received
+    /// before one are confirmed, every transaction older than its id is
+    /// published.
+    pub(super) markers: VecDeque<(u64, u64)>,
+    /// The newest such id whose rows are all confirmed.
+    pub(super) published_before: Option<u64>,
     /// Rows taken from the stream since connecting (published or skipped).
     pub(super) received: u64,
     /// Of those, rows confirmed (a prefix).
@@ -43,6 +66,7 @@ impl Stream {
         database: &DatabaseConfig,
         tail: &TailConfig,
         leader: &mut Leader,
+        resume: Option<(Lsn, u64)>,
         shutdown: &CancellationToken,
     ) -> Result<Option<Stream>, Error> {
         let since = Instant::now();
@@ -63,7 +87,12 @@ impl Stream {
                         outbox: None,
                         in_transaction: false,
                         xid: 0,
+                        txn: (Lsn::ZERO, 0),
                         batch_xids: Vec::new(),
+                        batch_positions: Vec::new(),
+                        resume,
+                        markers: VecDeque::new(),
+                        published_before: None,
                         received: 0,
                         confirmed: 0,
                         marks: VecDeque::new(),
@@ -100,6 +129,7 @@ impl Stream {
     ) -> Result<Vec<OutboxRow>, Error> {
         let idle_until = tokio::time::Instant::now() + idle;
         self.batch_xids.clear();
+        self.batch_positions.clear();
         loop {
             let mut rows = Vec::new();
             while rows.len() < max {
@@ -133,7 +163,11 @@ impl Stream {
                 self.handle(event, &mut rows, database)?;
             }
             if self.replaying {
-                self.skip_published(&mut rows, leader, database).await?;
+                match self.resume {
+                    Some(resume) => self.skip_resumed(&mut rows, resume),
+                    None if tail.retention.is_some() => self.replaying = false,
+                    None => self.skip_published(&mut rows, leader, database).await?,
+                }
             }
             if !rows.is_empty() {
                 return Ok(rows);
@@ -148,9 +182,10 @@ impl Stream {
         database: &DatabaseConfig,
     ) -> Result<(), Error> {
         match event {
-            ReplicationEvent::Begin { xid, .. } => {
+            ReplicationEvent::Begin { xid, final_lsn, .. } => {
                 self.in_transaction = true;
                 self.xid = xid;
+                self.txn = (final_lsn, 0);
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
                 self.in_transaction = false;
@@ -190,6 +225,8 @@ impl Stream {
                                     .map_err(|e| undecodable(e.to_string()))?,
                             );
                             self.received += 1;
+                            self.txn.1 += 1;
+                            self.batch_positions.push(self.txn);
                             let xid = i64::from(self.xid);
                             if self.batch_xids.last() != Some(&xid) {
                                 self.batch_xids.push(xid);
@@ -197,6 +234,18 @@ impl Stream {
                         }
                     }
                     Message::Other(_) => {}
+                }
+            }
+            ReplicationEvent::Message {
+                prefix, content, ..
+            } if prefix == MARKER_PREFIX => {
+                // A marker from another relay version or a stray caller is
+                // ignored, never an error: it only brings progress forward.
+                if let Some(xmin) = std::str::from_utf8(&content)
+                    .ok()
+                    .and_then(|c| c.trim().parse::<u64>().ok())
+                {
+                    self.markers.push_back((self.received, xmin));
                 }
             }
             ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
@@ -218,6 +267,13 @@ impl Stream {
 
     /// Confirms to Postgres the newest position whose rows are all confirmed.
     pub(super) fn advance(&mut self) {
+        while let Some(&(count, xmin)) = self.markers.front() {
+            if count > self.confirmed {
+                break;
+            }
+            self.published_before = Some(self.published_before.unwrap_or(0).max(xmin));
+            self.markers.pop_front();
+        }
         // Self-fencing: once the lease ran out here, a standby may be
         // reading from this slot's position; confirm nothing.
         if Instant::now() >= self.lease_until {
@@ -236,6 +292,28 @@ impl Stream {
         {
             self.flushed = lsn;
             self.client.update_applied_lsn(lsn);
+        }
+    }
+
+    /// With retention: drops the rows at or before `resume`, the last row
+    /// confirmed before this connection (positions only grow along the
+    /// stream, so they form a prefix).
+    pub(super) fn skip_resumed(&mut self, rows: &mut Vec<OutboxRow>, resume: (Lsn, u64)) {
+        let first = self
+            .batch_positions
+            .iter()
+            .position(|p| *p > resume)
+            .unwrap_or(rows.len());
+        if first > 0 {
+            debug!(rows = first, "skipped rows confirmed before the reconnect");
+            rows.drain(..first);
+            self.batch_positions.drain(..first);
+            self.confirmed += first as u64;
+            self.advance();
+        }
+        if !rows.is_empty() {
+            self.replaying = false;
+            self.resume = None;
         }
     }
 
@@ -284,6 +362,7 @@ impl Stream {
         if first > 0 {
             debug!(rows = first, "skipped rows confirmed before the reconnect");
             rows.drain(..first);
+            self.batch_positions.drain(..first);
             self.confirmed += first as u64;
             self.advance();
         }

@@ -406,6 +406,19 @@ impl Default for TailConfig {
     }
 }
 
+/// Which retained rows `outbox-relay replay` republishes, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayFilter {
+    /// Rows created at or after this.
+    pub since: chrono::DateTime<chrono::Utc>,
+    /// Rows created before this.
+    pub until: chrono::DateTime<chrono::Utc>,
+    pub aggregate_type: Option<String>,
+    pub aggregate_id: Option<String>,
+    /// Every replayed row goes to this topic instead of its own.
+    pub topic_override: Option<String>,
+}
+
 /// Turns a row's `aggregate_type` (and `event_type`) into a topic name when
 /// the row's `topic` column is null. Placeholders: `{aggregate_type}`,
 /// `{event_type}`.

@@ -109,6 +109,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             );
         }
         Command::DeadLetters(command) => dead_letters(command).await?,
+        Command::Replay(args) => cmd::replay::run(&args, shutdown_on_signal()).await?,
         Command::Bench(args) => {
             let options = bench::BenchOptions {
                 relay_binary: std::env::current_exe().map_err(|e| {

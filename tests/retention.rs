@@ -16,19 +16,6 @@ use uuid::Uuid;
 
 const DEADLINE: Duration = Duration::from_secs(120);
 
-/// Rows of transactions not yet known to be published: not older than the
-/// oldest published-before of the outbox's slots (all of them, when none
-/// was recorded yet).
-pub const NOT_KNOWN_PUBLISHED: &str = "select count(*) from outbox where coalesce(age(xmin) <= age(( \
-     (select min(published_before) from relay_slot)::text::bigint % 4294967296)::text::xid), true)";
-
-async fn not_known_published(pool: &PgPool) -> i64 {
-    sqlx::query_scalar(NOT_KNOWN_PUBLISHED)
-        .fetch_one(pool)
-        .await
-        .unwrap()
-}
-
 /// Ids of the rows now known to be published.
 async fn known_published(pool: &PgPool) -> HashSet<Uuid> {
     sqlx::query_scalar(
@@ -40,38 +27,6 @@ async fn known_published(pool: &PgPool) -> HashSet<Uuid> {
     .unwrap()
     .into_iter()
     .collect()
-}
-
-/// Waits until every committed row is known to be published, then reads
-/// `topics` until every id in `expected` and as many distinct ids of
-/// `topic` as events were committed (the aggregates' versions) arrived.
-async fn consume_all_retained(
-    pool: &PgPool,
-    brokers: &str,
-    topics: &[&str],
-    expected: &[Uuid],
-) -> Vec<Consumed> {
-    wait_for("every row to be known published", DEADLINE, || async {
-        not_known_published(pool).await == 0
-    })
-    .await;
-    let committed: i64 = sqlx::query_scalar("select coalesce(sum(version), 0)::bigint from agg")
-        .fetch_one(pool)
-        .await
-        .unwrap();
-    let expected: HashSet<Uuid> = expected.iter().copied().collect();
-    consume_until(brokers, topics, DEADLINE, |records| {
-        let seen: HashSet<Uuid> = records.iter().map(Consumed::id).collect();
-        expected.is_subset(&seen)
-            && records
-                .iter()
-                .filter(|r| r.topic == topics[0])
-                .map(Consumed::id)
-                .collect::<HashSet<_>>()
-                .len() as i64
-                >= committed
-    })
-    .await
 }
 
 /// `n` rows written two hours ago (by `created_at`) for the aggregates
@@ -136,8 +91,14 @@ async fn kill_9_under_writers_loses_nothing_and_removes_only_old_published_rows(
     let mut relay = t.relay(&args);
     let mut expected = written.committed.clone();
     expected.extend(&old);
-    let records =
-        consume_all_retained(pool, &kafka.brokers(), &[&topic, &old_topic], &expected).await;
+    let records = consume_all_retained(
+        pool,
+        &kafka.brokers(),
+        &[&topic, &old_topic],
+        &expected,
+        DEADLINE,
+    )
+    .await;
     assert_delivered(&records, &written);
     let duplicates = assert_order(&records);
     assert_versions_match(pool, &records).await;
@@ -220,7 +181,14 @@ async fn a_slot_dropped_under_writers_loses_nothing_and_republishes_no_known_pub
     for w in writers {
         written.append(w.await.unwrap());
     }
-    let records = consume_all_retained(pool, &kafka.brokers(), &[&topic], &written.committed).await;
+    let records = consume_all_retained(
+        pool,
+        &kafka.brokers(),
+        &[&topic],
+        &written.committed,
+        DEADLINE,
+    )
+    .await;
     relay.kill().await.unwrap();
     assert_delivered(&records, &written);
     assert_order(&records);
@@ -251,7 +219,14 @@ async fn an_invalidated_slot_is_recovered_without_losing_or_repeating_published_
     let args = ["--retention", "1h"];
     let first = write(pool, 50, 5, 0.0).await;
     let mut relay = t.relay(&args);
-    consume_all_retained(pool, &kafka.brokers(), &[&topic], &first.committed).await;
+    consume_all_retained(
+        pool,
+        &kafka.brokers(),
+        &[&topic],
+        &first.committed,
+        DEADLINE,
+    )
+    .await;
     relay.kill().await.unwrap();
 
     // While no relay runs: outbox rows, then far more WAL than the slot may keep.
@@ -287,7 +262,7 @@ async fn an_invalidated_slot_is_recovered_without_losing_or_repeating_published_
         .await;
     let mut all = first.committed.clone();
     all.extend(&missed.committed);
-    let records = consume_all_retained(pool, &kafka.brokers(), &[&topic], &all).await;
+    let records = consume_all_retained(pool, &kafka.brokers(), &[&topic], &all, DEADLINE).await;
     relay.kill().await.unwrap();
     assert_delivered(&records, &missed);
     assert_order(&records);

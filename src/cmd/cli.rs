@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use outbox_relay::config::{
     DatabaseConfig, Identifier, KafkaConfig, LeaseConfig, Mode, NullPayload, PoisonPolicy,
-    PollInterval, RelayConfig, Shards, SlotName, TailConfig, TopicTemplate,
+    PollInterval, RelayConfig, ReplayFilter, Shards, SlotName, TailConfig, TopicTemplate,
 };
 use outbox_relay::error::Error;
 
@@ -43,6 +43,8 @@ pub enum Command {
     /// Inspect, replay or purge rows the broker rejected for good.
     #[command(subcommand)]
     DeadLetters(DeadLettersCommand),
+    /// Publish retained rows again (tail mode with --retention), in order per aggregate, marked with a `replayed` header, beside the live relay.
+    Replay(ReplayArgs),
     /// Run the whole pipeline on a throwaway Postgres and an in-process Kafka.
     Demo(DemoArgs),
     /// Measure both modes' drain rate, CPU, memory and live latency beside the limits of Postgres and Kafka.
@@ -321,6 +323,103 @@ impl RunArgs {
             })?),
         };
         Ok(config)
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    /// Replay rows created at or after this: RFC 3339 (2026-12-01T00:00:00Z) or a duration ago (2h, 7d).
+    #[arg(long, env = "OUTBOX_REPLAY_SINCE")]
+    pub since: String,
+
+    /// Replay rows created before this (same forms as --since); default: now.
+    #[arg(long, env = "OUTBOX_REPLAY_UNTIL")]
+    pub until: Option<String>,
+
+    /// Only rows of this aggregate type.
+    #[arg(long, env = "OUTBOX_REPLAY_AGGREGATE_TYPE")]
+    pub aggregate_type: Option<String>,
+
+    /// Only rows of this aggregate id.
+    #[arg(long, env = "OUTBOX_REPLAY_AGGREGATE_ID")]
+    pub aggregate_id: Option<String>,
+
+    /// Send every replayed row to this topic instead of its own.
+    #[arg(long, env = "OUTBOX_REPLAY_TOPIC_OVERRIDE")]
+    pub topic_override: Option<String>,
+
+    /// Count the rows a replay would publish, and publish nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Topic for rows whose `topic` column is null, as for `run`.
+    #[arg(long, env = "OUTBOX_TOPIC_TEMPLATE", default_value = TopicTemplate::DEFAULT)]
+    pub topic_template: String,
+
+    /// What a null payload becomes, as for `run`.
+    #[arg(long, env = "OUTBOX_NULL_PAYLOAD", value_enum, default_value_t = NullPayloadArg::JsonNull)]
+    pub null_payload: NullPayloadArg,
+
+    /// Rows read and published together (also the in-flight bound).
+    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch_size: u32,
+}
+
+impl ReplayArgs {
+    /// Validates everything before anything connects.
+    pub fn to_config(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(RelayConfig, ReplayFilter), Error> {
+        let time = |text: &str, flag: &str| {
+            outbox_relay::source::replay::parse_time(text, now).ok_or_else(|| {
+                Error::Config(format!(
+                    "{flag} {text:?} is neither an RFC 3339 time nor a duration; give e.g. 2026-12-01T00:00:00Z or 2h (that long ago)"
+                ))
+            })
+        };
+        let since = time(&self.since, "--since (OUTBOX_REPLAY_SINCE)")?;
+        let until = match &self.until {
+            Some(until) => time(until, "--until (OUTBOX_REPLAY_UNTIL)")?,
+            None => now,
+        };
+        if since >= until {
+            return Err(Error::Config(format!(
+                "--since ({since}) is not before --until ({until}); give a window that ends after it starts"
+            )));
+        }
+        let non_empty = |value: &Option<String>, flag: &str| match value {
+            Some(v) if v.trim().is_empty() => Err(Error::Config(format!(
+                "{flag} is empty; give a value or leave the flag out"
+            ))),
+            v => Ok(v.clone()),
+        };
+        let filter = ReplayFilter {
+            since,
+            until,
+            aggregate_type: non_empty(&self.aggregate_type, "--aggregate-type")?,
+            aggregate_id: non_empty(&self.aggregate_id, "--aggregate-id")?,
+            topic_override: non_empty(&self.topic_override, "--topic-override")?,
+        };
+        let mut config = RelayConfig::new(self.database.to_config()?, self.kafka.to_config()?);
+        config.topic_template = TopicTemplate::parse(
+            &self.topic_template,
+            "--topic-template (OUTBOX_TOPIC_TEMPLATE)",
+        )?;
+        config.null_payload = match self.null_payload {
+            NullPayloadArg::JsonNull => NullPayload::JsonNull,
+            NullPayloadArg::Tombstone => NullPayload::Tombstone,
+        };
+        config.batch_size =
+            std::num::NonZeroUsize::new(self.batch_size as usize).unwrap_or(config.batch_size);
+        config.metrics_address = None;
+        Ok((config, filter))
     }
 }
 

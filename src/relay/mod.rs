@@ -36,6 +36,9 @@ use crate::ownership::{Candidate, Instance, Share, track_members};
 use crate::sink::{KafkaSink, Outcome, Sent, Sink};
 use crate::source::{Aggregate, Confirm, PollSource, Source, TailSource};
 
+mod replay;
+pub use replay::replay;
+
 /// What a relay did before it stopped.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RunStats {

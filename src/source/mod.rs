@@ -25,9 +25,11 @@ use crate::outbox::OutboxRow;
 use crate::ownership::{self, Candidate, Leader, Share, lease::RENEW};
 
 pub mod poll;
+pub mod replay;
 pub mod tail;
 
 pub use poll::PollSource;
+pub use replay::ReplaySource;
 pub use tail::TailSource;
 
 /// An aggregate: `(aggregate_type, aggregate_id)`.

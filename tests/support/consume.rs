@@ -265,3 +265,37 @@ pub fn assert_delivered(records: &[Consumed], written: &Written) {
         "{leaked} rows of rolled-back transactions were published"
     );
 }
+
+/// With `--retention` (rows stay): waits until every committed row is known
+/// to be published, then reads `topics` until every id in `expected` and as
+/// many distinct ids of the first topic as events were committed (the
+/// aggregates' versions) arrived.
+pub async fn consume_all_retained(
+    pool: &PgPool,
+    brokers: &str,
+    topics: &[&str],
+    expected: &[Uuid],
+    deadline: Duration,
+) -> Vec<Consumed> {
+    wait_for("every row to be known published", deadline, || async {
+        not_known_published(pool).await == 0
+    })
+    .await;
+    let committed: i64 = sqlx::query_scalar("select coalesce(sum(version), 0)::bigint from agg")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let expected: HashSet<Uuid> = expected.iter().copied().collect();
+    consume_until(brokers, topics, deadline, |records| {
+        let seen: HashSet<Uuid> = records.iter().map(Consumed::id).collect();
+        expected.is_subset(&seen)
+            && records
+                .iter()
+                .filter(|r| r.topic == topics[0])
+                .map(Consumed::id)
+                .collect::<HashSet<_>>()
+                .len() as i64
+                >= committed
+    })
+    .await
+}

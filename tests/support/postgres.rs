@@ -69,6 +69,19 @@ pub async fn outbox_count(pool: &PgPool) -> i64 {
         .unwrap()
 }
 
+/// With `--retention`: rows of transactions not yet known to be published,
+/// not older than the oldest published-before of the outbox's slots (every
+/// row, when none was recorded yet).
+pub async fn not_known_published(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "select count(*) from outbox where coalesce(age(xmin) <= age(( \
+         (select min(published_before) from relay_slot)::text::bigint % 4294967296)::text::xid), true)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 /// Records every statement that deletes outbox rows (a confirm): which relay
 /// instance ran it (its sessions carry the instance id, with the process id
 /// in it, as their application_name), how many rows, and how many of them

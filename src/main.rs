@@ -130,6 +130,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 lanes_rows: args.lanes_rows,
                 lanes_rtt: args.lanes_rtt,
                 lanes_batch_size: args.lanes_batch_size,
+                retention_rows: args.retention_rows.clone(),
+                startup_runs: args.startup_runs,
             };
             let report = bench::run(&options, shutdown_on_signal()).await?;
             println!("{report}");

@@ -589,6 +589,14 @@ pub struct BenchArgs {
     /// The relay's --batch-size during the lanes drains.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub lanes_batch_size: u32,
+
+    /// Backlog sizes for tail drains deleting and keeping (--retention) published rows, each beside pg_recvlogical (e.g. 200000,1000000); none by default.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1000..=10_000_000))]
+    pub retention_rows: Vec<u64>,
+
+    /// Relay starts per mode to time from process start to the first row confirmed (0 skips them).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub startup_runs: u32,
 }
 
 fn parse_mode(s: &str) -> Result<Mode, String> {

@@ -248,8 +248,46 @@ impl TempPostgres {
 
     /// Sends `signal` to the postmaster and each of its children.
     fn signal_all(&self, signal: Signal) {
+        for pid in self.processes() {
+            let _ = kill(Pid::from_raw(pid), signal);
+        }
+    }
+
+    /// CPU seconds the server used so far: the postmaster and its live
+    /// children, and the children that exited (which the postmaster reaped).
+    pub fn cpu_seconds(&self) -> f64 {
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as f64;
+        let postmaster = self.server.as_ref().map(|s| s.pid.as_raw());
+        let ticks: u64 = self
+            .processes()
+            .into_iter()
+            .map(|pid| {
+                let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                // utime, stime, cutime, cstime: fields 14 to 17 (proc(5)).
+                let fields: Vec<u64> = stat
+                    .rsplit_once(')')
+                    .map(|(_, rest)| {
+                        rest.split_whitespace()
+                            .skip(11)
+                            .take(4)
+                            .map(|f| f.parse().unwrap_or(0))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let own = if Some(pid) == postmaster { 4 } else { 2 };
+                fields.iter().take(own).sum::<u64>()
+            })
+            .sum();
+        ticks as f64 / hz
+    }
+
+    /// The postmaster and each of its children.
+    fn processes(&self) -> Vec<i32> {
         let Some(server) = &self.server else {
-            return;
+            return Vec::new();
         };
         let postmaster = server.pid.as_raw();
         let children = fs::read_dir("/proc")
@@ -271,9 +309,7 @@ impl TempPostgres {
             });
         let mut pids: Vec<i32> = children.collect();
         pids.push(postmaster);
-        for pid in pids {
-            let _ = kill(Pid::from_raw(pid), signal);
-        }
+        pids
     }
 
     /// Starts the server (again) on the same data and port, and waits until

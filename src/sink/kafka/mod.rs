@@ -222,10 +222,19 @@ impl Sink for KafkaSink {
         loop {
             let producer = self.producer.clone();
             let probe = tokio::task::spawn_blocking(move || {
-                producer
+                let brokers = producer
                     .client()
                     .fetch_metadata(None, Duration::from_secs(5))
-                    .map(|m| m.brokers().len())
+                    .map(|m| m.brokers().len())?;
+                // The idempotent producer asks for its producer id when the
+                // client starts, before any broker connection is up, and
+                // then only every 500 ms or on a metadata response. A second
+                // metadata request, now that a broker is up, has it ask at
+                // once: the first record is not held back half a second.
+                let _ = producer
+                    .client()
+                    .fetch_metadata(None, Duration::from_secs(5));
+                Ok::<_, rdkafka::error::KafkaError>(brokers)
             })
             .await;
             match probe {

@@ -55,6 +55,8 @@ use outbox_relay::message;
 use outbox_relay::outbox::{self, Event, OutboxRow};
 use outbox_relay::sink::kafka::producer_properties;
 
+mod retention;
+
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -84,6 +86,11 @@ pub struct BenchOptions {
     pub lanes_rows: u64,
     pub lanes_rtt: Duration,
     pub lanes_batch_size: u32,
+    /// Backlog sizes for tail drains deleting and keeping published rows;
+    /// empty skips them.
+    pub retention_rows: Vec<u64>,
+    /// Relay starts per mode to time; 0 skips them.
+    pub startup_runs: u32,
 }
 
 /// The figures of one run, as printed and as written with `--json`.
@@ -99,6 +106,8 @@ pub struct BenchReport {
     pub shards: u16,
     pub modes: Vec<ModeReport>,
     pub lanes: Option<LanesReport>,
+    pub retention: Vec<retention::RetentionDrain>,
+    pub startup: Vec<retention::Startup>,
 }
 
 /// Drains of one backlog with 1, 2, 4, ... lanes in one instance, against a
@@ -213,6 +222,8 @@ pub async fn run(
         shards: options.shards,
         modes: Vec::new(),
         lanes: None,
+        retention: Vec::new(),
+        startup: Vec::new(),
     };
 
     for &mode in &options.modes {
@@ -225,6 +236,10 @@ pub async fn run(
     if !options.lanes.is_empty() && !shutdown.is_cancelled() {
         report.lanes = Some(lanes(&pg, &kafka, options, run_id, &shutdown).await?);
     }
+    if options.startup_runs > 0 && !shutdown.is_cancelled() {
+        report.startup = retention::startup(&pg, &kafka, options, run_id, &shutdown).await?;
+    }
+    report.retention = retention::retention(&pg, &kafka, options, run_id, &shutdown).await?;
     Ok(report)
 }
 
@@ -392,7 +407,11 @@ impl<'a> ModeBench<'a> {
         let url = pg.create_database(name).await?;
         let schema = Identifier::parse("public", "bench schema")?;
         let db = DatabaseConfig::from_url(&url, schema, "bench database")?;
-        let tail = TailConfig::default();
+        // Slots are per cluster: each database's relay has its own.
+        let tail = TailConfig {
+            slot: outbox_relay::config::SlotName::parse(name, "bench slot")?,
+            ..TailConfig::default()
+        };
         database::migrate(&db, &tail.publication).await?;
         let pool = PgPoolOptions::new()
             .max_connections(8)
@@ -461,7 +480,9 @@ impl<'a> ModeBench<'a> {
             .map_err(Error::db_error("reading the WAL position"))?;
 
         let recvlogical_rate = if self.mode == Mode::Tail {
-            let rate = self.pg_recvlogical(recvlogical_slot, &end_lsn).await?;
+            let rate = self
+                .pg_recvlogical(recvlogical_slot, &end_lsn, options.rows)
+                .await?;
             sqlx::query("select pg_drop_replication_slot($1)")
                 .bind(recvlogical_slot)
                 .execute(&self.pool)
@@ -559,14 +580,14 @@ impl<'a> ModeBench<'a> {
     /// Runs `pg_recvlogical` over the WAL from its slot to `end_lsn`,
     /// decoding with `pgoutput` for the relay's publication into /dev/null,
     /// and returns the backlog's rows per second.
-    async fn pg_recvlogical(&self, slot: &str, end_lsn: &str) -> Result<f64, Error> {
+    async fn pg_recvlogical(&self, slot: &str, end_lsn: &str, rows: u64) -> Result<f64, Error> {
         let binary = self.pg.bin_dir().join("pg_recvlogical");
         let publication = format!("publication_names={}", self.tail.publication.as_str());
         let started = Instant::now();
         let output = Command::new(&binary)
             .args(["-h", "127.0.0.1", "-U", "postgres", "--no-loop", "--start"])
             .args(["-p", &self.pg.port().to_string()])
-            .args(["-d", &format!("bench_{}", self.mode)])
+            .args(["-d", &self.db.target().database])
             .args(["-S", slot, "-E", end_lsn, "-f", "/dev/null"])
             .args(["-o", "proto_version=1", "-o", &publication])
             .env("PGPASSWORD", self.pg.password())
@@ -588,7 +609,7 @@ impl<'a> ModeBench<'a> {
                 String::from_utf8_lossy(&output.stderr).trim()
             )));
         }
-        Ok(self.options.rows as f64 / elapsed)
+        Ok(rows as f64 / elapsed)
     }
 
     /// Sends the backlog's records (up to [`PRODUCER_SAMPLE`]) with a plain
@@ -1306,8 +1327,8 @@ impl RelayProcess {
         })
     }
 
-    /// The relay's `ack_latency_seconds` histogram, from its `/metrics`.
-    async fn ack_histogram(&self) -> Result<Histogram, Error> {
+    /// The relay's `/metrics` text.
+    async fn metrics_text(&self) -> Result<String, Error> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let scrape = async {
             let mut stream =
@@ -1319,10 +1340,15 @@ impl RelayProcess {
             stream.read_to_string(&mut body).await?;
             Ok::<_, std::io::Error>(body)
         };
-        let body = tokio::time::timeout(Duration::from_secs(10), scrape)
+        tokio::time::timeout(Duration::from_secs(10), scrape)
             .await
             .map_err(|_| bench("the relay's /metrics did not answer within 10 s".into()))?
-            .map_err(|e| bench(format!("cannot read the relay's /metrics: {e}")))?;
+            .map_err(|e| bench(format!("cannot read the relay's /metrics: {e}")))
+    }
+
+    /// The relay's `ack_latency_seconds` histogram, from its `/metrics`.
+    async fn ack_histogram(&self) -> Result<Histogram, Error> {
+        let body = self.metrics_text().await?;
         let histogram = Histogram::parse(&body, "outbox_relay_ack_latency_seconds");
         if histogram.0.is_empty() {
             return Err(bench(
@@ -1330,6 +1356,18 @@ impl RelayProcess {
             ));
         }
         Ok(histogram)
+    }
+
+    /// Rows the relay confirmed so far (`outbox_relay_published_total`); 0
+    /// before its endpoint answers.
+    async fn published_total(&self) -> u64 {
+        let Ok(body) = self.metrics_text().await else {
+            return 0;
+        };
+        body.lines()
+            .find_map(|line| line.strip_prefix("outbox_relay_published_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
     }
 
     fn check_running(&mut self) -> Result<(), Error> {
@@ -1442,6 +1480,7 @@ pub fn targets(report: &BenchReport) -> BTreeMap<String, bool> {
             );
         }
     }
+    retention::targets(report, &mut out);
     out
 }
 
@@ -1557,6 +1596,7 @@ impl fmt::Display for BenchReport {
                 )?;
             }
         }
+        retention::describe(self, f)?;
         writeln!(f)?;
         writeln!(f, "targets:")?;
         for (target, met) in targets(self) {
@@ -1626,6 +1666,8 @@ mod tests {
             lanes: Vec::new(),
             lanes_rows: 0,
             lanes_rtt: Duration::ZERO,
+            retention_rows: Vec::new(),
+            startup_runs: 0,
             lanes_batch_size: 100,
         };
         let events = backlog(&options, options.rows);

@@ -1,0 +1,251 @@
+//! Tail mode with and without `--retention` over the same backlog sizes,
+//! each beside `pg_recvlogical` on its own WAL, with what the database spent
+//! per row (CPU of every server process, WAL written); and the relay's
+//! start-up time, from process start to the first row confirmed.
+
+use super::*;
+
+/// Drains of one backlog size, deleting and keeping published rows.
+#[derive(Debug, Clone, Serialize)]
+pub struct RetentionDrain {
+    pub rows: u64,
+    /// `--retention` on (published rows kept) or off (each deleted).
+    pub retention: bool,
+    pub pg_recvlogical_rows_per_sec: f64,
+    /// From the relay's start until it confirmed the last row (acknowledged
+    /// by the broker).
+    pub rows_per_sec: f64,
+    pub ratio_to_pg_recvlogical: f64,
+    /// CPU of every Postgres process during the drain, per 1,000 rows.
+    pub database_cpu_ms_per_1k_rows: f64,
+    /// WAL written during the drain (the relay's confirms, deletes, markers).
+    pub wal_bytes_per_row: f64,
+    pub relay_cpu_seconds_per_1k_rows: f64,
+}
+
+/// From process start until the relay confirmed a row waiting for it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Startup {
+    pub mode: String,
+    pub runs_ms: Vec<f64>,
+    pub median_ms: f64,
+}
+
+/// With retention, the drain's target against `pg_recvlogical`.
+pub(super) const RETENTION_TARGET: f64 = 0.95;
+/// Process start to the first row confirmed.
+pub(super) const STARTUP_TARGET_MS: f64 = 300.0;
+
+/// For each size in `options.retention_rows`: a tail drain deleting
+/// published rows, then one keeping them, each in a database of its own.
+pub(super) async fn retention(
+    pg: &TempPostgres,
+    kafka: &BenchKafka,
+    options: &BenchOptions,
+    run_id: &str,
+    shutdown: &CancellationToken,
+) -> Result<Vec<RetentionDrain>, Error> {
+    let mut runs = Vec::new();
+    for &rows in &options.retention_rows {
+        for keep in [false, true] {
+            if shutdown.is_cancelled() {
+                return Ok(runs);
+            }
+            let name = format!(
+                "bench_retention_{rows}_{}",
+                if keep { "kept" } else { "deleted" }
+            );
+            let mut bench =
+                ModeBench::prepare_as(pg, kafka, options, Mode::Tail, &name, run_id).await?;
+            if keep {
+                bench.relay_args.extend(["--retention".into(), "1d".into()]);
+            }
+            runs.push(bench.retention_drain(rows, keep, shutdown).await?);
+        }
+    }
+    Ok(runs)
+}
+
+impl ModeBench<'_> {
+    /// Creates the relay's slot and `pg_recvlogical`'s, writes `rows`,
+    /// times `pg_recvlogical` over them, then the relay.
+    async fn retention_drain(
+        self,
+        rows: u64,
+        keep: bool,
+        shutdown: &CancellationToken,
+    ) -> Result<RetentionDrain, Error> {
+        let recvlogical_slot = "bench_pg_recvlogical";
+        let mut relay = self.start_relay("setup")?;
+        self.wait_for_slot(&mut relay).await?;
+        relay.stop().await?;
+        sqlx::query("select pg_create_logical_replication_slot($1, 'pgoutput')")
+            .bind(recvlogical_slot)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::db_error("creating pg_recvlogical's slot"))?;
+        self.insert(backlog(self.options, rows)).await?;
+        let end_lsn = self.wal_lsn().await?;
+        let recvlogical = self
+            .pg_recvlogical(recvlogical_slot, &end_lsn, rows)
+            .await?;
+        sqlx::query("select pg_drop_replication_slot($1)")
+            .bind(recvlogical_slot)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::db_error("dropping pg_recvlogical's slot"))?;
+
+        let wal_before = self.wal_lsn().await?;
+        let cpu_before = self.pg.cpu_seconds();
+        let mut relay = self.start_relay("run")?;
+        let started = Instant::now();
+        while relay.published_total().await < rows {
+            relay.check_running()?;
+            if shutdown.is_cancelled() {
+                return Err(bench("interrupted".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let database_cpu = self.pg.cpu_seconds() - cpu_before;
+        let wal: f64 = sqlx::query_scalar("select (pg_current_wal_lsn() - $1::pg_lsn)::float8")
+            .bind(&wal_before)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(Error::db_error("reading the WAL position"))?;
+        let usage = relay.usage()?;
+        relay.stop().await?;
+        self.pool.close().await;
+        let rows_per_sec = rows as f64 / seconds;
+        Ok(RetentionDrain {
+            rows,
+            retention: keep,
+            pg_recvlogical_rows_per_sec: recvlogical,
+            rows_per_sec,
+            ratio_to_pg_recvlogical: rows_per_sec / recvlogical,
+            database_cpu_ms_per_1k_rows: database_cpu * 1e3 / rows as f64 * 1000.0,
+            wal_bytes_per_row: wal / rows as f64,
+            relay_cpu_seconds_per_1k_rows: usage.cpu_seconds / rows as f64 * 1000.0,
+        })
+    }
+
+    async fn wal_lsn(&self) -> Result<String, Error> {
+        sqlx::query_scalar("select pg_current_wal_lsn()::text")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(Error::db_error("reading the WAL position"))
+    }
+}
+
+/// `options.startup_runs` starts per mode, each with one row waiting (tail
+/// mode's slot already made, as after any first start).
+pub(super) async fn startup(
+    pg: &TempPostgres,
+    kafka: &BenchKafka,
+    options: &BenchOptions,
+    run_id: &str,
+    shutdown: &CancellationToken,
+) -> Result<Vec<Startup>, Error> {
+    let mut out = Vec::new();
+    for mode in [Mode::Poll, Mode::Tail] {
+        let name = format!("bench_startup_{mode}");
+        let bench = ModeBench::prepare_as(pg, kafka, options, mode, &name, run_id).await?;
+        if mode == Mode::Tail {
+            let mut relay = bench.start_relay("setup")?;
+            bench.wait_for_slot(&mut relay).await?;
+            relay.stop().await?;
+        }
+        let mut runs_ms = Vec::new();
+        for run in 0..options.startup_runs {
+            if shutdown.is_cancelled() {
+                return Ok(out);
+            }
+            bench.insert(backlog(options, 1)).await?;
+            let started = Instant::now();
+            let mut relay = bench.start_relay(&format!("startup-{run}"))?;
+            while relay.published_total().await < 1 {
+                relay.check_running()?;
+                if started.elapsed() > Duration::from_secs(60) {
+                    return Err(relay.failed("confirmed nothing within 60 s of its start"));
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            runs_ms.push(started.elapsed().as_secs_f64() * 1e3);
+            relay.stop().await?;
+        }
+        bench.pool.close().await;
+        let mut sorted = runs_ms.clone();
+        sorted.sort_by(f64::total_cmp);
+        out.push(Startup {
+            mode: mode.to_string(),
+            median_ms: sorted.get(sorted.len() / 2).copied().unwrap_or(0.0),
+            runs_ms,
+        });
+    }
+    Ok(out)
+}
+
+/// The retention drains and start-ups, as printed.
+pub(super) fn describe(report: &BenchReport, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    if !report.retention.is_empty() {
+        writeln!(f)?;
+        writeln!(
+            f,
+            "tail drains deleting and keeping (--retention) published rows, each from the relay's start to its last confirm, beside pg_recvlogical on the same WAL:"
+        )?;
+        for r in &report.retention {
+            writeln!(
+                f,
+                "  {:>8} rows {:<9} {:>9.0} rows/s {:>5.2} x pg_recvlogical ({:.0}/s)  database CPU {:.1} ms/1k rows  WAL {:.0} B/row  relay CPU {:.4} s/1k rows",
+                r.rows,
+                if r.retention { "kept" } else { "deleted" },
+                r.rows_per_sec,
+                r.ratio_to_pg_recvlogical,
+                r.pg_recvlogical_rows_per_sec,
+                r.database_cpu_ms_per_1k_rows,
+                r.wal_bytes_per_row,
+                r.relay_cpu_seconds_per_1k_rows
+            )?;
+        }
+    }
+    if !report.startup.is_empty() {
+        writeln!(f)?;
+        writeln!(
+            f,
+            "start-up, process start to the first row confirmed (a row waiting, database and broker up):"
+        )?;
+        for s in &report.startup {
+            let runs: Vec<String> = s.runs_ms.iter().map(|ms| format!("{ms:.0}")).collect();
+            writeln!(
+                f,
+                "  {:<5} median {:.0} ms (runs: {} ms)",
+                s.mode,
+                s.median_ms,
+                runs.join(", ")
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The targets of these measurements.
+pub(super) fn targets(report: &BenchReport, out: &mut BTreeMap<String, bool>) {
+    for r in report.retention.iter().filter(|r| r.retention) {
+        out.insert(
+            format!(
+                "tail drain of {} rows with --retention >= {RETENTION_TARGET} x pg_recvlogical",
+                r.rows
+            ),
+            r.ratio_to_pg_recvlogical >= RETENTION_TARGET,
+        );
+    }
+    for s in &report.startup {
+        out.insert(
+            format!(
+                "{} start-up to first row confirmed < {STARTUP_TARGET_MS} ms (median)",
+                s.mode
+            ),
+            s.median_ms < STARTUP_TARGET_MS,
+        );
+    }
+}

@@ -248,8 +248,12 @@ async fn create_publication_with(
 pub struct Status {
     pub target: crate::config::DatabaseTarget,
     pub schema: String,
+    /// Rows not known to be published (with retention, the outbox also
+    /// holds published rows: those are `retained`).
     pub unpublished: i64,
     pub oldest_age: Option<Duration>,
+    /// Published rows tail mode keeps with `--retention`.
+    pub retained: i64,
     pub dead_letters: i64,
     /// Tail mode's slot, if it exists.
     pub slot: Option<SlotStatus>,
@@ -269,6 +273,8 @@ pub struct LaneStatus {
     pub leader: Option<LeaderStatus>,
     pub unpublished: i64,
     pub oldest_age: Option<Duration>,
+    /// WAL bytes the lane's slot holds back, if it exists (tail mode).
+    pub slot_lag_bytes: Option<i64>,
 }
 
 /// The outbox's lease as `relay_lease` shows it.
@@ -320,6 +326,7 @@ impl Status {
             "schema": self.schema,
             "unpublished": self.unpublished,
             "oldest_unpublished_seconds": secs(self.oldest_age),
+            "retained": self.retained,
             "dead_letters": self.dead_letters,
             "slot": self.slot.as_ref().map(|s| json!({
                 "name": s.name,
@@ -333,6 +340,7 @@ impl Status {
                 "leader": lane.leader.as_ref().map(leader),
                 "unpublished": lane.unpublished,
                 "oldest_unpublished_seconds": secs(lane.oldest_age),
+                "slot_lag_bytes": lane.slot_lag_bytes,
             })).collect::<Vec<_>>(),
         })
     }
@@ -345,6 +353,13 @@ impl std::fmt::Display for Status {
         match self.oldest_age {
             Some(age) => writeln!(f, "oldest unpublished  {:.1}s ago", age.as_secs_f64())?,
             None => writeln!(f, "oldest unpublished  -")?,
+        }
+        if self.retained > 0 {
+            writeln!(
+                f,
+                "retained rows       {} (published, kept by --retention)",
+                self.retained
+            )?;
         }
         write!(f, "dead letters        {}", self.dead_letters)?;
         match &self.slot {
@@ -389,6 +404,9 @@ impl std::fmt::Display for Status {
                     )?,
                 }
                 write!(f, ", {} unpublished, oldest {oldest}", lane.unpublished)?;
+                if let Some(lag) = lane.slot_lag_bytes {
+                    write!(f, ", slot lag {lag} bytes")?;
+                }
             }
             return Ok(());
         }
@@ -419,13 +437,16 @@ const SLOT_STATUS: &str = "select slot_name::text, (pg_current_wal_lsn() - confi
 const LANES_STATUS: &str = "with layout as (select shards as n from relay_lease where outbox = $1 \
        order by renewed_at desc limit 1), \
      lanes as (select k, n from layout, generate_series(0, n - 1) as k where n > 1), \
+     w as (select (min(published_before)::text::bigint % 4294967296)::text::xid as x from relay_slot), \
      backlog as (select bucket::int * (select n from layout) / 1024 as k, count(*) as rows, \
-       extract(epoch from now() - min(created_at))::float8 as age from outbox group by 1) \
+       extract(epoch from now() - min(created_at))::float8 as age from outbox, w \
+       where not coalesce(age(outbox.xmin) > age(w.x), false) group by 1) \
      select l.k, l.n, r.holder, r.epoch, extract(epoch from now() - r.renewed_at)::float8, \
        exists (select 1 from pg_stat_activity a where a.pid = r.backend_pid), r.takeovers, \
-       coalesce(b.rows, 0), b.age \
+       coalesce(b.rows, 0), b.age, (pg_current_wal_lsn() - s.confirmed_flush_lsn)::bigint \
      from lanes l \
      left join relay_lease r on r.name = $2 || '/' || l.k || '-of-' || l.n \
+     left join pg_replication_slots s on s.slot_name = $3 || '_' || l.k || '_of_' || l.n \
      left join backlog b on b.k = l.k order by l.k";
 
 type LaneRow = (
@@ -438,6 +459,7 @@ type LaneRow = (
     Option<i64>,
     i64,
     Option<f64>,
+    Option<i64>,
 );
 
 const LEADER_STATUS: &str = "select holder, epoch, extract(epoch from now() - renewed_at)::float8, \
@@ -446,16 +468,25 @@ const LEADER_STATUS: &str = "select holder, epoch, extract(epoch from now() - re
 
 /// Reads the backlog figures, the lag of `slot` if it exists, and the lease.
 pub async fn status(db: &DatabaseConfig, slot: &SlotName) -> Result<Status, Error> {
+    let slot_name = slot.as_str().to_owned();
     let mut conn = connect(db).await?;
     check_schema(&mut conn, db).await?;
-    let (unpublished, oldest_secs, dead_letters): (i64, Option<f64>, i64) = sqlx::query_as(
-        "select (select count(*) from outbox), \
-                (select extract(epoch from now() - min(created_at))::float8 from outbox), \
-                (select count(*) from dead_letter)",
-    )
-    .fetch_one(&mut conn)
-    .await
-    .map_err(Error::db("reading the backlog"))?;
+    // With retention, rows of transactions older than the oldest
+    // published-before are published, kept for replay.
+    let (unpublished, oldest_secs, retained, dead_letters): (i64, Option<f64>, i64, i64) =
+        sqlx::query_as(
+            "with w as (select (min(published_before)::text::bigint % 4294967296)::text::xid as x \
+               from relay_slot), \
+             o as (select created_at, coalesce(age(outbox.xmin) > age(w.x), false) as published \
+               from outbox, w) \
+             select count(*) filter (where not published), \
+               extract(epoch from now() - min(created_at) filter (where not published))::float8, \
+               count(*) filter (where published), \
+               (select count(*) from dead_letter) from o",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .map_err(Error::db("reading the backlog"))?;
     let slot = sqlx::query_as::<_, (String, Option<i64>, bool, Option<String>)>(SLOT_STATUS)
         .bind(slot.as_str())
         .fetch_optional(&mut conn)
@@ -482,22 +513,26 @@ pub async fn status(db: &DatabaseConfig, slot: &SlotName) -> Result<Status, Erro
     let lanes = sqlx::query_as::<_, LaneRow>(LANES_STATUS)
         .bind(db.schema().as_str())
         .bind(format!("outbox-relay:{}", db.schema()))
+        .bind(&slot_name)
         .fetch_all(&mut conn)
         .await
         .map_err(Error::db("reading the lanes"))?
         .into_iter()
         .map(
-            |(k, n, holder, epoch, age, connected, takeovers, unpublished, oldest)| LaneStatus {
-                lane: format!("{k}/{n}"),
-                leader: holder.map(|holder| LeaderStatus {
-                    holder,
-                    epoch: epoch.unwrap_or_default(),
-                    lease_age: Duration::from_secs_f64(age.unwrap_or_default().max(0.0)),
-                    connected,
-                    takeovers: takeovers.unwrap_or_default(),
-                }),
-                unpublished,
-                oldest_age: oldest.map(|s| Duration::from_secs_f64(s.max(0.0))),
+            |(k, n, holder, epoch, age, connected, takeovers, unpublished, oldest, slot_lag)| {
+                LaneStatus {
+                    lane: format!("{k}/{n}"),
+                    leader: holder.map(|holder| LeaderStatus {
+                        holder,
+                        epoch: epoch.unwrap_or_default(),
+                        lease_age: Duration::from_secs_f64(age.unwrap_or_default().max(0.0)),
+                        connected,
+                        takeovers: takeovers.unwrap_or_default(),
+                    }),
+                    unpublished,
+                    oldest_age: oldest.map(|s| Duration::from_secs_f64(s.max(0.0))),
+                    slot_lag_bytes: slot_lag,
+                }
             },
         )
         .collect();
@@ -507,6 +542,7 @@ pub async fn status(db: &DatabaseConfig, slot: &SlotName) -> Result<Status, Erro
         schema: db.schema().as_str().to_owned(),
         unpublished,
         oldest_age: oldest_secs.map(|s| Duration::from_secs_f64(s.max(0.0))),
+        retained,
         dead_letters,
         slot,
         leader,

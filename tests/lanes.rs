@@ -212,6 +212,27 @@ async fn three_instances_share_the_lanes_through_kills(t: Setup, shards: usize) 
     let records = drain_and_stop(&t, &topic, &written, relays).await;
     assert_order(&records);
     assert_eq!(confirmed_without_the_lane(pool).await, 0);
+
+    // `status` shows each tail lane's slot lag (none in poll mode).
+    let output = relay_binary()
+        .args([
+            "status",
+            "--json",
+            "--database-url",
+            &t.url,
+            "--slot",
+            &t.slot,
+        ])
+        .output()
+        .await
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let lanes = json["lanes"].as_array().unwrap();
+    assert_eq!(lanes.len(), shards, "{json}");
+    for lane in lanes {
+        assert_eq!(lane["slot_lag_bytes"].is_i64(), t.mode == "tail", "{json}");
+        assert_eq!(lane["unpublished"], 0, "{json}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -166,6 +166,25 @@ async fn a_window_and_one_aggregate_are_replayed_in_order_and_marked_while_the_r
     );
     assert_consecutive_per_key(&replayed);
     relay.kill().await.unwrap();
+
+    // Poll mode would take the retained rows for unpublished ones.
+    let output = tokio::time::timeout(
+        DEADLINE,
+        relay_command_in("poll", &t.url, &kafka.brokers(), &t.prefix).output(),
+    )
+    .await
+    .expect("the poll relay exits")
+    .unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .contains("holds published rows that tail mode kept with --retention"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -361,8 +361,12 @@ async fn connect_and_check(config: &RelayConfig) -> Result<(), Error> {
 async fn startup_checks(conn: &mut sqlx::PgConnection, config: &RelayConfig) -> Result<(), Error> {
     let checks = async {
         database::check_schema(conn, &config.database).await?;
-        if config.mode == Mode::Tail {
-            crate::source::tail::check_prerequisites(conn, &config.database, &config.tail).await?;
+        match config.mode {
+            Mode::Tail => {
+                crate::source::tail::check_prerequisites(conn, &config.database, &config.tail)
+                    .await?
+            }
+            Mode::Poll => refuse_retained_rows(conn, config).await?,
         }
         Ok(())
     };
@@ -372,6 +376,31 @@ async fn startup_checks(conn: &mut sqlx::PgConnection, config: &RelayConfig) -> 
         checks,
     )
     .await
+}
+
+/// Whether the outbox holds a row tail mode kept with `--retention`
+/// (published: of a transaction older than the oldest published-before).
+const HOLDS_RETAINED_ROWS: &str = "select exists (select 1 from outbox where age(xmin) > \
+     age(((select min(published_before) from relay_slot)::text::bigint % 4294967296)::text::xid))";
+
+/// Poll mode takes every row in the outbox for unpublished: it refuses an
+/// outbox that holds published rows kept by tail mode's retention.
+async fn refuse_retained_rows(
+    conn: &mut sqlx::PgConnection,
+    config: &RelayConfig,
+) -> Result<(), Error> {
+    let retained: bool = sqlx::query_scalar(HOLDS_RETAINED_ROWS)
+        .fetch_one(conn)
+        .await
+        .map_err(Error::db("checking the outbox for retained rows"))?;
+    if retained {
+        return Err(Error::Setup(format!(
+            "the outbox in schema \"{}\" at {} holds published rows that tail mode kept with --retention; poll mode would publish them again: run --mode tail, or first remove them (run tail mode with --retention 1s until they are gone)",
+            config.database.schema(),
+            config.database.target()
+        )));
+    }
+    Ok(())
 }
 
 /// How often the backlog gauges are read from Postgres.

@@ -1,6 +1,10 @@
 -- Tail mode's progress beside each replication slot, for `run --mode tail
 -- --retention`, which keeps published rows instead of deleting them.
 --
+-- bucket_from, bucket_to: the buckets the slot's lane reads (0 to 1024 for
+-- a whole outbox), so that what a slot says is published applies to the
+-- rows of its lane only.
+--
 -- resume_lsn, resume_rows: the last confirmed row, as the commit position
 -- of its transaction and its place in that transaction. After a restart
 -- the stream comes again from the slot's confirmed position, which may be
@@ -18,6 +22,8 @@
 -- of retained rows and the recovery of a lost or invalidated slot both go
 -- by it, so neither can lose a row that was not published.
 alter table relay_slot add column outbox text;
+alter table relay_slot add column bucket_from smallint;
+alter table relay_slot add column bucket_to smallint;
 alter table relay_slot add column resume_lsn pg_lsn;
 alter table relay_slot add column resume_rows bigint;
 alter table relay_slot add column copy_snapshot pg_snapshot;

@@ -434,20 +434,35 @@ const SLOT_STATUS: &str = "select slot_name::text, (pg_current_wal_lsn() - confi
 
 /// Every lane of the layout whose lease was renewed last, if it is sharded:
 /// its lease and its backlog.
-const LANES_STATUS: &str = "with layout as (select shards as n from relay_lease where outbox = $1 \
+const LANES_STATUS: &str = concat!(
+    "with layout as (select shards as n from relay_lease where outbox = $1 \
        order by renewed_at desc limit 1), \
      lanes as (select k, n from layout, generate_series(0, n - 1) as k where n > 1), \
-     w as (select (min(published_before)::text::bigint % 4294967296)::text::xid as x from relay_slot), \
      backlog as (select bucket::int * (select n from layout) / 1024 as k, count(*) as rows, \
-       extract(epoch from now() - min(created_at))::float8 as age from outbox, w \
-       where not coalesce(age(outbox.xmin) > age(w.x), false) group by 1) \
+       extract(epoch from now() - min(created_at))::float8 as age from outbox \
+       where not ",
+    crate::source::published!("outbox"),
+    " group by 1) \
      select l.k, l.n, r.holder, r.epoch, extract(epoch from now() - r.renewed_at)::float8, \
        exists (select 1 from pg_stat_activity a where a.pid = r.backend_pid), r.takeovers, \
        coalesce(b.rows, 0), b.age, (pg_current_wal_lsn() - s.confirmed_flush_lsn)::bigint \
      from lanes l \
      left join relay_lease r on r.name = $2 || '/' || l.k || '-of-' || l.n \
      left join pg_replication_slots s on s.slot_name = $3 || '_' || l.k || '_of_' || l.n \
-     left join backlog b on b.k = l.k order by l.k";
+     left join backlog b on b.k = l.k order by l.k"
+);
+
+/// The backlog (rows not known to be published), the rows kept for replay
+/// (published, with `--retention`), and the dead letters.
+const TOTALS_STATUS: &str = concat!(
+    "with o as (select created_at, ",
+    crate::source::published!("outbox"),
+    " as published from outbox) \
+     select count(*) filter (where not published), \
+       extract(epoch from now() - min(created_at) filter (where not published))::float8, \
+       count(*) filter (where published), \
+       (select count(*) from dead_letter) from o"
+);
 
 type LaneRow = (
     i32,
@@ -471,22 +486,11 @@ pub async fn status(db: &DatabaseConfig, slot: &SlotName) -> Result<Status, Erro
     let slot_name = slot.as_str().to_owned();
     let mut conn = connect(db).await?;
     check_schema(&mut conn, db).await?;
-    // With retention, rows of transactions older than the oldest
-    // published-before are published, kept for replay.
     let (unpublished, oldest_secs, retained, dead_letters): (i64, Option<f64>, i64, i64) =
-        sqlx::query_as(
-            "with w as (select (min(published_before)::text::bigint % 4294967296)::text::xid as x \
-               from relay_slot), \
-             o as (select created_at, coalesce(age(outbox.xmin) > age(w.x), false) as published \
-               from outbox, w) \
-             select count(*) filter (where not published), \
-               extract(epoch from now() - min(created_at) filter (where not published))::float8, \
-               count(*) filter (where published), \
-               (select count(*) from dead_letter) from o",
-        )
-        .fetch_one(&mut conn)
-        .await
-        .map_err(Error::db("reading the backlog"))?;
+        sqlx::query_as(TOTALS_STATUS)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(Error::db("reading the backlog"))?;
     let slot = sqlx::query_as::<_, (String, Option<i64>, bool, Option<String>)>(SLOT_STATUS)
         .bind(slot.as_str())
         .fetch_optional(&mut conn)

@@ -379,9 +379,12 @@ async fn startup_checks(conn: &mut sqlx::PgConnection, config: &RelayConfig) -> 
 }
 
 /// Whether the outbox holds a row tail mode kept with `--retention`
-/// (published: of a transaction older than the oldest published-before).
-const HOLDS_RETAINED_ROWS: &str = "select exists (select 1 from outbox where age(xmin) > \
-     age(((select min(published_before) from relay_slot)::text::bigint % 4294967296)::text::xid))";
+/// (known to be published, see [`crate::source::published!`]).
+const HOLDS_RETAINED_ROWS: &str = concat!(
+    "select exists (select 1 from outbox where ",
+    crate::source::published!("outbox"),
+    ")"
+);
 
 /// Poll mode takes every row in the outbox for unpublished: it refuses an
 /// outbox that holds published rows kept by tail mode's retention.

@@ -117,6 +117,27 @@ macro_rules! unseen {
 }
 pub(crate) use unseen;
 
+/// A condition: the outbox row `$row` (a table alias) is known to be
+/// published, with tail mode's `--retention`: a slot whose lane covers the
+/// row's bucket recorded a published-before newer than the row's
+/// transaction (see `source/tail/retention.rs`). A slot that recorded
+/// nothing says nothing, so without retention no row is.
+macro_rules! published {
+    ($row:literal) => {
+        concat!(
+            "exists (select 1 from relay_slot s where s.published_before is not null \
+             and s.bucket_from <= ",
+            $row,
+            ".bucket and ",
+            $row,
+            ".bucket < s.bucket_to and age(",
+            $row,
+            ".xmin) > age((s.published_before::text::bigint % 4294967296)::text::xid))"
+        )
+    };
+}
+pub(crate) use published;
+
 /// Deletes published rows if the lease's epoch is still current, renewing
 /// it, in one statement; says whether the lease held, and how many of the
 /// transactions `$4` the statement did not see (see [`unseen!`]).

@@ -1,8 +1,7 @@
 //! Replay: the retained rows of an outbox (tail mode with `--retention`)
 //! read again, in `seq` order, for `outbox-relay replay`. Only rows known to
-//! be published are replayed (of transactions older than the outbox's
-//! published-before, see [`crate::source::tail`]): a row the live relay has
-//! not published yet is its to publish first. Each row carries a `replayed`
+//! be published are replayed (see [`crate::source::published!`]): a row the
+//! live relay has not published yet is its to publish first. Each row carries a `replayed`
 //! header and, when asked, another topic.
 //!
 //! It holds no lease and confirms nothing in the database: it runs beside
@@ -29,25 +28,30 @@ use crate::source::{Aggregate, Confirm, Source};
 /// 3339), so that consumers can tell a replay from a first delivery.
 pub const HEADER_REPLAYED: &str = "replayed";
 
-/// The oldest published-before of the outbox's slots: every transaction
-/// older than it is published, in every lane.
-const PUBLISHED_BEFORE: &str =
-    "select min(published_before)::text::bigint from relay_slot where published_before is not null";
+/// Whether any slot recorded what it published (retention was on).
+const ANY_PUBLISHED: &str =
+    "select exists (select 1 from relay_slot where published_before is not null)";
 
-/// The filter's rows after `seq` `$1`, of transactions older than `$6`.
-const SELECT_REPLAY_BATCH: &str = "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
+/// The filter's published rows after `seq` `$1`.
+const SELECT_REPLAY_BATCH: &str = concat!(
+    "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
      payload::text as payload, headers, created_at from outbox \
      where seq > $1 and created_at >= $2 and created_at < $3 \
      and ($4::text is null or aggregate_type = $4) and ($5::text is null or aggregate_id = $5) \
-     and age(xmin) > age(($6::bigint % 4294967296)::text::xid) \
-     order by seq limit $7";
+     and ",
+    crate::source::published!("outbox"),
+    " order by seq limit $6"
+);
 
-/// How many of the filter's rows are published (`$6` as above), and how
-/// many are not yet.
-const COUNT: &str = "select count(*) filter (where age(xmin) > age(($6::bigint % 4294967296)::text::xid)), \
-     count(*) filter (where age(xmin) <= age(($6::bigint % 4294967296)::text::xid)) from outbox \
-     where seq > $1 and created_at >= $2 and created_at < $3 \
-     and ($4::text is null or aggregate_type = $4) and ($5::text is null or aggregate_id = $5)";
+/// How many of the filter's rows are published, and how many are not yet.
+const COUNT: &str = concat!(
+    "select count(*) filter (where p), count(*) filter (where not p) from \
+     (select ",
+    crate::source::published!("outbox"),
+    " as p from outbox \
+     where created_at >= $1 and created_at < $2 \
+     and ($3::text is null or aggregate_type = $3) and ($4::text is null or aggregate_id = $4)) t"
+);
 
 /// The rows a replay covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +67,8 @@ pub struct ReplaySource {
     database: DatabaseConfig,
     filter: ReplayFilter,
     conn: Option<PgConnection>,
-    published_before: Option<i64>,
+    /// Checked that some row is known to be published.
+    checked: bool,
     /// The last `seq` confirmed, and the `seq`s of the batch in flight.
     after_seq: i64,
     batch_seqs: Vec<i64>,
@@ -81,7 +86,7 @@ impl ReplaySource {
             database,
             filter,
             conn: None,
-            published_before: None,
+            checked: false,
             after_seq: i64::MIN,
             batch_seqs: Vec::new(),
             started: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
@@ -106,34 +111,34 @@ impl ReplaySource {
         })
     }
 
-    /// Published-before at the replay's start: rows published later are
-    /// left to a later replay.
-    async fn published_before(&mut self) -> Result<i64, Error> {
-        if let Some(before) = self.published_before {
-            return Ok(before);
+    /// Fails with one line when no slot recorded what it published: there
+    /// is nothing retained to replay.
+    async fn check_retained(&mut self) -> Result<(), Error> {
+        if self.checked {
+            return Ok(());
         }
         let limit = self.database.call_timeout();
         let conn = self.conn().await?;
-        let before: Option<i64> = within(
+        let any: bool = within(
             limit,
             "reading which rows are published",
-            sqlx::query_scalar(PUBLISHED_BEFORE).fetch_one(conn),
+            sqlx::query_scalar(ANY_PUBLISHED).fetch_one(conn),
         )
         .await?;
-        let Some(before) = before else {
+        if !any {
             return Err(Error::Setup(format!(
                 "no row of the outbox in schema \"{}\" at {} is known to be published: replay republishes the rows tail mode keeps with --retention; run the relay with --mode tail --retention DURATION, and replay once it has published",
                 self.database.schema(),
                 self.database.target()
             )));
-        };
-        self.published_before = Some(before);
-        Ok(before)
+        }
+        self.checked = true;
+        Ok(())
     }
 
     /// How many rows the filter covers, published and not yet.
     pub async fn count(&mut self) -> Result<ReplayCount, Error> {
-        let before = self.published_before().await?;
+        self.check_retained().await?;
         let limit = self.database.call_timeout();
         let f = self.filter.clone();
         let conn = self.conn().await?;
@@ -141,12 +146,10 @@ impl ReplaySource {
             limit,
             "counting rows to replay",
             sqlx::query_as(COUNT)
-                .bind(i64::MIN)
                 .bind(f.since)
                 .bind(f.until)
                 .bind(f.aggregate_type)
                 .bind(f.aggregate_id)
-                .bind(before)
                 .fetch_one(conn),
         )
         .await?;
@@ -178,8 +181,8 @@ impl Source for ReplaySource {
         if shutdown.is_cancelled() {
             return Ok(Vec::new());
         }
-        let before = self.published_before().await;
-        let before = self.reset(before)?;
+        let checked = self.check_retained().await;
+        self.reset(checked)?;
         let limit = self.database.call_timeout();
         let after = self.after_seq;
         let f = self.filter.clone();
@@ -194,7 +197,6 @@ impl Source for ReplaySource {
                     .bind(f.until)
                     .bind(f.aggregate_type)
                     .bind(f.aggregate_id)
-                    .bind(before)
                     .bind(i64::try_from(max).unwrap_or(i64::MAX))
                     .fetch_all(conn),
             )

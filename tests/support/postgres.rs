@@ -69,14 +69,19 @@ pub async fn outbox_count(pool: &PgPool) -> i64 {
         .unwrap()
 }
 
-/// With `--retention`: rows of transactions not yet known to be published,
-/// not older than the oldest published-before of the outbox's slots (every
-/// row, when none was recorded yet).
+/// With `--retention`: a row is known to be published when a slot whose
+/// lane covers its bucket recorded a published-before newer than the row's
+/// transaction.
+pub const KNOWN_PUBLISHED: &str = "exists (select 1 from relay_slot s \
+     where s.published_before is not null \
+     and s.bucket_from <= o.bucket and o.bucket < s.bucket_to \
+     and age(o.xmin) > age((s.published_before::text::bigint % 4294967296)::text::xid))";
+
+/// With `--retention`: rows not yet known to be published.
 pub async fn not_known_published(pool: &PgPool) -> i64 {
-    sqlx::query_scalar(
-        "select count(*) from outbox where coalesce(age(xmin) <= age(( \
-         (select min(published_before) from relay_slot)::text::bigint % 4294967296)::text::xid), true)",
-    )
+    sqlx::query_scalar(&format!(
+        "select count(*) from outbox o where not {KNOWN_PUBLISHED}"
+    ))
     .fetch_one(pool)
     .await
     .unwrap()

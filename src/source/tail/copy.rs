@@ -7,29 +7,35 @@
 
 use super::*;
 
-/// The lane's rows (every bucket for the whole outbox) after `$1`, of
-/// transactions not older than `$5` (when given), and not published by an
-/// earlier copy (`seq` up to `$6` and seen by the snapshot `$7`; a
-/// transaction id is widened to 64 bits against that snapshot's `xmax`).
-pub(super) const SELECT_COPY_BATCH: &str = "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
+/// The lane's rows (every bucket for the whole outbox) after `$1`, not
+/// known to be published (see [`crate::source::published!`]), and not
+/// published by an earlier copy (`seq` up to `$5` and seen by the snapshot
+/// `$6`; a transaction id is widened to 64 bits against that snapshot's
+/// `xmax`).
+pub(super) const SELECT_COPY_BATCH: &str = concat!(
+    "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
      payload::text as payload, headers, created_at from outbox, \
-     (select pg_snapshot_xmax($7::text::pg_snapshot)::text::bigint as xmax) x \
+     (select pg_snapshot_xmax($6::text::pg_snapshot)::text::bigint as xmax) x \
      where seq > $1 and bucket >= $3 and bucket < $4 \
-     and ($5::bigint is null or age(xmin) <= age(($5::bigint % 4294967296)::text::xid)) \
-     and ($6::bigint is null or seq > $6 or not pg_visible_in_snapshot( \
+     and ($5::bigint is null or seq > $5 or not pg_visible_in_snapshot( \
        (x.xmax - (x.xmax % 4294967296 - xmin::text::bigint + 6442450944) % 4294967296 + 2147483648)::text::xid8, \
-       $7::text::pg_snapshot)) \
-     order by seq limit $2";
-
-/// Where the copy starts when published-before (`$3`) is known: before the
-/// lane's first row of a transaction not older than it. One scan, so the
-/// copy's keyset reads do not skip the published rows again and again.
-const FIRST_UNPUBLISHED: &str = "select coalesce(min(seq) - 1, 9223372036854775806) from outbox \
-     where bucket >= $1 and bucket < $2 \
-     and age(xmin) <= age(($3::bigint % 4294967296)::text::xid)";
+       $6::text::pg_snapshot)) \
+     and not ",
+    crate::source::published!("outbox"),
+    " order by seq limit $2"
+);
 
 pub(super) const SLOT_COPY_DONE: &str = "update relay_slot set copied_at = now(), \
      copy_snapshot = null, copy_through = null where slot_name = $1";
+
+/// Where the copy starts: before the lane's first row not known to be
+/// published. One scan, so the copy's keyset reads do not skip the
+/// published rows again and again.
+const FIRST_UNPUBLISHED: &str = concat!(
+    "select coalesce(min(seq) - 1, 9223372036854775806) from outbox \
+     where bucket >= $1 and bucket < $2 and not ",
+    crate::source::published!("outbox")
+);
 
 /// The initial copy: a repeatable-read transaction on the slot's exported
 /// snapshot, read in `seq` order after the last confirmed row.
@@ -37,9 +43,6 @@ pub(super) struct Copy {
     pub(super) snapshot: PgConnection,
     pub(super) after_seq: i64,
     pub(super) batch_last_seqs: Vec<i64>,
-    /// Rows of transactions older than this are published (see
-    /// [`super::retention`]); `None`: every row is copied.
-    pub(super) published_before: Option<i64>,
     /// This copy's snapshot, recorded with its progress (with retention).
     pub(super) snapshot_text: String,
     /// The snapshot and last confirmed `seq` of an unfinished earlier copy.
@@ -47,12 +50,11 @@ pub(super) struct Copy {
 }
 
 impl Copy {
-    /// The `seq` the copy starts after, for published-before `before`.
+    /// The `seq` the copy starts after.
     pub(super) async fn first_unpublished(
         snapshot: &mut PgConnection,
         db: &DatabaseConfig,
         lane: Lane,
-        before: i64,
     ) -> Result<i64, Error> {
         within(
             db.call_timeout(),
@@ -60,7 +62,6 @@ impl Copy {
             sqlx::query_scalar(FIRST_UNPUBLISHED)
                 .bind(lane.buckets().start)
                 .bind(lane.buckets().end)
-                .bind(before)
                 .fetch_one(snapshot),
         )
         .await
@@ -84,7 +85,6 @@ impl TailSource {
                 .bind(i64::try_from(max).unwrap_or(i64::MAX))
                 .bind(self.tail.lane.buckets().start)
                 .bind(self.tail.lane.buckets().end)
-                .bind(copy.published_before)
                 .bind(copy.before.as_ref().map(|(_, seq)| *seq))
                 .bind(copy.before.as_ref().map(|(snapshot, _)| snapshot.as_str()))
                 .fetch_all(&mut copy.snapshot),

@@ -442,6 +442,7 @@ impl TailSource {
             resume,
             published_before,
             copy,
+            buckets: self.tail.lane.buckets(),
         };
         retention::record(leader, &self.database, confirm, transactions, &progress).await?;
         if published_before.is_some() {

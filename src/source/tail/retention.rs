@@ -16,7 +16,8 @@
 //! Bulk removal takes only rows older than the retention *and* older than
 //! published-before, so a relay that lags by more than the retention loses
 //! nothing; the recovery of a lost or invalidated slot republishes only the
-//! rows of transactions not older than it. A transaction id is compared by
+//! rows not known to be published (see [`crate::source::published!`]: a
+//! slot's published-before covers the buckets of its lane). A transaction id is compared by
 //! `age()`, which is right for ids within two billion transactions of the
 //! current one and counts frozen ids as the oldest.
 
@@ -25,7 +26,8 @@ use super::*;
 /// Checks and renews the lease and records progress, in one statement.
 /// `$4`/`$5` the resume point (or null: unchanged), `$6` published-before (or
 /// null: unchanged), `$8`/`$9` the copy's snapshot and last confirmed `seq`
-/// (kept only when it got further than the copy recorded before).
+/// (kept only when it got further than the copy recorded before), `$10`/`$11`
+/// the lane's buckets.
 const RECORD_PROGRESS: &str = "with lease as (update relay_lease set renewed_at = now() \
      where name = $1 and epoch = $2 returning 1), \
      progress as (update relay_slot set outbox = $3, \
@@ -34,7 +36,7 @@ const RECORD_PROGRESS: &str = "with lease as (update relay_lease set renewed_at 
        published_before = greatest(published_before, $6::text::xid8), \
        published_before_at = case when $6::text is null then published_before_at else now() end, \
        copy_snapshot = case when $9 > coalesce(copy_through, $9 - 1) then $8::pg_snapshot else copy_snapshot end, \
-       copy_through = greatest(copy_through, $9) \
+       copy_through = greatest(copy_through, $9), bucket_from = $10, bucket_to = $11 \
      where slot_name = $7 and exists (select 1 from lease) returning 1) \
      select exists (select 1 from lease)";
 
@@ -67,15 +69,6 @@ pub(super) async fn copied_before(
 
 const RESUME_POINT: &str =
     "select resume_lsn::text, resume_rows from relay_slot where slot_name = $1";
-
-/// The slot's published-before, or else the oldest of the outbox's other
-/// slots (a lane of a new `--shards`: its rows were published by the old
-/// lanes, each at least up to the oldest of them).
-const PUBLISHED_BEFORE: &str = "select coalesce( \
-       (select published_before::text::bigint from relay_slot where slot_name = $1), \
-       (select published_before::text::bigint from relay_slot \
-        where outbox = $2 and published_before is not null \
-        order by published_before limit 1))";
 
 /// Removes up to `$5` retained rows of the buckets `[$1, $2)`: older than the
 /// retention (`$3` seconds) and published (their transaction older than
@@ -114,23 +107,6 @@ pub(super) async fn resume_point(
     })
 }
 
-/// Published-before for a new copy of `slot` (see [`PUBLISHED_BEFORE`]).
-pub(super) async fn published_before(
-    conn: &mut PgConnection,
-    db: &DatabaseConfig,
-    slot: &str,
-) -> Result<Option<i64>, Error> {
-    within(
-        db.call_timeout(),
-        "reading which rows are published",
-        sqlx::query_scalar(PUBLISHED_BEFORE)
-            .bind(slot)
-            .bind(db.schema().as_str())
-            .fetch_one(conn),
-    )
-    .await
-}
-
 /// What a confirm records with retention.
 pub(super) struct Progress<'a> {
     pub(super) slot: &'a str,
@@ -138,6 +114,8 @@ pub(super) struct Progress<'a> {
     pub(super) published_before: Option<u64>,
     /// The copy's snapshot and its last confirmed `seq`.
     pub(super) copy: Option<(&'a str, i64)>,
+    /// The buckets of the slot's lane.
+    pub(super) buckets: std::ops::Range<i16>,
 }
 
 /// Moves rejected rows to the dead-letter table (published rows stay),
@@ -173,6 +151,8 @@ pub(super) async fn record(
             .bind(progress.slot)
             .bind(progress.copy.map(|(snapshot, _)| snapshot))
             .bind(progress.copy.map(|(_, seq)| seq))
+            .bind(progress.buckets.start)
+            .bind(progress.buckets.end)
             .fetch_one(conn),
     )
     .await?;

@@ -7,9 +7,11 @@ use super::*;
 /// A new slot: its copy has not finished, and its stream has no resume
 /// point yet (published-before stays: it is a fact about transactions, not
 /// about the slot).
-pub(super) const SLOT_STARTED: &str = "insert into relay_slot (slot_name, outbox) values ($1, $2) \
+pub(super) const SLOT_STARTED: &str = "insert into relay_slot (slot_name, outbox, bucket_from, bucket_to) \
+     values ($1, $2, $3, $4) \
      on conflict (slot_name) do update set created_at = now(), copied_at = null, \
-     outbox = excluded.outbox, resume_lsn = null, resume_rows = null";
+     outbox = excluded.outbox, bucket_from = excluded.bucket_from, bucket_to = excluded.bucket_to, \
+     resume_lsn = null, resume_rows = null";
 
 pub(super) const DROP_SLOT: &str = "select pg_drop_replication_slot($1)";
 
@@ -34,6 +36,8 @@ impl TailSource {
             sqlx::query(SLOT_STARTED)
                 .bind(slot)
                 .bind(self.database.schema().as_str())
+                .bind(self.tail.lane.buckets().start)
+                .bind(self.tail.lane.buckets().end)
                 .execute(leader.conn()?),
         )
         .await?;
@@ -101,28 +105,13 @@ impl TailSource {
             sqlx::query_scalar("select pg_current_snapshot()::text").fetch_one(&mut copy),
         )
         .await?;
-        let published_before =
-            retention::published_before(leader.conn()?, &self.database, slot).await?;
         let before = retention::copied_before(leader.conn()?, &self.database, slot).await?;
-        let after_seq = match published_before {
-            None => i64::MIN,
-            Some(before) => {
-                Copy::first_unpublished(&mut copy, &self.database, self.tail.lane, before).await?
-            }
-        };
-        match published_before {
-            None => {
-                info!(slot, consistent_point = %consistent_point, "created the replication slot; publishing the rows already in the outbox first")
-            }
-            Some(before) => {
-                info!(slot, consistent_point = %consistent_point, published_before = before, "created the replication slot; publishing the rows already in the outbox whose transactions are not known to be published first")
-            }
-        }
+        let after_seq = Copy::first_unpublished(&mut copy, &self.database, self.tail.lane).await?;
+        info!(slot, consistent_point = %consistent_point, "created the replication slot; publishing the rows already in the outbox and not known to be published first");
         self.phase = Phase::Copy(Copy {
             snapshot: copy,
             after_seq,
             batch_last_seqs: Vec::new(),
-            published_before,
             snapshot_text,
             before,
         });

@@ -74,6 +74,7 @@ struct Handles {
     failures: Counter,
     active: Gauge,
     backlog_rows: Gauge,
+    retained_rows: Gauge,
     oldest_unpublished_seconds: Gauge<f64, AtomicU64>,
     slot_lag_bytes: Gauge,
     ack_latency: Histogram,
@@ -90,6 +91,7 @@ struct Families {
     failures: Family<OutboxLabel, Counter>,
     active: Family<OutboxLabel, Gauge>,
     backlog_rows: Family<OutboxLabel, Gauge>,
+    retained_rows: Family<OutboxLabel, Gauge>,
     oldest_unpublished_seconds: Family<OutboxLabel, Gauge<f64, AtomicU64>>,
     slot_lag_bytes: Family<OutboxLabel, Gauge>,
     ack_latency: Family<OutboxLabel, Histogram, fn() -> Histogram>,
@@ -140,6 +142,7 @@ impl Families {
             failures: self.failures.get_or_create(&label).clone(),
             active: self.active.get_or_create(&label).clone(),
             backlog_rows: self.backlog_rows.get_or_create(&label).clone(),
+            retained_rows: self.retained_rows.get_or_create(&label).clone(),
             oldest_unpublished_seconds: self
                 .oldest_unpublished_seconds
                 .get_or_create(&label)
@@ -184,12 +187,17 @@ macro_rules! register_all {
         );
         r.register(
             "backlog_rows",
-            "Rows in the outbox, not yet confirmed",
+            "Rows in the outbox not known to be published",
             m.backlog_rows.clone(),
         );
         r.register(
+            "retained_rows",
+            "Published rows tail mode keeps with --retention, for replay",
+            m.retained_rows.clone(),
+        );
+        r.register(
             "oldest_unpublished_seconds",
-            "Age of the oldest row in the outbox (0 when empty)",
+            "Age of the oldest row not known to be published (0 when none)",
             m.oldest_unpublished_seconds.clone(),
         );
         r.register(
@@ -253,6 +261,7 @@ impl Exposition {
             failures: Family::default(),
             active: Family::default(),
             backlog_rows: Family::default(),
+            retained_rows: Family::default(),
             oldest_unpublished_seconds: Family::default(),
             slot_lag_bytes: Family::default(),
             ack_latency: Family::new_with_constructor(new_ack_histogram),
@@ -331,6 +340,7 @@ impl Metrics {
             failures: Counter::default(),
             active: Gauge::default(),
             backlog_rows: Gauge::default(),
+            retained_rows: Gauge::default(),
             oldest_unpublished_seconds: Gauge::default(),
             slot_lag_bytes: Gauge::default(),
             ack_latency: new_ack_histogram(),
@@ -445,6 +455,7 @@ impl Metrics {
 
     fn set_backlog(&self, status: &database::Status) {
         self.inner.handles.backlog_rows.set(status.unpublished);
+        self.inner.handles.retained_rows.set(status.retained);
         self.inner
             .handles
             .oldest_unpublished_seconds

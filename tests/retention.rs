@@ -85,7 +85,7 @@ async fn kill_9_under_writers_loses_nothing_and_removes_only_old_published_rows(
         written.append(w.await.unwrap());
     }
 
-    let mut relay = t.relay(&args);
+    let (mut relay, log) = t.logged_relay(&args);
     let mut expected = written.committed.clone();
     expected.extend(&old);
     let records = consume_all_retained(
@@ -127,6 +127,13 @@ async fn kill_9_under_writers_loses_nothing_and_removes_only_old_published_rows(
         committed,
         "rows younger than the retention were removed"
     );
+    // The gauges count the kept rows as retained, not as a backlog.
+    let address = endpoint_address(&log, DEADLINE).await;
+    wait_for("the retained and backlog gauges", DEADLINE, || async {
+        metric(&address, "outbox_relay_retained_rows").await == committed as f64
+            && metric(&address, "outbox_relay_backlog_rows").await == 0.0
+    })
+    .await;
     relay.kill().await.unwrap();
 }
 

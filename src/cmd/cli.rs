@@ -271,6 +271,15 @@ pub enum NullPayloadArg {
     Tombstone,
 }
 
+impl From<NullPayloadArg> for NullPayload {
+    fn from(arg: NullPayloadArg) -> Self {
+        match arg {
+            NullPayloadArg::JsonNull => NullPayload::JsonNull,
+            NullPayloadArg::Tombstone => NullPayload::Tombstone,
+        }
+    }
+}
+
 impl RunArgs {
     /// Validates everything before anything connects.
     pub fn to_config(&self) -> Result<RelayConfig, Error> {
@@ -290,10 +299,7 @@ impl RunArgs {
             &self.topic_template,
             "--topic-template (OUTBOX_TOPIC_TEMPLATE)",
         )?;
-        config.null_payload = match self.null_payload {
-            NullPayloadArg::JsonNull => NullPayload::JsonNull,
-            NullPayloadArg::Tombstone => NullPayload::Tombstone,
-        };
+        config.null_payload = self.null_payload.into();
         config.on_poison = match self.on_poison {
             PoisonArg::DeadLetter => PoisonPolicy::DeadLetter,
             PoisonArg::BlockAggregate => PoisonPolicy::BlockAggregate,
@@ -412,10 +418,7 @@ impl ReplayArgs {
             &self.topic_template,
             "--topic-template (OUTBOX_TOPIC_TEMPLATE)",
         )?;
-        config.null_payload = match self.null_payload {
-            NullPayloadArg::JsonNull => NullPayload::JsonNull,
-            NullPayloadArg::Tombstone => NullPayload::Tombstone,
-        };
+        config.null_payload = self.null_payload.into();
         config.batch_size =
             std::num::NonZeroUsize::new(self.batch_size as usize).unwrap_or(config.batch_size);
         config.metrics_address = None;

@@ -303,6 +303,18 @@ impl Stream {
         }
     }
 
+    /// Drops the first `first` rows of the batch, confirmed before the
+    /// reconnect, counting them as confirmed.
+    fn skip_prefix(&mut self, rows: &mut Vec<OutboxRow>, first: usize) {
+        if first > 0 {
+            debug!(rows = first, "skipped rows confirmed before the reconnect");
+            rows.drain(..first);
+            self.batch_positions.drain(..first);
+            self.confirmed += first as u64;
+            self.advance();
+        }
+    }
+
     /// With retention: drops the rows at or before `resume`, the last row
     /// confirmed before this connection (positions only grow along the
     /// stream, so they form a prefix).
@@ -312,13 +324,7 @@ impl Stream {
             .iter()
             .position(|p| *p > resume)
             .unwrap_or(rows.len());
-        if first > 0 {
-            debug!(rows = first, "skipped rows confirmed before the reconnect");
-            rows.drain(..first);
-            self.batch_positions.drain(..first);
-            self.confirmed += first as u64;
-            self.advance();
-        }
+        self.skip_prefix(rows, first);
         if !rows.is_empty() {
             self.replaying = false;
             self.resume = None;
@@ -367,13 +373,7 @@ impl Stream {
             .iter()
             .position(|r| present.contains(&r.seq))
             .unwrap_or(rows.len());
-        if first > 0 {
-            debug!(rows = first, "skipped rows confirmed before the reconnect");
-            rows.drain(..first);
-            self.batch_positions.drain(..first);
-            self.confirmed += first as u64;
-            self.advance();
-        }
+        self.skip_prefix(rows, first);
         if !rows.is_empty() {
             self.replaying = false;
         }

@@ -35,7 +35,7 @@ pub struct Message {
 pub fn from_row(row: &OutboxRow, template: &TopicTemplate, null_payload: NullPayload) -> Message {
     let topic = match &row.topic {
         Some(topic) => topic.clone(),
-        None => template.render(&row.aggregate_type, &row.event_type),
+        None => template.render(&row.aggregate_type, &row.event_type, &row.aggregate_id),
     };
     let value = match (&row.payload, null_payload) {
         (Some(json), _) => Some(json.as_bytes().to_vec()),

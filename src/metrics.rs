@@ -3,13 +3,13 @@
 //! (loopback by default).
 //!
 //! Counters move only when the relay confirms a batch, so
-//! `outbox_relay_published_total` counts rows Kafka acknowledged and the
+//! `outbox_relay_published_total` counts rows the broker acknowledged and the
 //! outbox forgot. The backlog gauges (rows waiting, the oldest one's age, the
 //! slot's lag) are read from Postgres every few seconds by a separate
 //! connection, so a relay that is stuck still shows its lag growing.
 //! `/readyz` answers 503, with the reason, while the relay is failing to
-//! reach Postgres or Kafka; a database failure ends with the next working
-//! read of the outbox, a Kafka failure with the next confirmed batch.
+//! reach Postgres or the broker; a database failure ends with the next working
+//! read of the outbox, a broker failure with the next confirmed batch.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -40,7 +40,8 @@ use crate::error::Error;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dependency {
     Database,
-    Kafka,
+    /// The sink's broker (Kafka, NATS, RabbitMQ).
+    Broker,
 }
 
 /// The relay's metrics and health, shared by the loop, the sources and the
@@ -166,7 +167,7 @@ macro_rules! register_all {
         let (r, m) = (&mut *$registry, &$m);
         r.register(
             "published",
-            "Rows acknowledged by Kafka and confirmed",
+            "Rows acknowledged by the broker and confirmed",
             m.published.clone(),
         );
         r.register(
@@ -222,7 +223,7 @@ macro_rules! register_all {
         );
         r.register(
             "ack_latency_seconds",
-            "Seconds from a row's created_at (by default its transaction's start, on the database's clock) to Kafka's acknowledgement",
+            "Seconds from a row's created_at (by default its transaction's start, on the database's clock) to the broker's acknowledgement",
             m.ack_latency.clone(),
         );
     }};
@@ -378,7 +379,7 @@ impl Metrics {
             .inc_by(dead_lettered as u64);
     }
 
-    /// Kafka acknowledged a row `seconds` after its `created_at`.
+    /// The broker acknowledged a row `seconds` after its `created_at`.
     pub fn acked(&self, seconds: f64) {
         self.inner.handles.ack_latency.observe(seconds.max(0.0));
     }
@@ -597,12 +598,12 @@ mod tests {
         assert_eq!(m.unready().as_deref(), Some("down"));
         m.database_ok();
         assert_eq!(m.unready(), None);
-        m.failing(Dependency::Kafka, "down".into());
+        m.failing(Dependency::Broker, "down".into());
         m.database_ok();
         assert_eq!(
             m.unready().as_deref(),
             Some("down"),
-            "a read does not clear Kafka"
+            "a read does not clear the broker"
         );
         let text = exposition.render();
         assert!(text.contains("outbox_relay_published_total 10\n"), "{text}");

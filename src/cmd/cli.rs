@@ -7,8 +7,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use outbox_relay::config::{
-    DatabaseConfig, Identifier, KafkaConfig, LeaseConfig, Mode, NullPayload, PoisonPolicy,
-    PollInterval, RelayConfig, ReplayFilter, Shards, SlotName, TailConfig, TopicTemplate,
+    DatabaseConfig, Identifier, KafkaConfig, LeaseConfig, Mode, NatsConfig, NullPayload,
+    PoisonPolicy, PollInterval, RabbitMqConfig, RelayConfig, ReplayFilter, Shards, SinkConfig,
+    SinkKind, SlotName, TailConfig, TopicTemplate,
 };
 use outbox_relay::error::Error;
 
@@ -168,7 +169,7 @@ pub struct RunArgs {
     pub database: DatabaseArgs,
 
     #[command(flatten)]
-    pub kafka: KafkaArgs,
+    pub sink: SinkArgs,
 
     #[command(flatten)]
     pub tail: TailArgs,
@@ -215,6 +216,78 @@ pub struct RunArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct SinkArgs {
+    /// The broker to publish to: kafka, nats (JetStream) or rabbitmq.
+    #[arg(long, env = "OUTBOX_SINK", default_value = "kafka", value_parser = parse_sink)]
+    pub sink: SinkKind,
+
+    /// The NATS servers (nats://HOST:4222[,...]) or the RabbitMQ broker (amqp://USER:PASS@HOST:5672/VHOST), for --sink nats|rabbitmq.
+    #[arg(long, env = "OUTBOX_SINK_URL", hide_env_values = true)]
+    pub sink_url: Option<String>,
+
+    /// Extra NATS or RabbitMQ client setting KEY=VALUE (repeatable; env: comma-separated).
+    #[arg(
+        long = "sink-config",
+        env = "OUTBOX_SINK_CONFIG",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub sink_config: Vec<String>,
+
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+}
+
+impl SinkArgs {
+    /// Validates the broker settings; an error never echoes a value that
+    /// may be a secret.
+    pub fn to_config(&self) -> Result<SinkConfig, Error> {
+        let kafka_given = self.kafka.brokers.is_some() || !self.kafka.properties.is_empty();
+        let other_given = self.sink_url.is_some() || !self.sink_config.is_empty();
+        match self.sink {
+            SinkKind::Kafka if other_given => Err(Error::Config(
+                "--sink-url and --sink-config (OUTBOX_SINK_URL, OUTBOX_SINK_CONFIG) are for --sink nats or rabbitmq; Kafka takes --brokers and --kafka-config, or set --sink".into(),
+            )),
+            SinkKind::Kafka => Ok(SinkConfig::Kafka(self.kafka.to_config()?)),
+            kind if kafka_given => Err(Error::Config(format!(
+                "--brokers and --kafka-config (OUTBOX_BROKERS, OUTBOX_KAFKA_CONFIG) are for --sink kafka; --sink {kind} takes --sink-url and --sink-config"
+            ))),
+            kind => {
+                let options = key_values(&self.sink_config, "--sink-config (OUTBOX_SINK_CONFIG)", "a client setting", "ack_timeout=5s")?;
+                let url = self.sink_url.as_deref().unwrap_or_default();
+                Ok(match kind {
+                    SinkKind::Nats => SinkConfig::Nats(NatsConfig::parse(url, &options)?),
+                    _ => SinkConfig::RabbitMq(RabbitMqConfig::parse(url, &options)?),
+                })
+            }
+        }
+    }
+}
+
+/// `KEY=VALUE` entries as pairs; an error names the entry by its place, never
+/// its value (which may be a secret).
+fn key_values(
+    entries: &[String],
+    flag: &str,
+    what: &str,
+    example: &str,
+) -> Result<Vec<(String, String)>, Error> {
+    entries
+        .iter()
+        .enumerate()
+        .map(|(i, entry)| match entry.split_once('=') {
+            Some((key, value)) if !key.trim().is_empty() => {
+                Ok((key.trim().to_owned(), value.to_owned()))
+            }
+            _ => Err(Error::Config(format!(
+                "{flag} entry {} is not KEY=VALUE; write each {what} as KEY=VALUE, e.g. {example}",
+                i + 1
+            ))),
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers, HOST:PORT[,HOST:PORT...].
     #[arg(long, env = "OUTBOX_BROKERS")]
@@ -233,18 +306,12 @@ pub struct KafkaArgs {
 impl KafkaArgs {
     /// Validates the properties; an error never echoes a value, which may be a secret.
     pub fn to_config(&self) -> Result<KafkaConfig, Error> {
-        let properties = self
-            .properties
-            .iter()
-            .enumerate()
-            .map(|(i, entry)| match entry.split_once('=') {
-                Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_owned(), value.to_owned())),
-                _ => Err(Error::Config(format!(
-                    "--kafka-config (OUTBOX_KAFKA_CONFIG) entry {} is not KEY=VALUE; write each librdkafka property as KEY=VALUE, e.g. security.protocol=SSL",
-                    i + 1
-                ))),
-            })
-            .collect::<Result<_, _>>()?;
+        let properties = key_values(
+            &self.properties,
+            "--kafka-config (OUTBOX_KAFKA_CONFIG)",
+            "librdkafka property",
+            "security.protocol=SSL",
+        )?;
         let brokers = self.brokers.as_deref().unwrap_or_default();
         if brokers.trim().is_empty() {
             return Err(Error::Config(
@@ -287,7 +354,7 @@ impl RunArgs {
             self.database_timeout,
             "--database-timeout (OUTBOX_DATABASE_TIMEOUT)",
         )?;
-        let mut config = RelayConfig::new(database, self.kafka.to_config()?);
+        let mut config = RelayConfig::new(database, self.sink.to_config()?);
         config.mode = self.mode;
         config.tail = self.tail.to_config()?;
         if config.tail.retention.is_some() && self.mode == Mode::Poll {
@@ -338,7 +405,7 @@ pub struct ReplayArgs {
     pub database: DatabaseArgs,
 
     #[command(flatten)]
-    pub kafka: KafkaArgs,
+    pub sink: SinkArgs,
 
     /// Replay rows created at or after this: RFC 3339 (2026-12-01T00:00:00Z) or a duration ago (2h, 7d).
     #[arg(long, env = "OUTBOX_REPLAY_SINCE")]
@@ -413,7 +480,7 @@ impl ReplayArgs {
             aggregate_id: non_empty(&self.aggregate_id, "--aggregate-id")?,
             topic_override: non_empty(&self.topic_override, "--topic-override")?,
         };
-        let mut config = RelayConfig::new(self.database.to_config()?, self.kafka.to_config()?);
+        let mut config = RelayConfig::new(self.database.to_config()?, self.sink.to_config()?);
         config.topic_template = TopicTemplate::parse(
             &self.topic_template,
             "--topic-template (OUTBOX_TOPIC_TEMPLATE)",
@@ -603,6 +670,10 @@ pub struct BenchArgs {
 }
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
+    s.parse()
+}
+
+fn parse_sink(s: &str) -> Result<SinkKind, String> {
     s.parse()
 }
 

@@ -185,16 +185,17 @@ mod tests {
         assert_eq!(configs[0].database.schema().as_str(), "tenant_a");
         assert_eq!(configs[0].shards.get(), 4);
         assert_eq!(configs[0].batch_size.get(), 50);
-        assert_eq!(configs[0].kafka.brokers, "k:9092");
+        let outbox_relay::config::SinkConfig::Kafka(kafka) = &configs[0].sink else {
+            panic!("the default sink is Kafka")
+        };
+        assert_eq!(kafka.brokers, "k:9092");
         assert_eq!(configs[1].database.schema().as_str(), "public");
         assert_eq!(configs[1].batch_size.get(), 200);
         assert_eq!(configs[1].database.target().database, "billing");
-        let properties: Vec<&str> = configs[1]
-            .kafka
-            .properties
-            .iter()
-            .map(|(k, _)| k.as_str())
-            .collect();
+        let outbox_relay::config::SinkConfig::Kafka(kafka) = &configs[1].sink else {
+            panic!("the default sink is Kafka")
+        };
+        let properties: Vec<&str> = kafka.properties.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(properties, ["linger.ms", "compression.type"]);
     }
 

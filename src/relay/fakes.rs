@@ -214,6 +214,10 @@ impl FakeSink {
 impl Sink for FakeSink {
     type Ack = BoxFuture<'static, Outcome>;
 
+    fn name(&self) -> &'static str {
+        "Kafka"
+    }
+
     async fn send(&self, message: &Message) -> Sent<Self::Ack> {
         let seq = seq_of(message);
         let plan = {

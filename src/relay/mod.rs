@@ -26,14 +26,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::{Lane, Mode, PoisonPolicy, RelayConfig, Shards};
+use crate::config::{Lane, Mode, PoisonPolicy, RelayConfig, Shards, SinkConfig};
 use crate::database::{self, timed};
 use crate::error::Error;
 use crate::message;
 use crate::metrics::{self, Dependency, Exposition, Metrics};
 use crate::outbox::OutboxRow;
 use crate::ownership::{Candidate, Instance, Share, track_members};
-use crate::sink::{KafkaSink, Outcome, Sent, Sink};
+use crate::sink::{Outcome, Sent, Sink};
 use crate::source::{Aggregate, Confirm, PollSource, Source, TailSource};
 
 mod replay;
@@ -42,7 +42,7 @@ pub use replay::replay;
 /// What a relay did before it stopped.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RunStats {
-    /// Rows acknowledged by Kafka and confirmed.
+    /// Rows acknowledged by the broker and confirmed.
     pub published: u64,
     /// Rows moved to the dead-letter table.
     pub dead_lettered: u64,
@@ -191,34 +191,64 @@ async fn run_outbox(
             endpoints.clone(),
         ));
     }
-    info!(mode = %config.mode, database = %config.database.target(), brokers = %config.kafka.brokers, instance = candidate.instance.id(), "relay starting");
+    info!(mode = %config.mode, database = %config.database.target(), sink = %config.sink.kind(), brokers = %config.sink.endpoint(), instance = candidate.instance.id(), "relay starting");
+    let sink = config.sink.clone();
+    match &sink {
+        #[cfg(feature = "kafka")]
+        SinkConfig::Kafka(kafka) => {
+            let make = || crate::sink::KafkaSink::new(kafka);
+            run_loops(config, candidate, metrics, shutdown, make).await
+        }
+        #[cfg(feature = "nats")]
+        SinkConfig::Nats(nats) => {
+            let make = || crate::sink::NatsSink::new(nats);
+            run_loops(config, candidate, metrics, shutdown, make).await
+        }
+        #[cfg(feature = "rabbitmq")]
+        SinkConfig::RabbitMq(rabbitmq) => {
+            let make = || crate::sink::RabbitMqSink::new(rabbitmq);
+            run_loops(config, candidate, metrics, shutdown, make).await
+        }
+        #[allow(unreachable_patterns)]
+        other => Err(crate::sink::not_built(other.kind())),
+    }
+}
+
+/// The outbox's loop, or one per lane when sharded, each publishing
+/// through a sink of its own made by `make`.
+async fn run_loops<K: Sink + 'static>(
+    config: RelayConfig,
+    candidate: Candidate,
+    metrics: Metrics,
+    shutdown: &CancellationToken,
+    make: impl Fn() -> Result<K, Error>,
+) -> Result<RunStats, Error> {
     if config.shards == Shards::ONE {
-        let sink = KafkaSink::new(&config.kafka)?;
         lane_loop(
             &config,
             Lane::WHOLE,
             Share::whole(),
             candidate,
             metrics,
-            sink,
+            make()?,
         )?
         .run(shutdown.clone())
         .await
     } else {
-        run_lanes(config, candidate, metrics, shutdown.clone()).await
+        run_lanes(config, candidate, metrics, shutdown.clone(), make).await
     }
 }
 
 /// The relay loop of one lane (or of the whole outbox), over the source of
 /// the configured mode.
-fn lane_loop(
+fn lane_loop<K: Sink>(
     config: &RelayConfig,
     lane: Lane,
     share: Share,
     candidate: Candidate,
     metrics: Metrics,
-    sink: KafkaSink,
-) -> Result<LaneLoop, Error> {
+    sink: K,
+) -> Result<LaneLoop<K>, Error> {
     Ok(match config.mode {
         Mode::Poll => {
             let source = PollSource::new(
@@ -245,12 +275,12 @@ fn lane_loop(
 }
 
 /// A relay loop over either source.
-enum LaneLoop {
-    Poll(Relay<PollSource, KafkaSink>),
-    Tail(Relay<TailSource, KafkaSink>),
+enum LaneLoop<K> {
+    Poll(Relay<PollSource, K>),
+    Tail(Relay<TailSource, K>),
 }
 
-impl LaneLoop {
+impl<K: Sink> LaneLoop<K> {
     async fn run(self, shutdown: CancellationToken) -> Result<RunStats, Error> {
         match self {
             LaneLoop::Poll(relay) => relay.run(shutdown).await,
@@ -263,11 +293,12 @@ impl LaneLoop {
 /// (connection, lease) and producer, so every lane has a batch in flight of
 /// its own. A lane held by another instance waits as a standby. An error no
 /// retry can fix in one lane stops them all.
-async fn run_lanes(
+async fn run_lanes<K: Sink + 'static>(
     config: RelayConfig,
     candidate: Candidate,
     metrics: Metrics,
     shutdown: CancellationToken,
+    make: impl Fn() -> Result<K, Error>,
 ) -> Result<RunStats, Error> {
     let lanes_stop = shutdown.child_token();
     // However this returns, the membership ends with it.
@@ -280,7 +311,7 @@ async fn run_lanes(
     )));
     let mut loops = tokio::task::JoinSet::new();
     for lane in config.shards.lanes() {
-        let sink = KafkaSink::new(&config.kafka)?;
+        let sink = make()?;
         let relay = lane_loop(
             &config,
             lane,
@@ -430,8 +461,8 @@ impl<S: Source, K: Sink> Relay<S, K> {
 
     async fn run(mut self, shutdown: CancellationToken) -> Result<RunStats, Error> {
         self.metrics.failing(
-            Dependency::Kafka,
-            "waiting for the Kafka brokers to answer".into(),
+            Dependency::Broker,
+            format!("waiting for {} to answer", self.sink.name()),
         );
         if !self.sink.wait_until_reachable(&shutdown).await {
             return Ok(self.stats);
@@ -520,7 +551,8 @@ impl<S: Source, K: Sink> Relay<S, K> {
             match failure {
                 None => health.ok(),
                 Some(cause) => {
-                    health.failed(Dependency::Kafka, "publishing to Kafka", &cause);
+                    let doing = format!("publishing to {}", self.sink.name());
+                    health.failed(Dependency::Broker, &doing, &cause);
                     if self.sink.is_broken() {
                         self.sink.replace()?;
                     }
@@ -719,7 +751,7 @@ fn parked(row: &OutboxRow) -> String {
 /// not one per retry, paces retries with capped exponential backoff, and
 /// tells `/readyz`.
 struct Health {
-    failing: Option<&'static str>,
+    failing: Option<String>,
     attempts: u32,
     metrics: Metrics,
 }
@@ -736,10 +768,10 @@ impl Health {
     }
 
     /// `dependency` is failing while the relay is `doing` something.
-    fn failed(&mut self, dependency: Dependency, doing: &'static str, cause: &str) {
+    fn failed(&mut self, dependency: Dependency, doing: &str, cause: &str) {
         self.metrics
             .failing(dependency, format!("failing {doing}: {cause}"));
-        if self.failing != Some(doing) {
+        if self.failing.as_deref() != Some(doing) {
             warn!(
                 cause,
                 "failed {doing}: {cause}; retrying with backoff, nothing is lost"
@@ -747,7 +779,7 @@ impl Health {
         } else {
             debug!(cause, attempts = self.attempts, "still failing {doing}");
         }
-        self.failing = Some(doing);
+        self.failing = Some(doing.to_owned());
         self.attempts += 1;
     }
 

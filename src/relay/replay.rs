@@ -17,8 +17,30 @@ pub async fn replay(
     stop: CancellationToken,
 ) -> Result<RunStats, Error> {
     config.on_poison = PoisonPolicy::Halt;
-    let sink = KafkaSink::new(&config.kafka)?;
-    Relay::new(config, source, sink, Metrics::new())
-        .run(stop)
-        .await
+    let sink = config.sink.clone();
+    match &sink {
+        #[cfg(feature = "kafka")]
+        SinkConfig::Kafka(kafka) => {
+            let sink = crate::sink::KafkaSink::new(kafka)?;
+            Relay::new(config, source, sink, Metrics::new())
+                .run(stop)
+                .await
+        }
+        #[cfg(feature = "nats")]
+        SinkConfig::Nats(nats) => {
+            let sink = crate::sink::NatsSink::new(nats)?;
+            Relay::new(config, source, sink, Metrics::new())
+                .run(stop)
+                .await
+        }
+        #[cfg(feature = "rabbitmq")]
+        SinkConfig::RabbitMq(rabbitmq) => {
+            let sink = crate::sink::RabbitMqSink::new(rabbitmq)?;
+            Relay::new(config, source, sink, Metrics::new())
+                .run(stop)
+                .await
+        }
+        #[allow(unreachable_patterns)]
+        other => Err(crate::sink::not_built(other.kind())),
+    }
 }

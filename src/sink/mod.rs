@@ -27,18 +27,28 @@
 //!   that long and no longer.
 
 use std::future::Future;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::config::SinkKind;
 use crate::error::Error;
 pub use crate::message::Message;
 
 #[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(feature = "nats")]
+pub mod nats;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 
 #[cfg(feature = "kafka")]
 pub use kafka::KafkaSink;
+#[cfg(feature = "nats")]
+pub use nats::NatsSink;
+#[cfg(feature = "rabbitmq")]
+pub use rabbitmq::RabbitMqSink;
 
 /// What happened to one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +96,9 @@ pub trait Sink: Send {
     /// Resolves to a sent message's outcome.
     type Ack: Future<Output = Outcome> + Send;
 
+    /// The broker's name, for logs and `/readyz`.
+    fn name(&self) -> &'static str;
+
     /// Hands `message` to the broker after every message sent before it.
     /// Waits while the client's own queue is full (backpressure), never
     /// for the broker's answer.
@@ -108,4 +121,39 @@ pub trait Sink: Send {
     /// Replaces the client with a new one (new connections, a new producer
     /// identity). The relay resends from the first unconfirmed message.
     fn replace(&mut self) -> Result<(), Error>;
+}
+
+/// The error for a sink this build does not include.
+#[allow(dead_code)]
+pub(crate) fn not_built(kind: SinkKind) -> Error {
+    Error::Config(format!(
+        "this build of outbox-relay has no {} sink; build it with the \"{kind}\" feature (cargo build --features {kind})",
+        kind.name()
+    ))
+}
+
+/// When a producer last had a record acknowledged, or was created.
+pub(crate) struct LastAck {
+    created: Instant,
+    /// Milliseconds after `created`.
+    at: AtomicU64,
+}
+
+impl LastAck {
+    pub(crate) fn new() -> Self {
+        LastAck {
+            created: Instant::now(),
+            at: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn record(&self) {
+        let now = self.created.elapsed().as_millis() as u64;
+        self.at.fetch_max(now, Ordering::Relaxed);
+    }
+
+    pub(crate) fn age(&self) -> Duration {
+        let at = Duration::from_millis(self.at.load(Ordering::Relaxed));
+        self.created.elapsed().saturating_sub(at)
+    }
 }

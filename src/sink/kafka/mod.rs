@@ -17,10 +17,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
@@ -33,7 +32,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::KafkaConfig;
 use crate::error::Error;
-use crate::sink::{Message, Outcome, Sent, Sink};
+use crate::sink::{LastAck, Message, Outcome, Sent, Sink};
 
 /// The producer settings the relay's guarantees rest on. `--kafka-config`
 /// properties are applied after these and may override them.
@@ -112,32 +111,6 @@ impl Future for KafkaAck {
     }
 }
 
-/// When a producer last had a record acknowledged, or was created.
-struct LastAck {
-    created: Instant,
-    /// Milliseconds after `created`.
-    at: AtomicU64,
-}
-
-impl LastAck {
-    fn new() -> Self {
-        LastAck {
-            created: Instant::now(),
-            at: AtomicU64::new(0),
-        }
-    }
-
-    fn record(&self) {
-        let now = self.created.elapsed().as_millis() as u64;
-        self.at.fetch_max(now, Ordering::Relaxed);
-    }
-
-    fn age(&self) -> Duration {
-        let at = Duration::from_millis(self.at.load(Ordering::Relaxed));
-        self.created.elapsed().saturating_sub(at)
-    }
-}
-
 /// Forwards librdkafka's own log lines to `tracing` at debug level: the relay
 /// logs state changes itself, once each, instead of one line per retry. Keeps
 /// the client's last connection error, which says why brokers cannot be
@@ -213,6 +186,10 @@ impl KafkaSink {
 
 impl Sink for KafkaSink {
     type Ack = KafkaAck;
+
+    fn name(&self) -> &'static str {
+        "Kafka"
+    }
 
     /// Waits until the brokers answer a metadata request, retrying with
     /// capped backoff and saying so once. Returns false if `shutdown` fired first.

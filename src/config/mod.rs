@@ -15,6 +15,11 @@ use sqlx::postgres::PgConnectOptions;
 use crate::error::Error;
 pub use crate::target::DatabaseTarget;
 
+mod sink;
+pub use sink::{
+    BrokerUrl, KafkaConfig, NatsConfig, RabbitMqConfig, SinkConfig, SinkKind, is_secret_property,
+};
+
 /// Which way the relay reads the outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -432,6 +437,8 @@ enum TemplatePart {
     Text(String),
     AggregateType,
     EventType,
+    /// The aggregate id as one subject token (see [`subject_token`]).
+    AggregateId,
 }
 
 impl TopicTemplate {
@@ -458,6 +465,7 @@ impl TopicTemplate {
             parts.push(match name {
                 "aggregate_type" => TemplatePart::AggregateType,
                 "event_type" => TemplatePart::EventType,
+                "aggregate_id" => TemplatePart::AggregateId,
                 other => return Err(bad(format!("unknown placeholder {{{other}}}"))),
             });
             rest = &rest[open + close + 1..];
@@ -474,17 +482,36 @@ impl TopicTemplate {
         Ok(TopicTemplate { parts })
     }
 
-    /// The topic for a row with these fields.
-    pub fn render(&self, aggregate_type: &str, event_type: &str) -> String {
+    /// The topic (subject, exchange) for a row with these fields.
+    pub fn render(&self, aggregate_type: &str, event_type: &str, aggregate_id: &str) -> String {
         let mut out = String::with_capacity(32);
         for part in &self.parts {
             match part {
                 TemplatePart::Text(text) => out.push_str(text),
                 TemplatePart::AggregateType => out.push_str(aggregate_type),
                 TemplatePart::EventType => out.push_str(event_type),
+                TemplatePart::AggregateId => subject_token(aggregate_id, &mut out),
             }
         }
         out
+    }
+}
+
+/// Appends `id` as one NATS subject token that no other id shares: ASCII
+/// letters, digits, `_` and `-` as they are, every other byte as `%XX`
+/// (upper-case hex), so `.`, spaces, `*` and `>` never split or widen a
+/// subject. An empty id becomes `%`, which no encoded id can be.
+fn subject_token(id: &str, out: &mut String) {
+    if id.is_empty() {
+        out.push('%');
+        return;
+    }
+    for byte in id.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
     }
 }
 
@@ -505,42 +532,6 @@ pub enum NullPayload {
     JsonNull,
     /// A record with no value: a tombstone for compacted topics.
     Tombstone,
-}
-
-/// How to reach Kafka.
-#[derive(Clone)]
-pub struct KafkaConfig {
-    /// `bootstrap.servers`.
-    pub brokers: String,
-    /// Extra librdkafka properties, applied after the relay's own (so they
-    /// can override them).
-    pub properties: Vec<(String, String)>,
-}
-
-impl fmt::Debug for KafkaConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let properties: Vec<(&str, &str)> = self
-            .properties
-            .iter()
-            .map(|(k, v)| {
-                if is_secret_property(k) {
-                    (k.as_str(), "***")
-                } else {
-                    (k.as_str(), v.as_str())
-                }
-            })
-            .collect();
-        f.debug_struct("KafkaConfig")
-            .field("brokers", &self.brokers)
-            .field("properties", &properties)
-            .finish()
-    }
-}
-
-/// librdkafka properties whose values are secrets.
-pub fn is_secret_property(key: &str) -> bool {
-    let key = key.to_ascii_lowercase();
-    key.contains("password") || key.contains("secret") || key.contains("sasl.oauthbearer.config")
 }
 
 /// What the relay does with a row the broker rejects for good (too large,
@@ -738,7 +729,8 @@ impl Default for LeaseConfig {
 pub struct RelayConfig {
     pub mode: Mode,
     pub database: DatabaseConfig,
-    pub kafka: KafkaConfig,
+    /// The broker and how to reach it.
+    pub sink: SinkConfig,
     /// Slot and publication (tail mode only).
     pub tail: TailConfig,
     pub topic_template: TopicTemplate,
@@ -767,11 +759,11 @@ impl RelayConfig {
     );
 
     /// A configuration with the documented defaults.
-    pub fn new(database: DatabaseConfig, kafka: KafkaConfig) -> Self {
+    pub fn new(database: DatabaseConfig, sink: impl Into<SinkConfig>) -> Self {
         RelayConfig {
             mode: Mode::Poll,
             database,
-            kafka,
+            sink: sink.into(),
             tail: TailConfig::default(),
             topic_template: TopicTemplate::default(),
             null_payload: NullPayload::JsonNull,
@@ -817,9 +809,17 @@ mod tests {
     #[test]
     fn template_renders_placeholders() {
         let t = TopicTemplate::parse("app.{aggregate_type}.{event_type}", "--t").unwrap();
-        assert_eq!(t.render("order", "created"), "app.order.created");
+        assert_eq!(t.render("order", "created", "o-1"), "app.order.created");
+        let t = TopicTemplate::parse("{aggregate_type}.{aggregate_id}", "--t").unwrap();
+        assert_eq!(t.render("order", "c", "o-1_A"), "order.o-1_A");
         assert_eq!(
-            TopicTemplate::default().render("order", "x"),
+            t.render("order", "c", "a.b c*>%"),
+            "order.a%2Eb%20c%2A%3E%25"
+        );
+        assert_eq!(t.render("order", "c", "é"), "order.%C3%A9");
+        assert_eq!(t.render("order", "c", ""), "order.%");
+        assert_eq!(
+            TopicTemplate::default().render("order", "x", "o-1"),
             "order.events"
         );
     }

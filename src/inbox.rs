@@ -14,6 +14,8 @@
 //!
 //! let id = inbox::message_id(id_header)?; // the record's `id` header
 //! // with the `kafka` feature: inbox::kafka_message_id(&record)?
+//! // `nats`: inbox::nats_message_id(message.headers.as_ref())?
+//! // `rabbitmq`: inbox::rabbitmq_message_id(&delivery.properties)?
 //! let mut tx = pool.begin().await?;
 //! if inbox::claim(&mut tx, "billing", id).await? == Claim::New {
 //!     sqlx::query("update balances set amount = amount + 10 where account = 'alice'")
@@ -45,7 +47,7 @@ pub enum Claim {
 /// A record that cannot be deduplicated because it has no usable id.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MessageIdError {
-    #[error("the record has no \"id\" header; it was not written by outbox-relay")]
+    #[error("the record has no \"id\" header (RabbitMQ: message_id); it was not written by outbox-relay")]
     Missing,
     #[error("the record's \"id\" header is not a UUID: {0}")]
     Invalid(String),
@@ -70,6 +72,27 @@ pub fn kafka_message_id<M: rdkafka::Message>(record: &M) -> Result<Uuid, Message
         .headers()
         .and_then(|headers| headers.iter().find(|h| h.key == HEADER_ID));
     message_id(header.and_then(|h| h.value))
+}
+
+/// The message id of a NATS message published by the relay: its `id`
+/// header (the relay also sets `Nats-Msg-Id` to the same value, which
+/// JetStream keeps for deduplication). Pass the message's `headers`.
+#[cfg(feature = "nats")]
+pub fn nats_message_id(
+    headers: Option<&async_nats::HeaderMap>,
+) -> Result<Uuid, MessageIdError> {
+    use crate::message::HEADER_ID;
+    let header = headers.and_then(|headers| headers.get(HEADER_ID));
+    message_id(header.map(|value| value.as_str().as_bytes()))
+}
+
+/// The message id of a RabbitMQ message published by the relay: its
+/// `message_id` property. Pass the delivery's `properties`.
+#[cfg(feature = "rabbitmq")]
+pub fn rabbitmq_message_id(
+    properties: &lapin::BasicProperties,
+) -> Result<Uuid, MessageIdError> {
+    message_id(properties.message_id().as_ref().map(|id| id.as_str().as_bytes()))
 }
 
 const CLAIM: &str =

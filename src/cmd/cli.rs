@@ -573,6 +573,14 @@ pub struct DemoArgs {
     #[arg(long, env = "OUTBOX_MODE", default_value = "poll", value_parser = parse_mode)]
     pub mode: Mode,
 
+    /// The broker: kafka (in-process mock cluster), nats or rabbitmq (a throwaway server from the system's nats-server or rabbitmq-server).
+    #[arg(long, env = "OUTBOX_SINK", default_value = "kafka", value_parser = parse_sink)]
+    pub sink: SinkKind,
+
+    /// Use this NATS or RabbitMQ server instead of a throwaway one (URL as for run).
+    #[arg(long, env = "OUTBOX_SINK_URL", hide_env_values = true)]
+    pub sink_url: Option<String>,
+
     /// Use this Postgres instead of a throwaway one (tables go in a fresh schema, dropped after).
     #[arg(long, env = "OUTBOX_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,

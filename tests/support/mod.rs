@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use outbox_relay::outbox::{self, Event};
-use rand::Rng;
+pub use outbox_relay::outbox::{self, Event};
+pub use rand::Rng;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -35,6 +35,7 @@ mod http;
 mod kafka;
 mod postgres;
 mod relay;
+mod sinks;
 mod tansu;
 mod workload;
 
@@ -50,6 +51,8 @@ pub use kafka::*;
 pub use postgres::*;
 #[allow(unused_imports)]
 pub use relay::*;
+#[allow(unused_imports)]
+pub use sinks::*;
 #[allow(unused_imports)]
 pub use tansu::*;
 #[allow(unused_imports)]

@@ -1,5 +1,6 @@
 //! `outbox-relay demo`: the whole pipeline on embedded defaults. A throwaway
-//! Postgres and librdkafka's in-process mock cluster (or the ones given),
+//! Postgres and a broker (`--sink`: librdkafka's in-process mock cluster,
+//! or a throwaway NATS or RabbitMQ server; or the ones given),
 //! concurrent business transactions across many aggregates (some rolled
 //! back), the relay publishing them, and a consumer applying them through
 //! the inbox while every message is redelivered up to twice more. It then
@@ -12,9 +13,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::mocking::MockCluster;
-use rdkafka::{ClientConfig, Message};
 use serde_json::json;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -25,7 +23,7 @@ use uuid::Uuid;
 use crate::cmd::cli::DemoArgs;
 use crate::testkit::TempPostgres;
 use outbox_relay::config::{
-    DatabaseConfig, Identifier, KafkaConfig, Mode, RelayConfig, SlotName, TailConfig, TopicTemplate,
+    DatabaseConfig, Identifier, Mode, RelayConfig, SinkKind, SlotName, TailConfig, TopicTemplate,
 };
 use outbox_relay::database;
 use outbox_relay::error::Error;
@@ -33,11 +31,16 @@ use outbox_relay::inbox::{self, Claim};
 use outbox_relay::outbox::{self, Event};
 use outbox_relay::relay::{self, RunStats};
 
+mod broker;
+use broker::{DemoBroker, Feed};
+
 /// What the demo runs.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
     pub mode: Mode,
     pub database_url: Option<String>,
+    pub sink: SinkKind,
+    /// Kafka's bootstrap servers, or the NATS or RabbitMQ URL.
     pub brokers: Option<String>,
     pub writers: u32,
     pub transactions: u32,
@@ -49,7 +52,8 @@ impl From<&DemoArgs> for DemoOptions {
         DemoOptions {
             mode: args.mode,
             database_url: args.database_url.clone(),
-            brokers: args.brokers.clone(),
+            sink: args.sink,
+            brokers: args.brokers.clone().or_else(|| args.sink_url.clone()),
             writers: args.writers,
             transactions: args.transactions,
             aggregates: args.aggregates,
@@ -62,7 +66,7 @@ impl From<&DemoArgs> for DemoOptions {
 pub struct DemoSummary {
     pub mode: String,
     pub postgres: String,
-    pub kafka: String,
+    pub broker: String,
     pub writers: u32,
     pub transactions_committed: u64,
     pub transactions_rolled_back: u64,
@@ -99,7 +103,7 @@ impl fmt::Display for DemoSummary {
         let secs = self.elapsed.as_secs_f64().max(1e-9);
         writeln!(f, "outbox-relay demo ({} mode)", self.mode)?;
         writeln!(f, "  postgres    {}", self.postgres)?;
-        writeln!(f, "  kafka       {}", self.kafka)?;
+        writeln!(f, "  broker      {}", self.broker)?;
         writeln!(
             f,
             "  written     {} rows in {} transactions by {} concurrent writers; {} transactions ({} rows) rolled back",
@@ -171,25 +175,8 @@ pub async fn run(options: &DemoOptions, shutdown: CancellationToken) -> Result<D
         None => format!("throwaway cluster at {}, wal_level=logical", db.target()),
     };
 
-    let _mock;
-    let topic = format!("{schema_name}.account");
-    let brokers = match &options.brokers {
-        Some(brokers) => brokers.clone(),
-        None => {
-            let mock = MockCluster::new(3).map_err(Error::kafka("starting the mock cluster"))?;
-            mock.create_topic(&topic, 4, 3)
-                .map_err(Error::kafka("creating the demo topic"))?;
-            let brokers = mock.bootstrap_servers();
-            _mock = mock;
-            brokers
-        }
-    };
-    summary.kafka = match &options.brokers {
-        Some(_) => format!("{brokers}, topic {topic}"),
-        None => format!(
-            "in-process mock cluster (3 brokers) at {brokers}, topic {topic} (4 partitions)"
-        ),
-    };
+    let broker = DemoBroker::start(options.sink, options.brokers.as_deref(), &schema_name).await?;
+    summary.broker = broker.description.clone();
 
     // Its own slot and publication, so a demo beside a real outbox touches
     // nothing of it.
@@ -224,26 +211,21 @@ pub async fn run(options: &DemoOptions, shutdown: CancellationToken) -> Result<D
     .await
     .map_err(Error::db_error("creating the demo aggregates"))?;
 
-    let mut config = RelayConfig::new(
-        db.clone(),
-        KafkaConfig {
-            brokers: brokers.clone(),
-            properties: Vec::new(),
-        },
-    );
+    let mut config = RelayConfig::new(db.clone(), broker.sink.clone());
     config.mode = options.mode;
     config.tail = tail.clone();
     config.metrics_address = None;
-    config.topic_template = TopicTemplate::parse(
-        &format!("{schema_name}.{{aggregate_type}}"),
-        "demo topic template",
-    )?;
+    config.topic_template = TopicTemplate::parse(&broker.template, "demo topic template")?;
     let relay_stop = shutdown.child_token();
     let relay_task = tokio::spawn(relay::run(config, relay_stop.clone()));
 
     let started = Instant::now();
     let target = Arc::new(AtomicU64::new(u64::MAX));
-    let consumer = DemoConsumer::new(&brokers, &topic, &schema_name, pool.clone())?;
+    let consumer = DemoConsumer {
+        feed: broker.feed(&schema_name).await?,
+        group: schema_name.clone(),
+        pool: pool.clone(),
+    };
     let consumer_task = tokio::spawn(consumer.run(target.clone(), shutdown.clone()));
 
     let mut writers = Vec::new();
@@ -427,66 +409,41 @@ struct Seen {
 }
 
 struct DemoConsumer {
-    consumer: StreamConsumer,
+    feed: Feed,
     group: String,
     pool: PgPool,
 }
 
 impl DemoConsumer {
-    fn new(brokers: &str, topic: &str, group: &str, pool: PgPool) -> Result<Self, Error> {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("group.id", group)
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .create()
-            .map_err(Error::kafka("creating the demo consumer"))?;
-        consumer
-            .subscribe(&[topic])
-            .map_err(Error::kafka("subscribing the demo consumer"))?;
-        Ok(DemoConsumer {
-            consumer,
-            group: group.to_owned(),
-            pool,
-        })
-    }
-
     /// Applies messages through the inbox until `target` unique ids were
     /// seen, or nothing new arrived for a minute.
-    async fn run(self, target: Arc<AtomicU64>, shutdown: CancellationToken) -> Result<Seen, Error> {
+    async fn run(
+        mut self,
+        target: Arc<AtomicU64>,
+        shutdown: CancellationToken,
+    ) -> Result<Seen, Error> {
         let seen = Mutex::new(Seen::default());
         let stall = Duration::from_secs(60);
         loop {
             if seen.lock().await.ids.len() as u64 >= target.load(Ordering::SeqCst) {
                 break;
             }
-            let message = tokio::select! {
+            let received = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                m = tokio::time::timeout(stall, self.consumer.recv()) => m,
+                received = self.feed.next(stall) => received?,
             };
-            let message = match message {
-                Err(_) => break,
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "demo consumer error");
-                    continue;
-                }
-                Ok(Ok(message)) => message,
-            };
+            let Some(received) = received else { break };
             let payload: serde_json::Value =
-                serde_json::from_slice(message.payload().unwrap_or_default()).map_err(|e| {
+                serde_json::from_slice(&received.payload).map_err(|e| {
                     Error::Embedded(format!("a demo record has a bad payload: {e}"))
                 })?;
-            let id =
-                inbox::kafka_message_id(&message).map_err(|e| Error::Embedded(e.to_string()))?;
             // Every message is applied once and, a third of the time,
             // delivered again, as a consumer restart would.
             let redeliveries = rand::rng().random_range(0..=2u32).saturating_sub(1);
             for _ in 0..=redeliveries {
-                self.apply(id, &payload, &seen).await?;
+                self.apply(received.id, &payload, &seen).await?;
             }
-            self.consumer
-                .commit_message(&message, CommitMode::Async)
-                .map_err(Error::kafka("committing the demo consumer's offset"))?;
+            self.feed.ack(received).await?;
         }
         Ok(seen.into_inner())
     }

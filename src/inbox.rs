@@ -47,7 +47,9 @@ pub enum Claim {
 /// A record that cannot be deduplicated because it has no usable id.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MessageIdError {
-    #[error("the record has no \"id\" header (RabbitMQ: message_id); it was not written by outbox-relay")]
+    #[error(
+        "the record has no \"id\" header (RabbitMQ: message_id); it was not written by outbox-relay"
+    )]
     Missing,
     #[error("the record's \"id\" header is not a UUID: {0}")]
     Invalid(String),
@@ -78,9 +80,7 @@ pub fn kafka_message_id<M: rdkafka::Message>(record: &M) -> Result<Uuid, Message
 /// header (the relay also sets `Nats-Msg-Id` to the same value, which
 /// JetStream keeps for deduplication). Pass the message's `headers`.
 #[cfg(feature = "nats")]
-pub fn nats_message_id(
-    headers: Option<&async_nats::HeaderMap>,
-) -> Result<Uuid, MessageIdError> {
+pub fn nats_message_id(headers: Option<&async_nats::HeaderMap>) -> Result<Uuid, MessageIdError> {
     use crate::message::HEADER_ID;
     let header = headers.and_then(|headers| headers.get(HEADER_ID));
     message_id(header.map(|value| value.as_str().as_bytes()))
@@ -89,10 +89,13 @@ pub fn nats_message_id(
 /// The message id of a RabbitMQ message published by the relay: its
 /// `message_id` property. Pass the delivery's `properties`.
 #[cfg(feature = "rabbitmq")]
-pub fn rabbitmq_message_id(
-    properties: &lapin::BasicProperties,
-) -> Result<Uuid, MessageIdError> {
-    message_id(properties.message_id().as_ref().map(|id| id.as_str().as_bytes()))
+pub fn rabbitmq_message_id(properties: &lapin::BasicProperties) -> Result<Uuid, MessageIdError> {
+    message_id(
+        properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().as_bytes()),
+    )
 }
 
 const CLAIM: &str =

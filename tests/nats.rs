@@ -126,7 +126,11 @@ async fn a_frozen_then_restarted_server_loses_nothing_and_readiness_follows() {
 }
 
 /// Every stored message of `stream`, in order, as JetStream holds it.
-async fn stored(url: &str, stream: &str, count: usize) -> Vec<async_nats::jetstream::message::StreamMessage> {
+async fn stored(
+    url: &str,
+    stream: &str,
+    count: usize,
+) -> Vec<async_nats::jetstream::message::StreamMessage> {
     let client = async_nats::connect(url).await.unwrap();
     let jetstream = async_nats::jetstream::new(client);
     let mut handle = jetstream.get_stream(stream).await.unwrap();
@@ -149,7 +153,10 @@ async fn messages_follow_the_documented_mapping() {
     let t = SinkWorld::new("poll", nats_args(&server.url())).await;
     let stream = nats_stream(&server.url(), &t.prefix).await;
     let plain = Event::new("order", "o-1", "created", serde_json::json!({"n": 1}))
-        .with_header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .with_header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
         .with_header("id", "not the id");
     let dotted = Event::new("order", "eu.o 2*", "paid", serde_json::json!({"n": 2}));
     let routed = Event::new("order", "o-3", "shipped", serde_json::json!({"n": 3}))
@@ -178,9 +185,15 @@ async fn messages_follow_the_documented_mapping() {
         let id = event.id.to_string();
         assert_eq!(header("Nats-Msg-Id").as_deref(), Some(id.as_str()));
         assert_eq!(header("id").as_deref(), Some(id.as_str()));
-        assert_eq!(header("event_type").as_deref(), Some(event.event_type.as_str()));
+        assert_eq!(
+            header("event_type").as_deref(),
+            Some(event.event_type.as_str())
+        );
         assert_eq!(header("aggregate_type").as_deref(), Some("order"));
-        assert_eq!(header("aggregate_id").as_deref(), Some(event.aggregate_id.as_str()));
+        assert_eq!(
+            header("aggregate_id").as_deref(),
+            Some(event.aggregate_id.as_str())
+        );
         let payload: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
         assert_eq!(Some(&payload), event.payload.as_ref());
         // The inbox finds the id where the relay put it.
@@ -214,7 +227,12 @@ async fn no_stream_and_too_large_are_dead_lettered_and_the_rest_flow() {
     let mut tx = t.pool.begin().await.unwrap();
     outbox::insert_all(
         &mut tx,
-        &[before.clone(), no_stream.clone(), too_large.clone(), after.clone()],
+        &[
+            before.clone(),
+            no_stream.clone(),
+            too_large.clone(),
+            after.clone(),
+        ],
     )
     .await
     .unwrap();
@@ -239,7 +257,11 @@ async fn no_stream_and_too_large_are_dead_lettered_and_the_rest_flow() {
             .unwrap();
     assert_eq!(dead.len(), 2, "{dead:?}");
     assert_eq!(dead[0].0, no_stream.id);
-    assert!(dead[0].1.contains("no JetStream stream takes subject"), "{}", dead[0].1);
+    assert!(
+        dead[0].1.contains("no JetStream stream takes subject"),
+        "{}",
+        dead[0].1
+    );
     assert_eq!(dead[1].0, too_large.id);
     assert!(dead[1].1.contains("payload"), "{}", dead[1].1);
 }
@@ -268,7 +290,13 @@ async fn bad_urls_are_one_line_and_exit_2() {
         ("nats://relay:hunter2@", "host"),
     ] {
         let (code, stderr) = run(&[
-            "run", "--database-url", &url, "--sink", "nats", "--sink-url", sink_url,
+            "run",
+            "--database-url",
+            &url,
+            "--sink",
+            "nats",
+            "--sink-url",
+            sink_url,
         ])
         .await;
         assert_eq!(code, 2, "{stderr}");
@@ -277,7 +305,13 @@ async fn bad_urls_are_one_line_and_exit_2() {
         assert!(!stderr.contains("hunter2"), "{stderr}");
     }
     let (code, stderr) = run(&[
-        "run", "--database-url", &url, "--sink", "nats", "--brokers", "k:9092",
+        "run",
+        "--database-url",
+        &url,
+        "--sink",
+        "nats",
+        "--brokers",
+        "k:9092",
     ])
     .await;
     assert_eq!(code, 2, "{stderr}");
@@ -301,7 +335,10 @@ async fn a_wrong_password_or_no_server_is_said_once_and_retried() {
     let address = endpoint_address(&log, DEADLINE).await;
     let (status, body) = get(&address, "/readyz").await;
     assert_eq!(status, 503, "{body}");
-    assert!(relay.try_wait().unwrap().is_none(), "the relay keeps retrying");
+    assert!(
+        relay.try_wait().unwrap().is_none(),
+        "the relay keeps retrying"
+    );
     relay.kill().await.unwrap();
     assert!(!log.text().contains("hunter2"), "{}", log.text());
 
@@ -314,6 +351,9 @@ async fn a_wrong_password_or_no_server_is_said_once_and_retried() {
         .wait_for_line("cannot publish to NATS JetStream", DEADLINE)
         .await;
     assert!(line.contains("retrying with backoff"), "{line}");
-    assert!(relay.try_wait().unwrap().is_none(), "the relay keeps retrying");
+    assert!(
+        relay.try_wait().unwrap().is_none(),
+        "the relay keeps retrying"
+    );
     relay.kill().await.unwrap();
 }

@@ -139,8 +139,10 @@ async fn mapping_and_poison_unroutable_missing_exchange_and_too_large() {
         .unwrap();
     let _ = connection.close(200, "declared".into()).await;
 
-    let plain = Event::new("order", "o-1", "created", serde_json::json!({"n": 1}))
-        .with_header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+    let plain = Event::new("order", "o-1", "created", serde_json::json!({"n": 1})).with_header(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    );
     let unroutable = Event::new("order", "o-2", "created", serde_json::json!({"n": 2}))
         .with_topic(format!("{}.unbound", t.prefix));
     let missing = Event::new("order", "o-3", "created", serde_json::json!({"n": 3}))
@@ -181,7 +183,8 @@ async fn mapping_and_poison_unroutable_missing_exchange_and_too_large() {
     assert_eq!(ids, [plain.id, after.id]);
     let first = &records[0];
     assert_eq!(first.key.as_deref(), Some("o-1"));
-    let payload: serde_json::Value = serde_json::from_slice(first.value.as_deref().unwrap()).unwrap();
+    let payload: serde_json::Value =
+        serde_json::from_slice(first.value.as_deref().unwrap()).unwrap();
     assert_eq!(Some(&payload), plain.payload.as_ref());
     let header = |name: &str| {
         first
@@ -236,7 +239,10 @@ async fn properties_and_the_inbox_id_read_back_with_the_brokers_client() {
         if let Some(message) = got {
             break message.delivery;
         }
-        assert!(std::time::Instant::now() < until, "the message never arrived");
+        assert!(
+            std::time::Instant::now() < until,
+            "the message never arrived"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     relay.kill().await.unwrap();
@@ -275,20 +281,39 @@ async fn bad_url_wrong_password_and_no_broker() {
     let wrong = server.url().replace("guest:guest@", "guest:hunter2@");
     let t = SinkWorld::new("poll", rabbitmq_args(&wrong)).await;
     let (mut relay, log) = t.relay(&[]);
-    let line = log.wait_for_line("cannot publish to RabbitMQ", DEADLINE).await;
+    let line = log
+        .wait_for_line("cannot publish to RabbitMQ", DEADLINE)
+        .await;
     assert!(line.contains("guest:***@"), "{line}");
-    assert!(line.to_lowercase().contains("access") || line.contains("ACCESS_REFUSED") || line.contains("auth"), "{line}");
-    assert!(relay.try_wait().unwrap().is_none(), "the relay keeps retrying");
+    assert!(
+        line.to_lowercase().contains("access")
+            || line.contains("ACCESS_REFUSED")
+            || line.contains("auth"),
+        "{line}"
+    );
+    assert!(
+        relay.try_wait().unwrap().is_none(),
+        "the relay keeps retrying"
+    );
     relay.kill().await.unwrap();
     assert!(!log.text().contains("hunter2"), "{}", log.text());
 
     let nobody = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let closed = nobody.local_addr().unwrap().port();
     drop(nobody);
-    let t = SinkWorld::new("poll", rabbitmq_args(&format!("amqp://127.0.0.1:{closed}/%2f"))).await;
+    let t = SinkWorld::new(
+        "poll",
+        rabbitmq_args(&format!("amqp://127.0.0.1:{closed}/%2f")),
+    )
+    .await;
     let (mut relay, log) = t.relay(&[]);
-    let line = log.wait_for_line("cannot publish to RabbitMQ", DEADLINE).await;
+    let line = log
+        .wait_for_line("cannot publish to RabbitMQ", DEADLINE)
+        .await;
     assert!(line.contains("retrying with backoff"), "{line}");
-    assert!(relay.try_wait().unwrap().is_none(), "the relay keeps retrying");
+    assert!(
+        relay.try_wait().unwrap().is_none(),
+        "the relay keeps retrying"
+    );
     relay.kill().await.unwrap();
 }

@@ -23,6 +23,8 @@ pub struct DemoBroker {
     pub template: String,
     /// What the summary says about it.
     pub description: String,
+    /// What its acknowledgement is.
+    pub acknowledgement: &'static str,
     /// Where the consumer reads.
     source: Source,
     _server: Server,
@@ -38,11 +40,20 @@ enum Server {
 }
 
 enum Source {
-    Kafka { brokers: String, topic: String },
+    Kafka {
+        brokers: String,
+        topic: String,
+    },
     #[cfg(feature = "nats")]
-    Nats { url: String, stream: String },
+    Nats {
+        url: String,
+        stream: String,
+    },
     #[cfg(feature = "rabbitmq")]
-    RabbitMq { url: String, queue: String },
+    RabbitMq {
+        url: String,
+        queue: String,
+    },
 }
 
 fn broker_error(doing: &str) -> impl Fn(String) -> Error + '_ {
@@ -76,7 +87,8 @@ impl DemoBroker {
                 format!("{brokers}, topic {topic}"),
             ),
             None => {
-                let mock = MockCluster::new(3).map_err(Error::kafka("starting the mock cluster"))?;
+                let mock =
+                    MockCluster::new(3).map_err(Error::kafka("starting the mock cluster"))?;
                 mock.create_topic(&topic, 4, 3)
                     .map_err(Error::kafka("creating the demo topic"))?;
                 let brokers = mock.bootstrap_servers();
@@ -93,6 +105,7 @@ impl DemoBroker {
             }),
             template: format!("{name}.{{aggregate_type}}"),
             description,
+            acknowledgement: "Kafka (acks=all, idempotent)",
             source: Source::Kafka { brokers, topic },
             _server: server,
         })
@@ -123,12 +136,13 @@ impl DemoBroker {
         let description = match server {
             Server::Given => format!("NATS JetStream at {}, stream {stream}", config.servers[0]),
             _ => format!(
-                "NATS JetStream: throwaway nats-server at {url}, stream {stream} (subjects {name}.ACCOUNT.AGGREGATE)"
+                "NATS JetStream: throwaway nats-server at {url}, stream {stream} (subjects {name}.account.AGGREGATE_ID)"
             ),
         };
         Ok(DemoBroker {
             template: format!("{name}.{{aggregate_type}}.{{aggregate_id}}"),
             description,
+            acknowledgement: "JetStream (PubAck, Nats-Msg-Id deduplication)",
             source: Source::Nats {
                 url: config.servers[0].expose().to_owned(),
                 stream,
@@ -194,7 +208,10 @@ impl DemoBroker {
             .map_err(|e| fail(e.to_string()))?;
         let _ = connection.close(200, "declared".into()).await;
         let description = match server {
-            Server::Given => format!("RabbitMQ at {}, exchange {exchange}, queue {queue}", config.url),
+            Server::Given => format!(
+                "RabbitMQ at {}, exchange {exchange}, queue {queue}",
+                config.url
+            ),
             _ => format!(
                 "RabbitMQ: throwaway rabbitmq-server at {}, topic exchange {exchange}, queue {queue}",
                 config.url
@@ -203,6 +220,7 @@ impl DemoBroker {
         Ok(DemoBroker {
             template: format!("{name}.{{aggregate_type}}"),
             description,
+            acknowledgement: "RabbitMQ (publisher confirms, persistent, mandatory)",
             source: Source::RabbitMq {
                 url: config.url.expose().to_owned(),
                 queue,
@@ -250,10 +268,7 @@ impl DemoBroker {
                     })
                     .await
                     .map_err(|e| fail(e.to_string()))?;
-                let messages = consumer
-                    .messages()
-                    .await
-                    .map_err(|e| fail(e.to_string()))?;
+                let messages = consumer.messages().await.map_err(|e| fail(e.to_string()))?;
                 Ok(Feed::Nats(messages))
             }
             #[cfg(feature = "rabbitmq")]
@@ -298,9 +313,9 @@ pub struct Received {
 enum Ack {
     Kafka(TopicPartitionList),
     #[cfg(feature = "nats")]
-    Nats(async_nats::jetstream::Message),
+    Nats(Box<async_nats::jetstream::Message>),
     #[cfg(feature = "rabbitmq")]
-    RabbitMq(lapin::acker::Acker),
+    RabbitMq(lapin::Acker),
 }
 
 /// The consumer side of the demo's broker.
@@ -309,7 +324,8 @@ pub enum Feed {
     #[cfg(feature = "nats")]
     Nats(async_nats::jetstream::consumer::pull::Stream),
     #[cfg(feature = "rabbitmq")]
-    RabbitMq(lapin::Connection, lapin::Consumer),
+    /// The connection is held so that the consumer's channel stays open.
+    RabbitMq(#[allow(dead_code)] lapin::Connection, lapin::Consumer),
 }
 
 impl Feed {
@@ -353,11 +369,12 @@ impl Feed {
                     .await
                     .ok_or("the NATS consumer ended")?
                     .map_err(|e| e.to_string())?;
-                let id = inbox::nats_message_id(message.headers.as_ref()).map_err(|e| e.to_string())?;
+                let id =
+                    inbox::nats_message_id(message.headers.as_ref()).map_err(|e| e.to_string())?;
                 Ok(Received {
                     id,
                     payload: message.payload.to_vec(),
-                    ack: Ack::Nats(message),
+                    ack: Ack::Nats(Box::new(message)),
                 })
             }
             #[cfg(feature = "rabbitmq")]
@@ -368,7 +385,8 @@ impl Feed {
                     .await
                     .ok_or("the RabbitMQ consumer ended")?
                     .map_err(|e| e.to_string())?;
-                let id = inbox::rabbitmq_message_id(&delivery.properties).map_err(|e| e.to_string())?;
+                let id =
+                    inbox::rabbitmq_message_id(&delivery.properties).map_err(|e| e.to_string())?;
                 Ok(Received {
                     id,
                     payload: delivery.data,

@@ -67,6 +67,8 @@ pub struct DemoSummary {
     pub mode: String,
     pub postgres: String,
     pub broker: String,
+    /// Who acknowledged, and what that means.
+    pub acknowledged_by: String,
     pub writers: u32,
     pub transactions_committed: u64,
     pub transactions_rolled_back: u64,
@@ -115,8 +117,11 @@ impl fmt::Display for DemoSummary {
         )?;
         writeln!(
             f,
-            "  published   {} rows acknowledged by Kafka (acks=all, idempotent), {} dead letters, {} left in the outbox",
-            self.relay.published, self.relay.dead_lettered, self.left_in_outbox
+            "  published   {} rows acknowledged by {}, {} dead letters, {} left in the outbox",
+            self.relay.published,
+            self.acknowledged_by,
+            self.relay.dead_lettered,
+            self.left_in_outbox
         )?;
         writeln!(
             f,
@@ -177,6 +182,7 @@ pub async fn run(options: &DemoOptions, shutdown: CancellationToken) -> Result<D
 
     let broker = DemoBroker::start(options.sink, options.brokers.as_deref(), &schema_name).await?;
     summary.broker = broker.description.clone();
+    summary.acknowledged_by = broker.acknowledgement.to_owned();
 
     // Its own slot and publication, so a demo beside a real outbox touches
     // nothing of it.
@@ -433,10 +439,8 @@ impl DemoConsumer {
                 received = self.feed.next(stall) => received?,
             };
             let Some(received) = received else { break };
-            let payload: serde_json::Value =
-                serde_json::from_slice(&received.payload).map_err(|e| {
-                    Error::Embedded(format!("a demo record has a bad payload: {e}"))
-                })?;
+            let payload: serde_json::Value = serde_json::from_slice(&received.payload)
+                .map_err(|e| Error::Embedded(format!("a demo record has a bad payload: {e}")))?;
             // Every message is applied once and, a third of the time,
             // delivered again, as a consumer restart would.
             let redeliveries = rand::rng().random_range(0..=2u32).saturating_sub(1);

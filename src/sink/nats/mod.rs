@@ -23,7 +23,7 @@
 //! starting), a message over the server's `max_payload` or the stream's
 //! maximum message size, a subject or a header NATS cannot carry.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -207,16 +207,44 @@ fn invalid_subject(subject: &str) -> Option<String> {
     })
 }
 
+/// Whether the account has JetStream: asks the JetStream API for the
+/// account's information (the reply is not parsed beyond an error, so any
+/// server version will do).
+async fn jetstream_enabled(client: &Client) -> Result<(), String> {
+    let not_enabled = |cause: String| {
+        format!(
+            "the server answers but JetStream does not ({cause}); start nats-server with -js (or jetstream {{}} in its config) and check the account's JetStream limits"
+        )
+    };
+    let reply = client
+        .request("$JS.API.INFO", "".into())
+        .await
+        .map_err(|e| not_enabled(e.to_string()))?;
+    let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
+    match body.get("error") {
+        Some(error) => Err(not_enabled(error.to_string())),
+        None => Ok(()),
+    }
+}
+
 /// Resolves to a message's outcome once JetStream answers.
 pub type NatsAck = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
 async fn outcome(
     ack: PublishAckFuture,
+    deadline: tokio::time::Instant,
     jetstream: jetstream::Context,
     subject: String,
     last_ack: Arc<LastAck>,
 ) -> Outcome {
-    match ack.await {
+    // The client's own timeout starts when the future is first polled,
+    // and the relay polls a batch's acks one after another: the deadline
+    // is taken when the message was sent.
+    let answer = match tokio::time::timeout_at(deadline, ack.into_future()).await {
+        Ok(answer) => answer,
+        Err(_) => return Outcome::Failed("no PubAck within the ack timeout".into()),
+    };
+    match answer {
         Ok(_) => {
             last_ack.record();
             Outcome::Acked
@@ -278,8 +306,8 @@ impl Sink for NatsSink {
             .join(",");
         loop {
             let cause = match self.connection(true).await {
-                Ok(connection) => match connection.jetstream.query_account().await {
-                    Ok(_) => {
+                Ok(connection) => match jetstream_enabled(&connection.client).await {
+                    Ok(()) => {
                         if warned {
                             info!(servers = %servers, "NATS JetStream is reachable again");
                         } else {
@@ -287,9 +315,7 @@ impl Sink for NatsSink {
                         }
                         return true;
                     }
-                    Err(e) => format!(
-                        "the server answers but JetStream does not ({e}); start nats-server with -js (or jetstream {{}} in its config) and check the account's JetStream limits"
-                    ),
+                    Err(cause) => cause,
                 },
                 Err(cause) => cause,
             };
@@ -334,6 +360,7 @@ impl Sink for NatsSink {
         {
             Ok(ack) => Sent::Enqueued(Box::pin(outcome(
                 ack,
+                tokio::time::Instant::now() + self.config.ack_timeout,
                 connection.jetstream.clone(),
                 message.topic.clone(),
                 self.last_ack.clone(),

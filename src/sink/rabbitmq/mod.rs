@@ -204,11 +204,14 @@ pub type RabbitMqAck = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 async fn outcome(
     confirm: lapin::PublisherConfirm,
     timeout: Duration,
+    deadline: tokio::time::Instant,
     exchange: String,
     routing_key: String,
     last_ack: Arc<LastAck>,
 ) -> Outcome {
-    match tokio::time::timeout(timeout, confirm).await {
+    // The relay polls a batch's confirms one after another: the deadline
+    // is taken when the message was sent, not when this is first polled.
+    match tokio::time::timeout_at(deadline, confirm).await {
         Ok(Ok(Confirmation::Ack(None))) => {
             last_ack.record();
             Outcome::Acked
@@ -357,6 +360,7 @@ impl Sink for RabbitMqSink {
             Ok(Ok(confirm)) => Sent::Enqueued(Box::pin(outcome(
                 confirm,
                 self.config.confirm_timeout,
+                tokio::time::Instant::now() + self.config.confirm_timeout,
                 message.topic.clone(),
                 message.key.clone(),
                 self.last_ack.clone(),

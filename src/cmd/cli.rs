@@ -605,6 +605,10 @@ pub struct DemoArgs {
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     /// Modes to measure, in order.
+    /// Brokers to drain to (comma-separated): kafka runs the modes above; nats and rabbitmq drain to a throwaway server beside a plain publisher of their client.
+    #[arg(long = "sink", value_delimiter = ',', value_parser = parse_sink, default_values = ["kafka"])]
+    pub sinks: Vec<SinkKind>,
+
     #[arg(long = "mode", value_parser = parse_mode, default_values = ["poll", "tail"])]
     pub modes: Vec<Mode>,
 

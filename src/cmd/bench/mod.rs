@@ -56,6 +56,7 @@ use outbox_relay::outbox::{self, Event, OutboxRow};
 use outbox_relay::sink::kafka::producer_properties;
 
 mod retention;
+mod sinks;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -91,6 +92,9 @@ pub struct BenchOptions {
     pub retention_rows: Vec<u64>,
     /// Relay starts per mode to time; 0 skips them.
     pub startup_runs: u32,
+    /// Brokers to drain to; Kafka's runs are the modes above, the others'
+    /// are drains beside a plain publisher of their client.
+    pub sinks: Vec<outbox_relay::config::SinkKind>,
 }
 
 /// The figures of one run, as printed and as written with `--json`.
@@ -108,6 +112,7 @@ pub struct BenchReport {
     pub lanes: Option<LanesReport>,
     pub retention: Vec<retention::RetentionDrain>,
     pub startup: Vec<retention::Startup>,
+    pub sinks: Vec<sinks::SinkDrain>,
 }
 
 /// Drains of one backlog with 1, 2, 4, ... lanes in one instance, against a
@@ -224,9 +229,13 @@ pub async fn run(
         lanes: None,
         retention: Vec::new(),
         startup: Vec::new(),
+        sinks: Vec::new(),
     };
+    let kafka_modes = options
+        .sinks
+        .contains(&outbox_relay::config::SinkKind::Kafka);
 
-    for &mode in &options.modes {
+    for &mode in options.modes.iter().filter(|_| kafka_modes) {
         if shutdown.is_cancelled() {
             break;
         }
@@ -240,6 +249,7 @@ pub async fn run(
         report.startup = retention::startup(&pg, &kafka, options, run_id, &shutdown).await?;
     }
     report.retention = retention::retention(&pg, &kafka, options, run_id, &shutdown).await?;
+    report.sinks = sinks::sinks(&pg, &kafka, options, run_id, &shutdown).await?;
     Ok(report)
 }
 
@@ -369,6 +379,9 @@ impl BenchKafka {
 struct ModeBench<'a> {
     /// The relay's arguments besides mode, brokers, topic and endpoints.
     relay_args: Vec<String>,
+    /// The broker's flags when it is not the bench's Kafka (`--sink ...`,
+    /// `--sink-url`, `--topic-template`).
+    sink_args: Option<Vec<String>>,
     pg: &'a TempPostgres,
     kafka: &'a BenchKafka,
     options: &'a BenchOptions,
@@ -440,6 +453,7 @@ impl<'a> ModeBench<'a> {
         }
         Ok(ModeBench {
             relay_args,
+            sink_args: None,
             pg,
             kafka,
             options,
@@ -658,11 +672,19 @@ impl<'a> ModeBench<'a> {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .map_err(|e| bench(format!("no free port for the relay's metrics: {e}")))?;
+        let sink_args = match &self.sink_args {
+            Some(args) => args.clone(),
+            None => vec![
+                "--brokers".into(),
+                self.kafka.brokers(),
+                "--topic-template".into(),
+                self.topic.clone(),
+            ],
+        };
         let child = Command::new(&self.options.relay_binary)
             .arg("run")
             .args(["--mode", &self.mode.to_string()])
-            .args(["--brokers", &self.kafka.brokers()])
-            .args(["--topic-template", &self.topic])
+            .args(&sink_args)
             .args(&self.relay_args)
             .args(["--metrics-address", &format!("127.0.0.1:{metrics_port}")])
             .args(["--slot", self.tail.slot.as_str()])
@@ -1481,6 +1503,7 @@ pub fn targets(report: &BenchReport) -> BTreeMap<String, bool> {
         }
     }
     retention::targets(report, &mut out);
+    sinks::targets(report, &mut out);
     out
 }
 
@@ -1597,6 +1620,7 @@ impl fmt::Display for BenchReport {
             }
         }
         retention::describe(self, f)?;
+        sinks::describe(self, f)?;
         writeln!(f)?;
         writeln!(f, "targets:")?;
         for (target, met) in targets(self) {

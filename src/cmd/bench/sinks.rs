@@ -1,0 +1,390 @@
+//! Drains to NATS JetStream and RabbitMQ, each beside a plain publisher of
+//! the same client with the relay's settings and the same window of
+//! messages in flight (the relay's batch), on the same records: the sink's
+//! ceiling, measured in the same run against the same throwaway server.
+
+use super::*;
+
+use outbox_relay::config::{NatsConfig, RabbitMqConfig, SinkKind};
+
+/// One mode's drain to one broker.
+#[derive(Debug, Clone, Serialize)]
+pub struct SinkDrain {
+    pub sink: String,
+    pub mode: String,
+    pub rows: u64,
+    pub rows_per_sec: f64,
+    /// The plain publisher's rate for (up to 200,000 of) the same records.
+    pub publisher_rows_per_sec: f64,
+    pub ratio_to_publisher: f64,
+    pub relay_cpu_seconds_per_1k_rows: f64,
+    pub relay_peak_rss_mb: f64,
+}
+
+/// The drain's target against the plain publisher, and in rows per second.
+const SINK_RATIO_TARGET: f64 = 0.7;
+const SINK_RATE_TARGET: f64 = 20_000.0;
+
+/// A throwaway server of one broker, for the whole bench.
+enum Server {
+    Nats(crate::testkit::TempNats),
+    RabbitMq(crate::testkit::TempRabbitMq),
+}
+
+impl Server {
+    async fn start(kind: SinkKind) -> Result<Self, Error> {
+        Ok(match kind {
+            SinkKind::Nats => Server::Nats(crate::testkit::TempNats::start().await?),
+            _ => Server::RabbitMq(crate::testkit::TempRabbitMq::start().await?),
+        })
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Server::Nats(server) => server.url(),
+            Server::RabbitMq(server) => server.url(),
+        }
+    }
+
+    /// Makes `prefix` a destination: a stream for `PREFIX.>` (NATS), or a
+    /// durable topic exchange `PREFIX.bench` with a durable queue bound for
+    /// every key (RabbitMQ). Returns the relay's topic template for it.
+    async fn destination(&self, prefix: &str) -> Result<String, Error> {
+        let fail = |e: String| bench(format!("preparing {prefix} on the broker: {e}"));
+        match self {
+            Server::Nats(server) => {
+                let client = async_nats::connect(server.url())
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                async_nats::jetstream::new(client)
+                    .create_stream(async_nats::jetstream::stream::Config {
+                        name: prefix.replace(['.', '-'], "_"),
+                        subjects: vec![format!("{prefix}.>")],
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                Ok(format!("{prefix}.{{aggregate_type}}.{{aggregate_id}}"))
+            }
+            Server::RabbitMq(server) => {
+                use lapin::options::{
+                    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+                };
+                use lapin::types::FieldTable;
+                let connection = lapin::Connection::connect(
+                    &server.url(),
+                    lapin::ConnectionProperties::default(),
+                )
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+                let channel = connection
+                    .create_channel()
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                let exchange = format!("{prefix}.bench");
+                let durable = ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                };
+                channel
+                    .exchange_declare(
+                        exchange.as_str().into(),
+                        lapin::ExchangeKind::Topic,
+                        durable,
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                let queue = QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                };
+                channel
+                    .queue_declare(exchange.as_str().into(), queue, FieldTable::default())
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                channel
+                    .queue_bind(
+                        exchange.as_str().into(),
+                        exchange.as_str().into(),
+                        "#".into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                let _ = connection.close(200, "declared".into()).await;
+                Ok(format!("{prefix}.{{aggregate_type}}"))
+            }
+        }
+    }
+}
+
+/// For each broker in `options.sinks` other than Kafka, and each mode: the
+/// plain publisher, then the relay's drain of the same backlog.
+pub(super) async fn sinks(
+    pg: &TempPostgres,
+    kafka: &BenchKafka,
+    options: &BenchOptions,
+    run_id: &str,
+    shutdown: &CancellationToken,
+) -> Result<Vec<SinkDrain>, Error> {
+    let mut runs = Vec::new();
+    for &kind in options.sinks.iter().filter(|k| **k != SinkKind::Kafka) {
+        let server = Server::start(kind).await?;
+        for &mode in &options.modes {
+            if shutdown.is_cancelled() {
+                return Ok(runs);
+            }
+            let name = format!("bench_{kind}_{mode}");
+            let mut bench = ModeBench::prepare_as(pg, kafka, options, mode, &name, run_id).await?;
+            let prefix = format!("b{run_id}-{kind}-{mode}");
+            let template = server.destination(&prefix).await?;
+            bench.sink_args = Some(vec![
+                "--sink".into(),
+                kind.to_string(),
+                "--sink-url".into(),
+                server.url(),
+                "--topic-template".into(),
+                template.clone(),
+            ]);
+            runs.push(drain(&bench, &server, kind, &template, &prefix, shutdown).await?);
+            bench.pool.close().await;
+        }
+    }
+    Ok(runs)
+}
+
+async fn drain(
+    bench: &ModeBench<'_>,
+    server: &Server,
+    kind: SinkKind,
+    template: &str,
+    prefix: &str,
+    shutdown: &CancellationToken,
+) -> Result<SinkDrain, Error> {
+    let options = bench.options;
+    if bench.mode == Mode::Tail {
+        let mut relay = bench.start_relay("setup")?;
+        bench.wait_for_slot(&mut relay).await?;
+        relay.stop().await?;
+    }
+    bench.insert(backlog(options, options.rows)).await?;
+
+    // The plain publisher sends the same records to a destination of its
+    // own, so that deduplication by id never favours either.
+    let plain = format!("{prefix}-plain");
+    let plain_template = server.destination(&plain).await?;
+    let records = records(bench, &plain_template).await?;
+    let publisher_rate = match server {
+        Server::Nats(_) => {
+            let config = NatsConfig::parse(&server.url(), &[])?;
+            publish_nats(&config, &records, options.batch_size as usize).await?
+        }
+        Server::RabbitMq(_) => {
+            let config = RabbitMqConfig::parse(&server.url(), &[])?;
+            publish_rabbitmq(&config, &records, options.batch_size as usize).await?
+        }
+    };
+    drop(records);
+
+    let mut relay = bench.start_relay("run")?;
+    let started = Instant::now();
+    bench.wait_until_drained(&mut relay, shutdown).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let usage = relay.usage()?;
+    relay.stop().await?;
+    let rows_per_sec = options.rows as f64 / seconds;
+    let _ = template;
+    Ok(SinkDrain {
+        sink: kind.to_string(),
+        mode: bench.mode.to_string(),
+        rows: options.rows,
+        rows_per_sec,
+        publisher_rows_per_sec: publisher_rate,
+        ratio_to_publisher: rows_per_sec / publisher_rate,
+        relay_cpu_seconds_per_1k_rows: usage.cpu_seconds / options.rows as f64 * 1000.0,
+        relay_peak_rss_mb: usage.peak_rss_mb,
+    })
+}
+
+/// Up to 200,000 of the backlog's rows as the relay maps them, to `template`.
+async fn records(bench: &ModeBench<'_>, template: &str) -> Result<Vec<message::Message>, Error> {
+    let limit = i64::try_from(bench.options.rows.min(PRODUCER_SAMPLE)).unwrap_or(i64::MAX);
+    let rows: Vec<OutboxRow> = sqlx::query_as(
+        "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
+         payload::text as payload, headers, created_at from outbox order by seq limit $1",
+    )
+    .bind(limit)
+    .fetch_all(&bench.pool)
+    .await
+    .map_err(Error::db_error("reading the backlog"))?;
+    let template = TopicTemplate::parse(template, "bench template")?;
+    Ok(rows
+        .iter()
+        .map(|row| message::from_row(row, &template, NullPayload::JsonNull))
+        .collect())
+}
+
+/// JetStream publishes of `records`, `window` in flight at a time (the
+/// relay's batch), with the relay's headers; returns records per second.
+async fn publish_nats(
+    config: &NatsConfig,
+    records: &[message::Message],
+    window: usize,
+) -> Result<f64, Error> {
+    use async_nats::HeaderMap;
+    let fail = |e: String| bench(format!("the plain NATS publisher failed: {e}"));
+    let client = async_nats::connect(config.servers[0].expose())
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let jetstream = async_nats::jetstream::ContextBuilder::new()
+        .timeout(config.ack_timeout)
+        .max_ack_inflight(window.max(1))
+        .build(client);
+    let started = Instant::now();
+    for chunk in records.chunks(window.max(1)) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for record in chunk {
+            let mut headers = HeaderMap::new();
+            for (name, value) in &record.headers {
+                headers.append(name.as_str(), String::from_utf8_lossy(value).as_ref());
+            }
+            if let Some((_, id)) = record.headers.iter().find(|(k, _)| k == "id") {
+                headers.insert("Nats-Msg-Id", String::from_utf8_lossy(id).as_ref());
+            }
+            headers.insert("aggregate_id", record.key.as_str());
+            let ack = jetstream
+                .publish_with_headers(
+                    record.topic.clone(),
+                    headers,
+                    record.value.clone().unwrap_or_default().into(),
+                )
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await.map_err(|e| fail(e.to_string()))?;
+        }
+    }
+    Ok(records.len() as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Confirmed, persistent, mandatory publishes of `records`, `window` in
+/// flight at a time, with the relay's properties; returns records per second.
+async fn publish_rabbitmq(
+    config: &RabbitMqConfig,
+    records: &[message::Message],
+    window: usize,
+) -> Result<f64, Error> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+    let fail = |e: String| bench(format!("the plain RabbitMQ publisher failed: {e}"));
+    let connection =
+        lapin::Connection::connect(config.url.expose(), lapin::ConnectionProperties::default())
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let started = Instant::now();
+    for chunk in records.chunks(window.max(1)) {
+        let mut confirms = Vec::with_capacity(chunk.len());
+        for record in chunk {
+            let mut headers = FieldTable::default();
+            for (name, value) in &record.headers {
+                headers.insert(
+                    ShortString::from(name.as_str()),
+                    AMQPValue::LongString(LongString::from(value.clone())),
+                );
+            }
+            let header = |name: &str| {
+                record
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default()
+            };
+            let properties = lapin::BasicProperties::default()
+                .with_message_id(header("id").into())
+                .with_type(header("event_type").into())
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_headers(headers);
+            let confirm = channel
+                .basic_publish(
+                    record.topic.as_str().into(),
+                    record.key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    record.value.as_deref().unwrap_or_default(),
+                    properties,
+                )
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            match confirm.await.map_err(|e| fail(e.to_string()))? {
+                lapin::Confirmation::Ack(None) => {}
+                other => return Err(fail(format!("a record was not confirmed: {other:?}"))),
+            }
+        }
+    }
+    let _ = connection.close(200, "done".into()).await;
+    Ok(records.len() as f64 / started.elapsed().as_secs_f64())
+}
+
+pub(super) fn describe(report: &BenchReport, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    if report.sinks.is_empty() {
+        return Ok(());
+    }
+    writeln!(f)?;
+    writeln!(
+        f,
+        "drains to NATS JetStream and RabbitMQ (throwaway servers), beside a plain publisher of the same client (same settings, a batch in flight):"
+    )?;
+    for s in &report.sinks {
+        writeln!(
+            f,
+            "  {:<8} {:<4} {:>8} rows {:>9.0} rows/s {:>5.2} x publisher ({:.0}/s)  relay CPU {:.4} s/1k rows  peak RSS {:.1} MB",
+            s.sink,
+            s.mode,
+            s.rows,
+            s.rows_per_sec,
+            s.ratio_to_publisher,
+            s.publisher_rows_per_sec,
+            s.relay_cpu_seconds_per_1k_rows,
+            s.relay_peak_rss_mb
+        )?;
+    }
+    Ok(())
+}
+
+pub(super) fn targets(report: &BenchReport, out: &mut BTreeMap<String, bool>) {
+    for s in &report.sinks {
+        out.insert(
+            format!(
+                "{} {} drain >= {SINK_RATIO_TARGET} x its plain publisher and >= {SINK_RATE_TARGET} rows/s",
+                s.sink, s.mode
+            ),
+            s.ratio_to_publisher >= SINK_RATIO_TARGET && s.rows_per_sec >= SINK_RATE_TARGET,
+        );
+        out.insert(
+            format!(
+                "{} {} relay peak RSS < {RSS_TARGET_MB} MB on {} rows",
+                s.sink, s.mode, s.rows
+            ),
+            s.relay_peak_rss_mb < RSS_TARGET_MB,
+        );
+    }
+}

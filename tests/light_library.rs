@@ -21,6 +21,8 @@ const MANIFEST: &str = concat!(
 const HEAVY: &[&str] = &[
     "rdkafka",
     "rdkafka-sys",
+    "async-nats",
+    "lapin",
     "axum",
     "clap",
     "pgwire-replication",

@@ -1692,6 +1692,7 @@ mod tests {
             lanes_rtt: Duration::ZERO,
             retention_rows: Vec::new(),
             startup_runs: 0,
+            sinks: vec![outbox_relay::config::SinkKind::Kafka],
             lanes_batch_size: 100,
         };
         let events = backlog(&options, options.rows);

@@ -357,3 +357,67 @@ async fn a_wrong_password_or_no_server_is_said_once_and_retried() {
     );
     relay.kill().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_with_the_servers_ca_delivers_and_another_ca_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certificates(dir.path(), "outbox-relay nats test CA");
+    let other = tempfile::tempdir().unwrap();
+    make_certificates(other.path(), "another CA");
+    let server = TempNats::start_with_tls(
+        &dir.path().join("server.pem"),
+        &dir.path().join("server.key"),
+    )
+    .await
+    .expect("start nats-server with TLS");
+    let url = format!("tls://127.0.0.1:{}", server.port());
+    let ca = dir.path().join("ca.pem");
+    // This process's own TLS client, as the relay does.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let t = SinkWorld::new("poll", nats_args(&url)).await;
+    let client = async_nats::ConnectOptions::new()
+        .add_root_certificates(ca.clone())
+        .require_tls(true)
+        .connect(url.as_str())
+        .await
+        .unwrap();
+    let jetstream = async_nats::jetstream::new(client);
+    let stream = jetstream
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: t.prefix.replace('.', "_"),
+            subjects: vec![format!("{}.>", t.prefix)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    create_aggregates(&t.pool, 5).await;
+    let written = write(&t.pool, 50, 5, 0.0).await;
+    let (mut relay, log) = t.relay(&["--sink-config", &format!("tls_ca_file={}", ca.display())]);
+    wait_for("the outbox to drain over TLS", DEADLINE, || async {
+        outbox_count(&t.pool).await == 0
+    })
+    .await;
+    relay.kill().await.unwrap();
+    let stored = stream.get_info().await.unwrap().state.messages;
+    assert_eq!(stored as usize, written.committed.len(), "{}", log.text());
+
+    // More rows, for a relay that trusts another CA only.
+    write(&t.pool, 10, 5, 0.0).await;
+    let (mut relay, log) = t.relay(&[
+        "--sink-config",
+        &format!("tls_ca_file={}", other.path().join("ca.pem").display()),
+    ]);
+    let line = log
+        .wait_for_line("cannot publish to NATS JetStream", DEADLINE)
+        .await;
+    assert!(
+        line.to_lowercase().contains("certificate") || line.to_lowercase().contains("tls"),
+        "{line}"
+    );
+    relay.kill().await.unwrap();
+    assert!(
+        outbox_count(&t.pool).await > 0,
+        "nothing may leave without a trusted server"
+    );
+}

@@ -32,13 +32,31 @@ pub struct TempNats {
     bin: PathBuf,
     port: u16,
     credentials: Option<(String, String)>,
+    /// More `nats-server` flags (e.g. TLS).
+    extra: Vec<String>,
     server: Option<Supervised>,
 }
 
 impl TempNats {
     /// Starts a server that lets anyone in.
     pub async fn start() -> Result<Self, Error> {
-        Self::launch(None).await
+        Self::launch(None, Vec::new()).await
+    }
+
+    /// Starts a server that takes only TLS clients, with the certificate
+    /// and key (PEM) given.
+    pub async fn start_with_tls(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> Result<Self, Error> {
+        let extra = vec![
+            "--tls".to_owned(),
+            "--tlscert".to_owned(),
+            cert.display().to_string(),
+            "--tlskey".to_owned(),
+            key.display().to_string(),
+        ];
+        Self::launch(None, extra).await
     }
 
     /// Starts a server that requires `user` and `password` of every client.
@@ -50,10 +68,13 @@ impl TempNats {
                 "TempNats::start_with_auth got an empty user, which nats-server takes as no authentication at all; pass a user name".into(),
             ));
         }
-        Self::launch(Some((user.to_owned(), password.to_owned()))).await
+        Self::launch(Some((user.to_owned(), password.to_owned())), Vec::new()).await
     }
 
-    async fn launch(credentials: Option<(String, String)>) -> Result<Self, Error> {
+    async fn launch(
+        credentials: Option<(String, String)>,
+        extra: Vec<String>,
+    ) -> Result<Self, Error> {
         let bin = find_program("nats-server", super::path_then(&["/usr/sbin", "/usr/bin"]))
             .ok_or_else(|| {
                 embedded(
@@ -70,6 +91,7 @@ impl TempNats {
             bin,
             port,
             credentials,
+            extra,
             server: None,
         };
         nats.start_again().await?;
@@ -190,6 +212,7 @@ impl TempNats {
         if let Some((user, password)) = &self.credentials {
             cmd.args(["--user", user, "--pass", password]);
         }
+        cmd.args(&self.extra);
         cmd.current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -116,6 +116,10 @@ impl NatsSink {
 /// Connects to the first server that answers, with a client that never
 /// reconnects (see the module's note on order).
 async fn connect(config: &NatsConfig) -> Result<Connection, String> {
+    // async-nats takes rustls' process-wide provider, which rustls cannot
+    // choose by itself when more than one is compiled in. Already
+    // installed (by the application, or an earlier connection): kept.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut causes = Vec::new();
     for server in &config.servers {
         let mut options = ConnectOptions::new()

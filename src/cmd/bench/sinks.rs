@@ -295,8 +295,10 @@ async fn publish_rabbitmq(
         .map_err(|e| fail(e.to_string()))?;
     let started = Instant::now();
     for chunk in records.chunks(window.max(1)) {
-        let mut confirms = Vec::with_capacity(chunk.len());
-        for record in chunk {
+        // join_all polls each publish once, in order, before any waits:
+        // the frames are queued in order and written together, as the
+        // relay's sink does.
+        let publishes = chunk.iter().map(|record| {
             let mut headers = FieldTable::default();
             for (name, value) in &record.headers {
                 headers.insert(
@@ -318,23 +320,25 @@ async fn publish_rabbitmq(
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())
                 .with_headers(headers);
-            let confirm = channel
-                .basic_publish(
-                    record.topic.as_str().into(),
-                    record.key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        immediate: false,
-                    },
-                    record.value.as_deref().unwrap_or_default(),
-                    properties,
-                )
-                .await
-                .map_err(|e| fail(e.to_string()))?;
-            confirms.push(confirm);
-        }
-        for confirm in confirms {
-            match confirm.await.map_err(|e| fail(e.to_string()))? {
+            let channel = &channel;
+            async move {
+                let confirm = channel
+                    .basic_publish(
+                        record.topic.as_str().into(),
+                        record.key.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            immediate: false,
+                        },
+                        record.value.as_deref().unwrap_or_default(),
+                        properties,
+                    )
+                    .await?;
+                confirm.await
+            }
+        });
+        for confirmed in futures::future::join_all(publishes).await {
+            match confirmed.map_err(|e| fail(e.to_string()))? {
                 lapin::Confirmation::Ack(None) => {}
                 other => return Err(fail(format!("a record was not confirmed: {other:?}"))),
             }

@@ -201,8 +201,15 @@ fn properties(message: &Message) -> Result<BasicProperties, String> {
 /// Resolves to a message's outcome once the broker confirms it.
 pub type RabbitMqAck = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
+/// A publish whose frames are queued: written already, or still being
+/// written.
+enum Written {
+    Ready(lapin::PublisherConfirm),
+    Pending(Pin<Box<dyn Future<Output = lapin::Result<lapin::PublisherConfirm>> + Send>>),
+}
+
 async fn outcome(
-    confirm: lapin::PublisherConfirm,
+    written: Written,
     timeout: Duration,
     deadline: tokio::time::Instant,
     exchange: String,
@@ -211,7 +218,14 @@ async fn outcome(
 ) -> Outcome {
     // The relay polls a batch's confirms one after another: the deadline
     // is taken when the message was sent, not when this is first polled.
-    match tokio::time::timeout_at(deadline, confirm).await {
+    let confirmed = async {
+        let confirm = match written {
+            Written::Ready(confirm) => confirm,
+            Written::Pending(publishing) => publishing.await?,
+        };
+        confirm.await
+    };
+    match tokio::time::timeout_at(deadline, confirmed).await {
         Ok(Ok(Confirmation::Ack(None))) => {
             last_ack.record();
             Outcome::Acked
@@ -344,32 +358,42 @@ impl Sink for RabbitMqSink {
         if let Err(sent) = self.check_exchange(&link, &message.topic).await {
             return sent;
         }
-        let publishing = link.channel.basic_publish(
-            ShortString::from(message.topic.as_str()),
-            ShortString::from(message.key.as_str()),
-            BasicPublishOptions {
+        let channel = link.channel.clone();
+        let exchange = ShortString::from(message.topic.as_str());
+        let routing_key = ShortString::from(message.key.as_str());
+        let body = body.to_vec();
+        let publishing = async move {
+            let options = BasicPublishOptions {
                 mandatory: true,
                 immediate: false,
-            },
-            body,
-            properties,
-        );
-        // A broker that stopped reading (frozen, or blocked by a resource
-        // alarm) holds the write: bounded like the confirm.
-        match tokio::time::timeout(self.config.confirm_timeout, publishing).await {
-            Ok(Ok(confirm)) => Sent::Enqueued(Box::pin(outcome(
-                confirm,
-                self.config.confirm_timeout,
-                tokio::time::Instant::now() + self.config.confirm_timeout,
-                message.topic.clone(),
-                message.key.clone(),
-                self.last_ack.clone(),
-            ))),
-            Ok(Err(e)) => Sent::NotSent(describe(&e)),
-            Err(_) => Sent::NotSent(format!(
-                "RabbitMQ did not take the message within {:?}",
-                self.config.confirm_timeout
-            )),
+            };
+            channel
+                .basic_publish(exchange, routing_key, options, &body, properties)
+                .await
+        };
+        // The first poll queues the message's frames on the channel (and
+        // takes its delivery tag) before it waits for the write: polling
+        // it here, in send order, keeps the order without waiting for each
+        // write in turn. A broker that stopped reading holds the write; the
+        // ack's deadline bounds it like the confirm.
+        let deadline = tokio::time::Instant::now() + self.config.confirm_timeout;
+        let mut publishing = Box::pin(publishing);
+        match futures::poll!(publishing.as_mut()) {
+            std::task::Poll::Ready(Err(e)) => Sent::NotSent(describe(&e)),
+            queued => {
+                let written: Written = match queued {
+                    std::task::Poll::Ready(Ok(confirm)) => Written::Ready(confirm),
+                    _ => Written::Pending(publishing),
+                };
+                Sent::Enqueued(Box::pin(outcome(
+                    written,
+                    self.config.confirm_timeout,
+                    deadline,
+                    message.topic.clone(),
+                    message.key.clone(),
+                    self.last_ack.clone(),
+                )))
+            }
         }
     }
 

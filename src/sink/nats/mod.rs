@@ -237,8 +237,8 @@ pub type NatsAck = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 async fn outcome(
     ack: PublishAckFuture,
     deadline: tokio::time::Instant,
-    jetstream: jetstream::Context,
-    subject: String,
+    connection: Arc<Connection>,
+    subject: async_nats::Subject,
     last_ack: Arc<LastAck>,
 ) -> Outcome {
     // The client's own timeout starts when the future is first polled,
@@ -256,7 +256,7 @@ async fn outcome(
         Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
             // "No responders" also answers while JetStream starts up: only
             // the API saying that no stream takes the subject is final.
-            match jetstream.stream_by_subject(subject.clone()).await {
+            match connection.jetstream.stream_by_subject(subject.to_string()).await {
                 Err(lookup) if lookup.kind() == GetStreamByNameErrorKind::NotFound => {
                     Outcome::Rejected(format!(
                         "no JetStream stream takes subject {subject:?}; add the subject to a stream (nats stream add/edit) or change --topic-template"
@@ -357,16 +357,18 @@ impl Sink for NatsSink {
             Err(cause) => return Sent::NotSent(format!("cannot connect to NATS: {cause}")),
         };
         let payload = message.value.clone().unwrap_or_default();
+        // Bytes-backed: the clone kept for the ack is a reference count.
+        let subject = async_nats::Subject::from(message.topic.as_str());
         match connection
             .jetstream
-            .publish_with_headers(message.topic.clone(), headers, payload.into())
+            .publish_with_headers(subject.clone(), headers, payload.into())
             .await
         {
             Ok(ack) => Sent::Enqueued(Box::pin(outcome(
                 ack,
                 tokio::time::Instant::now() + self.config.ack_timeout,
-                connection.jetstream.clone(),
-                message.topic.clone(),
+                connection,
+                subject,
                 self.last_ack.clone(),
             ))),
             Err(e) => match classify(&e) {

@@ -421,3 +421,25 @@ async fn tls_with_the_servers_ca_delivers_and_another_ca_is_refused() {
         "nothing may leave without a trusted server"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lanes_publish_through_a_connection_each_and_keep_order() {
+    let server = nats().await;
+    let t = SinkWorld::new("poll", nats_args(&server.url())).await;
+    let stream = nats_stream(&server.url(), &t.prefix).await;
+    create_aggregates(&t.pool, 20).await;
+    let (mut relay, log) = t.relay(&["--shards", "3", "--batch-size", "50"]);
+    let written = write(&t.pool, 300, 20, 0.1).await;
+    let records = read_nats_and_drain(
+        &t.pool,
+        &server.url(),
+        &stream,
+        &written.committed,
+        DEADLINE,
+    )
+    .await;
+    relay.kill().await.unwrap();
+    assert_delivered(&records, &written);
+    assert_eq!(assert_order(&records), 0, "no duplicates without a fault");
+    assert!(!log.text().contains("ERROR"), "{}", log.text());
+}

@@ -256,7 +256,11 @@ async fn outcome(
         Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
             // "No responders" also answers while JetStream starts up: only
             // the API saying that no stream takes the subject is final.
-            match connection.jetstream.stream_by_subject(subject.to_string()).await {
+            match connection
+                .jetstream
+                .stream_by_subject(subject.to_string())
+                .await
+            {
                 Err(lookup) if lookup.kind() == GetStreamByNameErrorKind::NotFound => {
                     Outcome::Rejected(format!(
                         "no JetStream stream takes subject {subject:?}; add the subject to a stream (nats stream add/edit) or change --topic-template"

@@ -123,6 +123,47 @@ pub trait Sink: Send {
     fn replace(&mut self) -> Result<(), Error>;
 }
 
+/// Runs `probe` until it succeeds, with capped exponential backoff (0.5 s
+/// doubling to 30 s), for [`Sink::wait_until_reachable`]. The first failure
+/// is logged once, as `warning(cause)` says it, and a later success says
+/// the broker is back. False if `shutdown` fired first.
+pub(crate) async fn until_reachable<F, Fut>(
+    shutdown: &CancellationToken,
+    broker: &str,
+    endpoint: &str,
+    mut probe: F,
+    warning: impl Fn(&str) -> String,
+) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let mut delay = Duration::from_millis(500);
+    let mut warned = false;
+    loop {
+        match probe().await {
+            Ok(()) => {
+                if warned {
+                    tracing::info!(endpoint, "{broker} is reachable again");
+                } else {
+                    tracing::debug!(endpoint, "{broker} is reachable");
+                }
+                return true;
+            }
+            Err(cause) if !warned => {
+                tracing::warn!(endpoint, "{}", warning(&cause));
+                warned = true;
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
 /// The error for a sink this build does not include.
 #[allow(dead_code)]
 pub(crate) fn not_built(kind: SinkKind) -> Error {

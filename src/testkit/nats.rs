@@ -261,3 +261,21 @@ impl Drop for TempNats {
         self.kill();
     }
 }
+
+/// Creates, on the server at `url`, a JetStream stream `name` (file
+/// storage, the server's defaults otherwise) taking `subjects`.
+pub async fn create_stream(url: &str, name: &str, subjects: &[String]) -> Result<(), Error> {
+    let fail = |e: String| embedded(format!("creating the JetStream stream {name} failed: {e}"));
+    let client = async_nats::connect(url)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    async_nats::jetstream::new(client)
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: name.to_owned(),
+            subjects: subjects.to_vec(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(())
+}

@@ -438,3 +438,53 @@ fn write_cookie(home: &Path) -> Result<(), Error> {
         .and_then(|()| fs::set_permissions(&path, fs::Permissions::from_mode(0o400)))
         .map_err(|e| embedded(format!("cannot write {}: {e}", path.display())))
 }
+
+/// Declares, on the broker at `url`, a durable topic exchange and a durable
+/// queue bound to it for every routing key: a destination the relay can
+/// publish to and a reader can drain.
+pub async fn declare_topic_queue(url: &str, exchange: &str, queue: &str) -> Result<(), Error> {
+    use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    let fail = |e: lapin::Error| {
+        embedded(format!(
+            "declaring exchange {exchange} and queue {queue} failed: {e}"
+        ))
+    };
+    let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .map_err(fail)?;
+    let channel = connection.create_channel().await.map_err(fail)?;
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            exchange.into(),
+            lapin::ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(fail)?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(queue.into(), durable, FieldTable::default())
+        .await
+        .map_err(fail)?;
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(fail)?;
+    let _ = connection.close(200, "declared".into()).await;
+    Ok(())
+}

@@ -71,15 +71,8 @@ pub fn nats_args(url: &str) -> impl FnOnce(&str) -> Vec<String> {
 
 /// Creates a file-backed stream taking every subject under `prefix`.
 pub async fn nats_stream(url: &str, prefix: &str) -> String {
-    let client = async_nats::connect(url).await.unwrap();
-    let jetstream = async_nats::jetstream::new(client);
     let name = prefix.replace('.', "_");
-    jetstream
-        .create_stream(async_nats::jetstream::stream::Config {
-            name: name.clone(),
-            subjects: vec![format!("{prefix}.>")],
-            ..Default::default()
-        })
+    testkit::nats::create_stream(url, &name, &[format!("{prefix}.>")])
         .await
         .unwrap();
     name
@@ -193,42 +186,10 @@ pub async fn rabbitmq_channel(url: &str) -> (lapin::Connection, lapin::Channel) 
 /// Declares a durable topic exchange `exchange` and a durable queue bound to
 /// it for every routing key; returns the queue's name.
 pub async fn rabbitmq_queue(url: &str, exchange: &str) -> String {
-    use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-    use lapin::types::FieldTable;
-    let (connection, channel) = rabbitmq_channel(url).await;
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .exchange_declare(
-            exchange.into(),
-            lapin::ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
     let queue = format!("{exchange}.all");
-    let options = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .queue_declare(queue.as_str().into(), options, FieldTable::default())
+    testkit::rabbitmq::declare_topic_queue(url, exchange, &queue)
         .await
         .unwrap();
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            exchange.into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let _ = connection.close(200, "declared".into()).await;
     queue
 }
 
@@ -314,4 +275,46 @@ pub async fn read_rabbitmq_and_drain(
     })
     .await;
     records
+}
+
+/// The kill -9 loop under concurrent writers: four writers commit while
+/// the relay (`--batch-size batch`) is started and SIGKILLed at random
+/// moments, at least eight times; then one relay runs until `read` (given
+/// the committed ids) has them all. Checks no loss, order per aggregate,
+/// and duplicates within one batch per kill.
+pub async fn kill_loop_against<F, Fut>(t: &SinkWorld, read: F)
+where
+    F: FnOnce(Vec<Uuid>) -> Fut,
+    Fut: std::future::Future<Output = Vec<Consumed>>,
+{
+    let batch = 50;
+    create_aggregates(&t.pool, 20).await;
+    let writers: Vec<_> = (0..4)
+        .map(|_| {
+            let pool = t.pool.clone();
+            tokio::spawn(async move { write(&pool, 200, 20, 0.1).await })
+        })
+        .collect();
+    let mut kills = 0;
+    while kills < 8 || writers.iter().any(|w| !w.is_finished()) {
+        let (mut relay, _log) = t.relay(&["--batch-size", &batch.to_string()]);
+        let pause = rand::rng().random_range(150..700);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        relay.kill().await.unwrap(); // SIGKILL
+        kills += 1;
+    }
+    let mut written = Written::default();
+    for w in writers {
+        written.append(w.await.unwrap());
+    }
+    let (mut relay, _log) = t.relay(&["--batch-size", &batch.to_string()]);
+    let records = read(written.committed.clone()).await;
+    relay.kill().await.unwrap();
+
+    assert_delivered(&records, &written);
+    let duplicates = assert_order(&records);
+    assert!(
+        duplicates <= kills * batch,
+        "{duplicates} duplicates after {kills} kills exceed one batch ({batch}) per kill"
+    );
 }

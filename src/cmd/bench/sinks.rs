@@ -50,70 +50,17 @@ impl Server {
     /// durable topic exchange `PREFIX.bench` with a durable queue bound for
     /// every key (RabbitMQ). Returns the relay's topic template for it.
     async fn destination(&self, prefix: &str) -> Result<String, Error> {
-        let fail = |e: String| bench(format!("preparing {prefix} on the broker: {e}"));
         match self {
             Server::Nats(server) => {
-                let client = async_nats::connect(server.url())
-                    .await
-                    .map_err(|e| fail(e.to_string()))?;
-                async_nats::jetstream::new(client)
-                    .create_stream(async_nats::jetstream::stream::Config {
-                        name: prefix.replace(['.', '-'], "_"),
-                        subjects: vec![format!("{prefix}.>")],
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| fail(e.to_string()))?;
+                let name = prefix.replace(['.', '-'], "_");
+                crate::testkit::nats::create_stream(&server.url(), &name, &[format!("{prefix}.>")])
+                    .await?;
                 Ok(format!("{prefix}.{{aggregate_type}}.{{aggregate_id}}"))
             }
             Server::RabbitMq(server) => {
-                use lapin::options::{
-                    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-                };
-                use lapin::types::FieldTable;
-                let connection = lapin::Connection::connect(
-                    &server.url(),
-                    lapin::ConnectionProperties::default(),
-                )
-                .await
-                .map_err(|e| fail(e.to_string()))?;
-                let channel = connection
-                    .create_channel()
-                    .await
-                    .map_err(|e| fail(e.to_string()))?;
                 let exchange = format!("{prefix}.bench");
-                let durable = ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                };
-                channel
-                    .exchange_declare(
-                        exchange.as_str().into(),
-                        lapin::ExchangeKind::Topic,
-                        durable,
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(|e| fail(e.to_string()))?;
-                let queue = QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                };
-                channel
-                    .queue_declare(exchange.as_str().into(), queue, FieldTable::default())
-                    .await
-                    .map_err(|e| fail(e.to_string()))?;
-                channel
-                    .queue_bind(
-                        exchange.as_str().into(),
-                        exchange.as_str().into(),
-                        "#".into(),
-                        QueueBindOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(|e| fail(e.to_string()))?;
-                let _ = connection.close(200, "declared".into()).await;
+                crate::testkit::rabbitmq::declare_topic_queue(&server.url(), &exchange, &exchange)
+                    .await?;
                 Ok(format!("{prefix}.{{aggregate_type}}"))
             }
         }

@@ -122,17 +122,12 @@ impl DemoBroker {
         };
         let config = NatsConfig::parse(&url, &[])?;
         let stream = name.to_owned();
-        let client = async_nats::connect(config.servers[0].expose())
-            .await
-            .map_err(|e| broker_error("connecting to NATS")(e.to_string()))?;
-        async_nats::jetstream::new(client)
-            .create_stream(async_nats::jetstream::stream::Config {
-                name: stream.clone(),
-                subjects: vec![format!("{name}.>")],
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| broker_error("creating the demo stream")(e.to_string()))?;
+        crate::testkit::nats::create_stream(
+            config.servers[0].expose(),
+            &stream,
+            &[format!("{name}.>")],
+        )
+        .await?;
         let description = match server {
             Server::Given => format!("NATS JetStream at {}, stream {stream}", config.servers[0]),
             _ => format!(
@@ -154,8 +149,6 @@ impl DemoBroker {
 
     #[cfg(feature = "rabbitmq")]
     async fn rabbitmq(url: Option<&str>, name: &str) -> Result<Self, Error> {
-        use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-        use lapin::types::FieldTable;
         let (url, server) = match url {
             Some(url) => (url.to_owned(), Server::Given),
             None => {
@@ -166,47 +159,8 @@ impl DemoBroker {
         let config = RabbitMqConfig::parse(&url, &[])?;
         let exchange = format!("{name}.account");
         let queue = name.to_owned();
-        let fail = broker_error("declaring the demo exchange and queue");
-        let connection =
-            lapin::Connection::connect(config.url.expose(), lapin::ConnectionProperties::default())
-                .await
-                .map_err(|e| fail(e.to_string()))?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        channel
-            .exchange_declare(
-                exchange.as_str().into(),
-                lapin::ExchangeKind::Topic,
-                durable,
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        let options = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        channel
-            .queue_declare(queue.as_str().into(), options, FieldTable::default())
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                exchange.as_str().into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        let _ = connection.close(200, "declared".into()).await;
+        crate::testkit::rabbitmq::declare_topic_queue(config.url.expose(), &exchange, &queue)
+            .await?;
         let description = match server {
             Server::Given => format!(
                 "RabbitMQ at {}, exchange {exchange}, queue {queue}",

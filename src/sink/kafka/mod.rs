@@ -28,11 +28,11 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use crate::config::KafkaConfig;
 use crate::error::Error;
-use crate::sink::{LastAck, Message, Outcome, Sent, Sink};
+use crate::sink::{LastAck, Message, Outcome, Sent, Sink, until_reachable};
 
 /// The producer settings the relay's guarantees rest on. `--kafka-config`
 /// properties are applied after these and may override them.
@@ -194,9 +194,7 @@ impl Sink for KafkaSink {
     /// Waits until the brokers answer a metadata request, retrying with
     /// capped backoff and saying so once. Returns false if `shutdown` fired first.
     async fn wait_until_reachable(&self, shutdown: &CancellationToken) -> bool {
-        let mut delay = Duration::from_millis(500);
-        let mut warned = false;
-        loop {
+        let probe = || async {
             let producer = self.producer.clone();
             let probe = tokio::task::spawn_blocking(move || {
                 let brokers = producer
@@ -214,41 +212,25 @@ impl Sink for KafkaSink {
                 Ok::<_, rdkafka::error::KafkaError>(brokers)
             })
             .await;
-            match probe {
-                Ok(Ok(brokers)) if brokers > 0 => {
-                    if warned {
-                        info!(brokers = %self.brokers, "Kafka is reachable again");
-                    } else {
-                        debug!(brokers = %self.brokers, "Kafka is reachable");
-                    }
-                    return true;
-                }
-                other => {
-                    let mut cause = match other {
-                        Ok(Ok(_)) => "no brokers in the metadata".to_owned(),
-                        Ok(Err(e)) => e.to_string(),
-                        Err(e) => e.to_string(),
-                    };
-                    let last = self.last_error.lock().ok().and_then(|last| last.clone());
-                    if let Some(last) = last {
-                        cause = format!("{cause} ({last})");
-                    }
-                    if !warned {
-                        warn!(
-                            brokers = %self.brokers,
-                            "cannot reach Kafka brokers at {}: {cause}; retrying with backoff until they answer; check --brokers (OUTBOX_BROKERS), that the brokers are up, and any TLS or SASL settings in --kafka-config",
-                            self.brokers
-                        );
-                        warned = true;
-                    }
-                }
+            let mut cause = match probe {
+                Ok(Ok(brokers)) if brokers > 0 => return Ok(()),
+                Ok(Ok(_)) => "no brokers in the metadata".to_owned(),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            let last = self.last_error.lock().ok().and_then(|last| last.clone());
+            if let Some(last) = last {
+                cause = format!("{cause} ({last})");
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(delay) => {}
-            }
-            delay = (delay * 2).min(Duration::from_secs(30));
-        }
+            Err(cause)
+        };
+        until_reachable(shutdown, "Kafka", &self.brokers, probe, |cause| {
+            format!(
+                "cannot reach Kafka brokers at {}: {cause}; retrying with backoff until they answer; check --brokers (OUTBOX_BROKERS), that the brokers are up, and any TLS or SASL settings in --kafka-config",
+                self.brokers
+            )
+        })
+        .await
     }
 
     /// Enqueues `record`. Waits while the producer's queue is full, so a slow

@@ -36,11 +36,11 @@ use async_nats::jetstream::{self, ErrorCode};
 use async_nats::{Client, ConnectOptions};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use crate::config::NatsConfig;
 use crate::error::Error;
-use crate::sink::{LastAck, Message, Outcome, Sent, Sink};
+use crate::sink::{LastAck, Message, Outcome, Sent, Sink, until_reachable};
 
 /// The header that carries the outbox id for JetStream's deduplication.
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
@@ -303,8 +303,6 @@ impl Sink for NatsSink {
     /// Connects, and asks JetStream for the account's limits, retrying with
     /// capped backoff and saying once why it cannot.
     async fn wait_until_reachable(&self, shutdown: &CancellationToken) -> bool {
-        let mut delay = Duration::from_millis(500);
-        let mut warned = false;
         let servers = self
             .config
             .servers
@@ -312,34 +310,16 @@ impl Sink for NatsSink {
             .map(|s| s.redacted())
             .collect::<Vec<_>>()
             .join(",");
-        loop {
-            let cause = match self.connection(true).await {
-                Ok(connection) => match jetstream_enabled(&connection.client).await {
-                    Ok(()) => {
-                        if warned {
-                            info!(servers = %servers, "NATS JetStream is reachable again");
-                        } else {
-                            debug!(servers = %servers, "NATS JetStream is reachable");
-                        }
-                        return true;
-                    }
-                    Err(cause) => cause,
-                },
-                Err(cause) => cause,
-            };
-            if !warned {
-                warn!(
-                    servers = %servers,
-                    "cannot publish to NATS JetStream at {servers}: {cause}; retrying with backoff until it answers; check --sink-url (OUTBOX_SINK_URL), that the server is up, and the credentials and TLS settings"
-                );
-                warned = true;
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(delay) => {}
-            }
-            delay = (delay * 2).min(Duration::from_secs(30));
-        }
+        let probe = || async {
+            let connection = self.connection(true).await?;
+            jetstream_enabled(&connection.client).await
+        };
+        until_reachable(shutdown, "NATS JetStream", &servers, probe, |cause| {
+            format!(
+                "cannot publish to NATS JetStream at {servers}: {cause}; retrying with backoff until it answers; check --sink-url (OUTBOX_SINK_URL), that the server is up, and the credentials and TLS settings"
+            )
+        })
+        .await
     }
 
     async fn send(&self, message: &Message) -> Sent<NatsAck> {

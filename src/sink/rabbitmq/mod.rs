@@ -39,12 +39,12 @@ use lapin::{
 };
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use crate::config::RabbitMqConfig;
 use crate::error::Error;
 use crate::message::{HEADER_EVENT_TYPE, HEADER_ID};
-use crate::sink::{LastAck, Message, Outcome, Sent, Sink};
+use crate::sink::{LastAck, Message, Outcome, Sent, Sink, until_reachable};
 
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -298,35 +298,14 @@ impl Sink for RabbitMqSink {
     /// Connects and opens a channel in confirm mode, retrying with capped
     /// backoff and saying once why it cannot.
     async fn wait_until_reachable(&self, shutdown: &CancellationToken) -> bool {
-        let mut delay = Duration::from_millis(500);
-        let mut warned = false;
         let url = self.config.url.redacted();
-        loop {
-            match self.link(true).await {
-                Ok(_) => {
-                    if warned {
-                        info!(url = %url, "RabbitMQ is reachable again");
-                    } else {
-                        debug!(url = %url, "RabbitMQ is reachable");
-                    }
-                    return true;
-                }
-                Err(cause) => {
-                    if !warned {
-                        warn!(
-                            url = %url,
-                            "cannot publish to RabbitMQ at {url}: {cause}; retrying with backoff until it answers; check --sink-url (OUTBOX_SINK_URL): host, port, user, password and virtual host, and that the broker is up"
-                        );
-                        warned = true;
-                    }
-                }
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(delay) => {}
-            }
-            delay = (delay * 2).min(Duration::from_secs(30));
-        }
+        let probe = || async { self.link(true).await.map(|_| ()) };
+        until_reachable(shutdown, "RabbitMQ", &url, probe, |cause| {
+            format!(
+                "cannot publish to RabbitMQ at {url}: {cause}; retrying with backoff until it answers; check --sink-url (OUTBOX_SINK_URL): host, port, user, password and virtual host, and that the broker is up"
+            )
+        })
+        .await
     }
 
     async fn send(&self, message: &Message) -> Sent<RabbitMqAck> {

@@ -1,5 +1,5 @@
 //! `outbox-relay`: publishes every committed row of a Postgres transactional
-//! outbox to a broker (Kafka), at least once, in commit order per aggregate.
+//! outbox to a broker (Kafka, NATS JetStream or RabbitMQ), at least once, in commit order per aggregate.
 //!
 //! A [`source`] reads committed outbox rows in the relay's order, a
 //! [`sink`] publishes them, and the [`relay`] joins the two: it owns the
@@ -11,10 +11,19 @@
 //! Features: with `default-features = false` the crate is the light library
 //! a service needs ([`outbox`], [`inbox`], [`MIGRATOR`]) and compiles no
 //! broker client, HTTP server or replication client. `relay` adds the
-//! sources, the loop, leadership and the metrics endpoints; `kafka` the Kafka
-//! sink (and [`inbox::kafka_message_id`]); `cli` the binary (with its demo
+//! sources, the loop, leadership and the metrics endpoints, and needs at
+//! least one sink: `kafka` (with [`inbox::kafka_message_id`]), `nats`,
+//! `rabbitmq` (each also brings its inbox helper alone); `cli` the binary (with its demo
 //! and bench, and their throwaway Postgres, which is not part of the
 //! library). The default is all of them.
+
+#[cfg(all(
+    feature = "relay",
+    not(any(feature = "kafka", feature = "nats", feature = "rabbitmq"))
+))]
+compile_error!(
+    "the relay needs a sink to publish to: enable the \"kafka\", \"nats\" or \"rabbitmq\" feature as well"
+);
 
 pub mod config;
 pub mod error;

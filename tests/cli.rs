@@ -11,21 +11,6 @@ use nix::unistd::Pid;
 use support::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-/// Runs the binary to completion and returns (exit code, stderr).
-async fn run(args: &[&str]) -> (i32, String) {
-    let output = tokio::time::timeout(
-        Duration::from_secs(60),
-        relay_binary().args(args).env("OUTBOX_LOG", "info").output(),
-    )
-    .await
-    .expect("the relay exits")
-    .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8(output.stderr).unwrap(),
-    )
-}
-
 fn assert_one_line(stderr: &str, starts_with: &str, secret: &str) {
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "expected one line, got:\n{stderr}");

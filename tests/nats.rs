@@ -239,21 +239,6 @@ async fn no_stream_and_too_large_are_dead_lettered_and_the_rest_flow() {
     assert!(dead[1].1.contains("payload"), "{}", dead[1].1);
 }
 
-/// Runs the binary to completion and returns (exit code, stderr).
-async fn run(args: &[&str]) -> (i32, String) {
-    let output = tokio::time::timeout(
-        Duration::from_secs(60),
-        relay_binary().args(args).env("OUTBOX_LOG", "info").output(),
-    )
-    .await
-    .expect("the relay exits")
-    .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8(output.stderr).unwrap(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_urls_are_one_line_and_exit_2() {
     let url = fresh_database().await;

@@ -10,6 +10,22 @@ pub fn relay_binary() -> Command {
     cmd
 }
 
+/// Runs the binary with `args` to completion (within a minute) and returns
+/// (exit code, stderr).
+pub async fn run(args: &[&str]) -> (i32, String) {
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        relay_binary().args(args).env("OUTBOX_LOG", "info").output(),
+    )
+    .await
+    .expect("the relay exits")
+    .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
 /// The relay binary with `run` arguments for this database and Kafka, in
 /// poll mode.
 pub fn relay_command(url: &str, brokers: &str, prefix: &str) -> Command {

@@ -146,17 +146,26 @@ pub async fn read_nats_and_drain(
     expected: &[Uuid],
     deadline: Duration,
 ) -> Vec<Consumed> {
+    let records = read_nats_until(url, stream, deadline, saw_all(expected)).await;
+    wait_until_drained(pool, deadline).await;
+    records
+}
+
+/// Whether the records read so far hold every id in `expected`.
+fn saw_all(expected: &[Uuid]) -> impl Fn(&[Consumed]) -> bool {
     let expected: HashSet<Uuid> = expected.iter().copied().collect();
-    let records = read_nats_until(url, stream, deadline, |records| {
+    move |records| {
         let seen: HashSet<Uuid> = records.iter().map(Consumed::id).collect();
         expected.is_subset(&seen)
-    })
-    .await;
+    }
+}
+
+/// Waits until the relay confirmed every row (the outbox is empty).
+async fn wait_until_drained(pool: &PgPool, deadline: Duration) {
     wait_for("the outbox to drain", deadline, || async {
         outbox_count(pool).await == 0
     })
     .await;
-    records
 }
 
 /// The RabbitMQ flags of a world: exchange `PREFIX.AGGREGATE_TYPE`.
@@ -263,17 +272,9 @@ pub async fn read_rabbitmq_and_drain(
     expected: &[Uuid],
     deadline: Duration,
 ) -> Vec<Consumed> {
-    let expected: HashSet<Uuid> = expected.iter().copied().collect();
     let mut records = Vec::new();
-    read_rabbitmq_until(url, queue, &mut records, deadline, |records| {
-        let seen: HashSet<Uuid> = records.iter().map(Consumed::id).collect();
-        expected.is_subset(&seen)
-    })
-    .await;
-    wait_for("the outbox to drain", deadline, || async {
-        outbox_count(pool).await == 0
-    })
-    .await;
+    read_rabbitmq_until(url, queue, &mut records, deadline, saw_all(expected)).await;
+    wait_until_drained(pool, deadline).await;
     records
 }
 

@@ -180,7 +180,6 @@ async fn publish_nats(
     records: &[message::Message],
     window: usize,
 ) -> Result<f64, Error> {
-    use async_nats::HeaderMap;
     let fail = |e: String| bench(format!("the plain NATS publisher failed: {e}"));
     let client = async_nats::connect(config.servers[0].expose())
         .await
@@ -193,14 +192,7 @@ async fn publish_nats(
     for chunk in records.chunks(window.max(1)) {
         let mut acks = Vec::with_capacity(chunk.len());
         for record in chunk {
-            let mut headers = HeaderMap::new();
-            for (name, value) in &record.headers {
-                headers.append(name.as_str(), String::from_utf8_lossy(value).as_ref());
-            }
-            if let Some((_, id)) = record.headers.iter().find(|(k, _)| k == "id") {
-                headers.insert("Nats-Msg-Id", String::from_utf8_lossy(id).as_ref());
-            }
-            headers.insert("aggregate_id", record.key.as_str());
+            let headers = outbox_relay::sink::nats::nats_headers(record).map_err(fail)?;
             let ack = jetstream
                 .publish_with_headers(
                     record.topic.clone(),
@@ -226,7 +218,6 @@ async fn publish_rabbitmq(
     window: usize,
 ) -> Result<f64, Error> {
     use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-    use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
     let fail = |e: String| bench(format!("the plain RabbitMQ publisher failed: {e}"));
     let connection =
         lapin::Connection::connect(config.url.expose(), lapin::ConnectionProperties::default())
@@ -245,28 +236,12 @@ async fn publish_rabbitmq(
         // join_all polls each publish once, in order, before any waits:
         // the frames are queued in order and written together, as the
         // relay's sink does.
-        let publishes = chunk.iter().map(|record| {
-            let mut headers = FieldTable::default();
-            for (name, value) in &record.headers {
-                headers.insert(
-                    ShortString::from(name.as_str()),
-                    AMQPValue::LongString(LongString::from(value.clone())),
-                );
-            }
-            let header = |name: &str| {
-                record
-                    .headers
-                    .iter()
-                    .find(|(k, _)| k == name)
-                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-                    .unwrap_or_default()
-            };
-            let properties = lapin::BasicProperties::default()
-                .with_message_id(header("id").into())
-                .with_type(header("event_type").into())
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into())
-                .with_headers(headers);
+        let properties = chunk
+            .iter()
+            .map(outbox_relay::sink::rabbitmq::properties)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(fail)?;
+        let publishes = chunk.iter().zip(properties).map(|(record, properties)| {
             let channel = &channel;
             async move {
                 let confirm = channel

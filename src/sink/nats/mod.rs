@@ -163,8 +163,16 @@ async fn connect(config: &NatsConfig) -> Result<Connection, String> {
     Err(causes.join("; "))
 }
 
-/// The message's headers as NATS carries them, or why it cannot.
-fn nats_headers(message: &Message, id: &str) -> Result<HeaderMap, String> {
+/// The message's headers as NATS carries them (module doc: `Nats-Msg-Id`,
+/// `aggregate_id`, then the message's own), or why it cannot.
+pub fn nats_headers(message: &Message) -> Result<HeaderMap, String> {
+    let id = message
+        .headers
+        .iter()
+        .find(|(name, _)| name == crate::message::HEADER_ID)
+        .map(|(_, id)| String::from_utf8_lossy(id))
+        .unwrap_or_default();
+    let id = id.as_ref();
     let mut headers = HeaderMap::new();
     let value = |text: &str| text.parse::<HeaderValue>().ok();
     headers.insert(MSG_ID_HEADER, value(id).unwrap_or_default());
@@ -326,13 +334,7 @@ impl Sink for NatsSink {
         if let Some(problem) = invalid_subject(&message.topic) {
             return Sent::Refused(problem);
         }
-        let id = message
-            .headers
-            .iter()
-            .find(|(name, _)| name == crate::message::HEADER_ID)
-            .map(|(_, id)| String::from_utf8_lossy(id).into_owned())
-            .unwrap_or_default();
-        let headers = match nats_headers(message, &id) {
+        let headers = match nats_headers(message) {
             Ok(headers) => headers,
             Err(problem) => return Sent::Refused(problem),
         };
@@ -413,7 +415,7 @@ mod tests {
                 ("traceparent".into(), b"00-ab".to_vec()),
             ],
         };
-        let headers = nats_headers(&message, "0b7c").unwrap();
+        let headers = nats_headers(&message).unwrap();
         assert_eq!(headers.get(MSG_ID_HEADER).unwrap().as_str(), "0b7c");
         assert_eq!(headers.get(AGGREGATE_ID_HEADER).unwrap().as_str(), "o-1");
         assert_eq!(headers.get("id").unwrap().as_str(), "0b7c");
@@ -421,17 +423,9 @@ mod tests {
 
         let mut bad = message.clone();
         bad.headers.push(("a:b".into(), b"x".to_vec()));
-        assert!(
-            nats_headers(&bad, "0b7c")
-                .unwrap_err()
-                .contains("header name")
-        );
+        assert!(nats_headers(&bad).unwrap_err().contains("header name"));
         let mut bad = message;
         bad.headers.push(("note".into(), b"two\nlines".to_vec()));
-        assert!(
-            nats_headers(&bad, "0b7c")
-                .unwrap_err()
-                .contains("line break")
-        );
+        assert!(nats_headers(&bad).unwrap_err().contains("line break"));
     }
 }

@@ -162,8 +162,8 @@ fn invalid_exchange(name: &str) -> Option<String> {
     })
 }
 
-/// The message's AMQP properties, or why AMQP cannot carry it.
-fn properties(message: &Message) -> Result<BasicProperties, String> {
+/// The message's AMQP properties (module doc), or why AMQP cannot carry it.
+pub fn properties(message: &Message) -> Result<BasicProperties, String> {
     let header = |name: &str| {
         message
             .headers

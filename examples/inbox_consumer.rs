@@ -1,4 +1,4 @@
-//! A complete consumer with exactly-once effects, to copy.
+//! A consumer with exactly-once effects, on the crate's consumer runtime.
 //!
 //! ```text
 //! cargo run --example inbox_consumer -- --brokers localhost:9092 \
@@ -6,37 +6,28 @@
 //! ```
 //!
 //! It applies payment messages `{"account": "...", "amount": 12}` to
-//! `balances(account, amount)`. For each record: one database transaction
-//! records the message id in the inbox and, only if it is new, updates the
-//! balance; the Kafka offset is committed after that transaction commits.
-//! Killed anywhere and restarted, it re-reads from the last committed offset
-//! and the inbox skips what was already applied, so balances are exact even
-//! when every message arrives two or three times.
-//!
-//! It logs each partition assignment and revocation to stderr, so the group's
-//! members show which of them holds which partition.
+//! `balances(account, amount)` and records each applied payment in
+//! `ledger`, in the order applied. The runtime claims each message id in the
+//! inbox in the handler's transaction and commits the Kafka offset only
+//! after that transaction: killed anywhere and restarted, balances are exact
+//! even when every message arrives two or three times. A payload that is
+//! not a payment is dead-lettered (`outbox-relay consumer-dead-letters list`).
 
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use outbox_relay::inbox::{self, Claim};
-use rdkafka::client::ClientContext;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
-use rdkafka::message::BorrowedMessage;
-use rdkafka::{ClientConfig, Message, TopicPartitionList};
+use outbox_relay::consumer::{self, ConsumerConfig, HandlerError, KafkaSettings, Message};
 use serde::Deserialize;
-use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
+use sqlx::{Postgres, Transaction};
 
 #[derive(Parser)]
 struct Args {
     /// Kafka bootstrap servers.
     #[arg(long, env = "OUTBOX_BROKERS")]
     brokers: String,
-    /// The consumer's own database (gets `balances` and the inbox table).
+    /// The consumer's own database (gets `balances`, `ledger` and the inbox).
     #[arg(long, env = "OUTBOX_DATABASE_URL", hide_env_values = true)]
     database_url: String,
     #[arg(long, default_value = "payment.events")]
@@ -44,6 +35,9 @@ struct Args {
     /// Consumer group; also the inbox's dedup namespace.
     #[arg(long, default_value = "balances")]
     group: String,
+    /// Partitions applied at once.
+    #[arg(long, default_value_t = 4)]
+    max_in_flight: usize,
     /// Exit 0 after this many seconds without a new message (0: never).
     #[arg(long, default_value_t = 0)]
     idle_exit_secs: u64,
@@ -52,49 +46,54 @@ struct Args {
     kafka_config: Vec<String>,
 }
 
-#[derive(Deserialize)]
-struct Payment {
-    account: String,
-    amount: i64,
-}
+/// The effects of one payment.
+struct Balances;
 
-/// Reports the group's rebalances; librdkafka does the assigning.
-struct LogRebalances;
-
-impl ClientContext for LogRebalances {}
-
-impl ConsumerContext for LogRebalances {
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(partitions) => eprintln!("assigned: {}", describe(partitions)),
-            Rebalance::Revoke(partitions) => eprintln!("revoked: {}", describe(partitions)),
-            Rebalance::Error(e) => eprintln!("rebalance: {e}"),
+impl consumer::Handler for Balances {
+    async fn handle(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        message: &Message,
+    ) -> Result<(), HandlerError> {
+        #[derive(Deserialize)]
+        struct Payment {
+            account: String,
+            amount: i64,
         }
-    }
-}
-
-fn describe(partitions: &TopicPartitionList) -> String {
-    let names: Vec<String> = partitions
-        .elements()
-        .iter()
-        .map(|p| format!("{}[{}]", p.topic(), p.partition()))
-        .collect();
-    if names.is_empty() {
-        "no partitions".into()
-    } else {
-        names.join(", ")
+        let payment: Payment = message.json()?;
+        sqlx::query(
+            "insert into balances (account, amount) values ($1, $2) \
+             on conflict (account) do update set amount = balances.amount + excluded.amount",
+        )
+        .bind(&payment.account)
+        .bind(payment.amount)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query("insert into ledger (message_id, account, amount) values ($1, $2, $3)")
+            .bind(message.id)
+            .bind(&payment.account)
+            .bind(payment.amount)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
     }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
     let args = Args::parse();
     let pool = PgPoolOptions::new()
-        .max_connections(2)
+        .max_connections(args.max_in_flight as u32 + 1)
         .connect(&args.database_url)
         .await
         .context("connecting to --database-url")?;
-    // The crate's migrations create the inbox table.
+    // The crate's migrations create the inbox and dead-letter tables.
     outbox_relay::MIGRATOR
         .run(&pool)
         .await
@@ -104,81 +103,57 @@ async fn main() -> anyhow::Result<()> {
     )
     .execute(&pool)
     .await?;
+    sqlx::query(
+        "create table if not exists ledger (seq bigint generated always as identity, \
+         message_id uuid not null, account text not null, amount bigint not null)",
+    )
+    .execute(&pool)
+    .await?;
 
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", &args.brokers)
-        .set("group.id", &args.group)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest");
+    let mut kafka = KafkaSettings::new(&args.brokers);
     for entry in &args.kafka_config {
         let (key, value) = entry
             .split_once('=')
             .context("--kafka-config takes KEY=VALUE")?;
-        config.set(key, value);
+        kafka = kafka.set(key, value);
     }
-    let consumer: StreamConsumer<LogRebalances> = config
-        .create_with_context(LogRebalances)
-        .context("creating the Kafka consumer")?;
-    consumer.subscribe(&[&args.topic]).context("subscribing")?;
-
+    let mut config = ConsumerConfig::new(&args.group, [&args.topic]);
+    config.max_in_flight = args.max_in_flight;
+    let consumer = consumer::KafkaConsumer::new(pool, config, kafka, Balances)?;
+    let stats = consumer.stats();
     let idle = (args.idle_exit_secs > 0).then(|| Duration::from_secs(args.idle_exit_secs));
-    loop {
-        let message = match idle {
-            Some(idle) => match tokio::time::timeout(idle, consumer.recv()).await {
-                Ok(message) => message,
-                Err(_) => {
-                    println!("no new message for {}s; exiting", idle.as_secs());
-                    return Ok(());
+    let shutdown = async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let terminate = async {
+            match signal(SignalKind::terminate()) {
+                Ok(mut terminate) => {
+                    terminate.recv().await;
                 }
-            },
-            None => consumer.recv().await,
-        };
-        let message = match message {
-            Ok(message) => message,
-            Err(e) => {
-                eprintln!("kafka: {e}");
-                continue;
+                Err(_) => std::future::pending().await,
             }
         };
-        if let Err(e) = apply(&pool, &args.group, &message).await {
-            // A message that can never apply is reported and skipped;
-            // a database error ends the process so the message is retried.
-            match e.downcast_ref::<sqlx::Error>() {
-                Some(_) => return Err(e),
-                None => eprintln!("skipping record at offset {}: {e:#}", message.offset()),
+        let idle = async {
+            let Some(idle) = idle else {
+                return std::future::pending().await;
+            };
+            let mut seen = (u64::MAX, std::time::Instant::now());
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let now = stats.applied() + stats.duplicates() + stats.dead_lettered();
+                if now != seen.0 {
+                    seen = (now, std::time::Instant::now());
+                } else if seen.1.elapsed() >= idle {
+                    println!("no new message for {}s; exiting", idle.as_secs());
+                    return;
+                }
             }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = terminate => {}
+            () = idle => {}
         }
-        // Only after the database commit: a crash before this line means
-        // redelivery, which the inbox absorbs. So does a failed commit, which
-        // is reported and not fatal: Kafka refuses commits from a member
-        // caught in a rebalance (REBALANCE_IN_PROGRESS, ILLEGAL_GENERATION,
-        // UNKNOWN_MEMBER_ID), and librdkafka rejoins by itself.
-        if let Err(e) = consumer.commit_message(&message, CommitMode::Sync) {
-            eprintln!(
-                "committing offset {} of partition {}: {e}",
-                message.offset() + 1,
-                message.partition()
-            );
-        }
-    }
-}
-
-async fn apply(pool: &PgPool, group: &str, message: &BorrowedMessage<'_>) -> anyhow::Result<()> {
-    let id = inbox::kafka_message_id(message)?;
-    let payment: Payment = serde_json::from_slice(message.payload().unwrap_or_default())
-        .context("payload is not {\"account\": text, \"amount\": integer}")?;
-    let mut tx = pool.begin().await?;
-    if inbox::claim(&mut tx, group, id).await? == Claim::New {
-        sqlx::query(
-            "insert into balances (account, amount) values ($1, $2) \
-             on conflict (account) do update set amount = balances.amount + excluded.amount",
-        )
-        .bind(&payment.account)
-        .bind(payment.amount)
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
+    };
+    consumer.run(shutdown).await?;
     Ok(())
 }

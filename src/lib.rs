@@ -26,6 +26,8 @@ compile_error!(
 );
 
 pub mod config;
+#[cfg(feature = "consumer")]
+pub mod consumer;
 pub mod error;
 pub mod inbox;
 pub mod message;

@@ -11,7 +11,7 @@ mod cmd;
 #[allow(dead_code)]
 mod testkit;
 
-use cmd::cli::{Cli, Command, DeadLettersCommand, LogFormat};
+use cmd::cli::{Cli, Command, ConsumerDeadLettersCommand, DeadLettersCommand, LogFormat};
 use cmd::{bench, demo};
 use outbox_relay::{Error, database, dead_letter, inbox, relay};
 use tokio_util::sync::CancellationToken;
@@ -109,6 +109,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             );
         }
         Command::DeadLetters(command) => dead_letters(command).await?,
+        Command::ConsumerDeadLetters(command) => consumer_dead_letters(command).await?,
         Command::Replay(args) => cmd::replay::run(&args, shutdown_on_signal()).await?,
         Command::Bench(args) => {
             let options = bench::BenchOptions {
@@ -188,6 +189,73 @@ async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<()> {
             database::check_schema(&mut conn, &db).await?;
             let deleted = dead_letter::purge(&mut conn, selection).await?;
             println!("deleted {deleted} dead letters");
+        }
+    }
+    Ok(())
+}
+
+async fn consumer_dead_letters(command: ConsumerDeadLettersCommand) -> anyhow::Result<()> {
+    use outbox_relay::consumer;
+    // The table is in the consumer's database, created by the same
+    // migrations as the inbox.
+    let check = |e: sqlx::Error| match e.as_database_error().and_then(|e| e.code()) {
+        Some(code) if code == "42P01" => anyhow::anyhow!(
+            "the table consumer_dead_letter does not exist in this database and schema; \
+             run `outbox-relay migrate` against the consumer's database"
+        ),
+        _ => anyhow::anyhow!("reading consumer_dead_letter: {e}"),
+    };
+    match command {
+        ConsumerDeadLettersCommand::List {
+            database,
+            group,
+            limit,
+            json,
+        } => {
+            let db = database.to_config()?;
+            let mut conn = database::connect(&db).await?;
+            let rows = consumer::list(&mut conn, group.as_deref(), limit)
+                .await
+                .map_err(check)?;
+            if rows.is_empty() && !json {
+                println!("no consumer dead letters");
+            }
+            for row in rows {
+                if json {
+                    println!("{}", row.to_json());
+                } else {
+                    println!("{row}");
+                }
+            }
+        }
+        ConsumerDeadLettersCommand::Retry {
+            database,
+            group,
+            which,
+        } => {
+            let selection = which.selection(None, "consumer-dead-letters retry")?;
+            let db = database.to_config()?;
+            let mut conn = database::connect(&db).await?;
+            let marked = consumer::request_retry(&mut conn, &group, selection)
+                .await
+                .map_err(check)?;
+            println!(
+                "marked {marked} dead letters of group {group} for retry; a running consumer of the group applies them"
+            );
+        }
+        ConsumerDeadLettersCommand::Purge {
+            database,
+            group,
+            which,
+            older_than,
+        } => {
+            let selection = which.selection(older_than, "consumer-dead-letters purge")?;
+            let db = database.to_config()?;
+            let mut conn = database::connect(&db).await?;
+            let deleted = consumer::purge(&mut conn, &group, selection)
+                .await
+                .map_err(check)?;
+            println!("deleted {deleted} consumer dead letters of group {group}");
         }
     }
     Ok(())

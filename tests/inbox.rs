@@ -1,6 +1,7 @@
 //! The inbox turns at-least-once delivery into exactly-once effects: every
-//! message delivered two or three times, consumers killed anywhere, and the
-//! balances still come out exact.
+//! message delivered two or three times, consumers (the example, on the
+//! consumer runtime) killed anywhere, and the balances still come out exact,
+//! each payment applied once and in order per account.
 
 mod support;
 
@@ -171,23 +172,34 @@ async fn whereabouts(brokers: &str, topic: &str, group: &str, missing: &[Uuid]) 
 /// The example consumer's `session.timeout.ms` in the test below.
 const SESSION_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Per account, the payment ids in the order their first copy was produced:
+/// the order a consumer that keeps each partition in order applies them.
+fn first_copy_order(deliveries: &[&Payment]) -> HashMap<String, Vec<Uuid>> {
+    let mut seen = HashSet::new();
+    let mut order: HashMap<String, Vec<Uuid>> = HashMap::new();
+    for p in deliveries {
+        if seen.insert(p.id) {
+            order.entry(p.account.clone()).or_default().push(p.id);
+        }
+    }
+    order
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_example_consumer_applies_each_payment_once_through_kills_and_redeliveries() {
+async fn consumer_processes_killed_repeatedly_apply_each_payment_once_in_order_per_account() {
     let url = fresh_database().await;
     let kafka = Kafka::start();
     let topic = format!("{}.payments", topic_prefix());
-    kafka.create_topic(&topic, 2).await;
-    // Enough that a consumer is still applying them when it is killed.
-    let payments = payments(1000);
+    kafka.create_topic(&topic, 4).await;
+    let payments = payments(1500);
     let mut deliveries: Vec<&Payment> = Vec::new();
     for p in &payments {
         let copies = rand::rng().random_range(2..=3);
         deliveries.extend(std::iter::repeat_n(p, copies));
     }
     deliveries.shuffle(&mut rand::rng());
-    produce(&kafka.brokers(), &topic, &deliveries).await;
 
-    let consumer = |idle: &str| {
+    let consumer = || {
         let mut cmd = Command::new(example_binary("inbox_consumer"));
         cmd.args([
             "--brokers",
@@ -198,8 +210,9 @@ async fn the_example_consumer_applies_each_payment_once_through_kills_and_redeli
             &topic,
             "--group",
             "balances",
+            "--max-in-flight",
+            "2",
         ])
-        .args(["--idle-exit-secs", idle])
         .args([
             "--kafka-config",
             &format!("session.timeout.ms={}", SESSION_TIMEOUT.as_millis()),
@@ -209,51 +222,77 @@ async fn the_example_consumer_applies_each_payment_once_through_kills_and_redeli
         .kill_on_drop(true);
         cmd
     };
-    for _ in 0..3 {
-        let (mut child, _) = spawn_logged(consumer("0"));
-        let pause = rand::rng().random_range(500..2500);
-        tokio::time::sleep(Duration::from_millis(pause)).await;
-        child.kill().await.unwrap(); // SIGKILL, anywhere in the loop
-    }
-    // The killed members stay in the group until their sessions lapse; the
-    // last consumer starts after that, so it forms a group of its own. On
-    // Kafka this costs only time: the coordinator evicts a dead member
-    // whenever it notices and hands its partitions on. tansu 0.6 does not
-    // when a survivor's heartbeat is what notices: the survivor rejoins into
-    // the same generation, SyncGroup hands back its old assignment, and the
-    // dead member's partitions stay unassigned for good. tansu also holds a
-    // rejoining member's JoinGroup for 3 s and completes it after the client
-    // is gone, enrolling a killed member afresh up to 3 s after the kill
-    // (README, "Compatibility notes").
-    let tansu_join_hold = Duration::from_secs(3);
-    tokio::time::sleep(SESSION_TIMEOUT + tansu_join_hold + Duration::from_secs(1)).await;
-    // The last consumer runs until the balances are exact. Balances only
-    // grow, so a payment applied twice would keep them from ever matching;
-    // waiting for them (rather than for the consumer to go idle) does not
-    // depend on how fast the group hands it both partitions after the kills.
-    let (mut last, last_log) = spawn_logged(consumer("0"));
-    let expected = expected_balances(&payments);
     let pool = PgPoolOptions::new()
         .max_connections(1)
         .connect(&url)
         .await
         .unwrap();
+    // The first member creates the tables; the others start once it has,
+    // so that no two run the same DDL at once.
+    let mut members = vec![spawn_logged(consumer())];
+    wait_for(
+        "the first consumer to create its tables",
+        Duration::from_secs(60),
+        || async {
+            sqlx::query_scalar::<_, bool>("select to_regclass('ledger') is not null")
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        },
+    )
+    .await;
+    members.push(spawn_logged(consumer()));
+    members.push(spawn_logged(consumer()));
+
+    // The payments arrive while members are killed and restarted.
+    let brokers = kafka.brokers();
+    let chunks: Vec<Vec<&Payment>> = deliveries.chunks(100).map(<[_]>::to_vec).collect();
+    let producing = async {
+        for chunk in chunks {
+            produce(&brokers, &topic, &chunk).await;
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    };
+    let killing = async {
+        for _ in 0..5 {
+            let pause = rand::rng().random_range(400..1500);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            let victim = rand::rng().random_range(0..members.len());
+            members[victim].0.kill().await.unwrap(); // SIGKILL, anywhere
+            members[victim] = spawn_logged(consumer());
+        }
+    };
+    tokio::join!(producing, killing);
+    for (member, _) in &mut members {
+        member.kill().await.unwrap();
+    }
+    // Two last members start once the killed ones' sessions are over, as a
+    // group of their own (tansu 0.6 can strand a dead member's partitions;
+    // README, "Compatibility notes"; on Kafka this only costs time).
+    let tansu_join_hold = Duration::from_secs(3);
+    tokio::time::sleep(SESSION_TIMEOUT + tansu_join_hold + Duration::from_secs(1)).await;
+    let mut last = vec![spawn_logged(consumer()), spawn_logged(consumer())];
+    let expected = expected_balances(&payments);
     let mut seen = HashMap::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
     while std::time::Instant::now() < deadline {
-        // The consumer creates the table on its first start.
         seen = balances_if_any(&pool).await;
         if seen == expected {
             break;
         }
-        assert!(
-            last.try_wait().unwrap().is_none(),
-            "the consumer exited before the balances were exact; it logged:\n{}",
-            last_log.text()
-        );
+        for (member, log) in &mut last {
+            assert!(
+                member.try_wait().unwrap().is_none(),
+                "a consumer exited before the balances were exact; it logged:\n{}",
+                log.text()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    last.kill().await.unwrap();
+    let logs: Vec<String> = last.iter().map(|(_, log)| log.text()).collect();
+    for (member, _) in &mut last {
+        member.kill().await.unwrap();
+    }
     if seen != expected {
         let applied: HashSet<Uuid> = sqlx::query_scalar::<_, Uuid>(
             "select message_id from inbox where consumer_group = 'balances'",
@@ -272,16 +311,35 @@ async fn the_example_consumer_applies_each_payment_once_through_kills_and_redeli
         assert_eq!(
             seen,
             expected,
-            "balances are not exact after 180 s: {whereabouts}; the last consumer logged:\n{}",
-            last_log.text()
+            "balances are not exact after 180 s: {whereabouts}; the last consumers logged:\n{}",
+            logs.join("\n---\n")
         );
     }
-    let recorded: i64 =
-        sqlx::query_scalar("select count(*) from inbox where consumer_group = 'balances'")
-            .fetch_one(&pool)
+    // Each payment applied once, and per account in the order produced.
+    let ledger: Vec<(Uuid, String)> =
+        sqlx::query_as("select message_id, account from ledger order by seq")
+            .fetch_all(&pool)
             .await
             .unwrap();
-    assert_eq!(recorded, payments.len() as i64);
+    assert_eq!(
+        ledger.len(),
+        payments.len(),
+        "payments applied more than once"
+    );
+    let mut applied: HashMap<String, Vec<Uuid>> = HashMap::new();
+    for (id, account) in ledger {
+        applied.entry(account).or_default().push(id);
+    }
+    assert_eq!(
+        applied,
+        first_copy_order(&deliveries),
+        "payments of an account were applied out of their order"
+    );
+    let dead: i64 = sqlx::query_scalar("select count(*) from consumer_dead_letter")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(dead, 0, "well-formed payments were dead-lettered");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -44,6 +44,9 @@ pub enum Command {
     /// Inspect, replay or purge rows the broker rejected for good.
     #[command(subcommand)]
     DeadLetters(DeadLettersCommand),
+    /// Inspect, retry or purge messages a consumer runtime's handler could not apply.
+    #[command(subcommand)]
+    ConsumerDeadLetters(ConsumerDeadLettersCommand),
     /// Publish retained rows again (tail mode with --retention), in order per aggregate, marked with a `replayed` header, beside the live relay.
     Replay(ReplayArgs),
     /// Run the whole pipeline on a throwaway Postgres and an in-process Kafka.
@@ -530,6 +533,80 @@ pub enum DeadLettersCommand {
         #[arg(long, value_parser = humantime::parse_duration, conflicts_with_all = ["id", "all"])]
         older_than: Option<Duration>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConsumerDeadLettersCommand {
+    /// Print the consumer dead letters, oldest first, with their errors.
+    List {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// Only this consumer group's.
+        #[arg(long)]
+        group: Option<String>,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// One JSON object per line, with key, headers and payload.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mark rows for a running consumer of the group to apply again through its handler (once, through the inbox).
+    Retry {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[arg(long)]
+        group: String,
+        #[command(flatten)]
+        which: ConsumerWhich,
+    },
+    /// Delete rows for good.
+    Purge {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[arg(long)]
+        group: String,
+        #[command(flatten)]
+        which: ConsumerWhich,
+        /// Only rows that failed longer ago than this (e.g. 30d).
+        #[arg(long, value_parser = humantime::parse_duration, conflicts_with_all = ["id", "all"])]
+        older_than: Option<Duration>,
+    },
+}
+
+/// Which consumer dead letters a command takes.
+#[derive(Debug, Clone, Args)]
+pub struct ConsumerWhich {
+    /// The row with this id (the first column of `list`).
+    #[arg(long)]
+    pub id: Option<i64>,
+    /// Every row of the group.
+    #[arg(long, conflicts_with = "id")]
+    pub all: bool,
+}
+
+impl ConsumerWhich {
+    /// The selection; `command` names the command for the error.
+    pub fn selection(
+        &self,
+        older_than: Option<Duration>,
+        command: &str,
+    ) -> Result<outbox_relay::consumer::DeadLetterSelection, Error> {
+        use outbox_relay::consumer::DeadLetterSelection;
+        match (self.id, self.all, older_than) {
+            (Some(id), _, _) => Ok(DeadLetterSelection::Id(id)),
+            (None, true, _) => Ok(DeadLetterSelection::All),
+            (None, false, Some(age)) => Ok(DeadLetterSelection::OlderThan(age)),
+            (None, false, None) => Err(Error::Config(format!(
+                "{command} needs --id N or --all{}; see `outbox-relay consumer-dead-letters list` for ids",
+                if command.ends_with("purge") {
+                    " or --older-than AGE"
+                } else {
+                    ""
+                }
+            ))),
+        }
+    }
 }
 
 /// Which dead-lettered rows a command takes.

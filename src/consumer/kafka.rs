@@ -1,0 +1,616 @@
+//! The runtime on Kafka: one thread polls librdkafka and serves the group's
+//! rebalances; each assigned partition has a task that applies its messages
+//! in order; offsets are committed only for messages whose transaction
+//! committed.
+//!
+//! The poll thread hands each message to its partition's queue. A queue
+//! that grows past its bound pauses the partition at the broker (the fetch
+//! position stays at the next message), and resumes it once drained, so a
+//! partition waiting out a retry never holds the others up nor fills memory.
+//! When partitions are revoked, the poll thread (inside librdkafka's
+//! rebalance callback) stops their tasks after the message in hand, waits
+//! for them, and commits their offsets synchronously before the group moves
+//! them.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::statistics::Statistics;
+use rdkafka::{Message as _, Offset, TopicPartitionList};
+use sqlx::PgPool;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::metrics::{self, ConsumerStats};
+use super::partition::{Applier, Delivery};
+use super::{ConsumerConfig, ConsumerError, Handler, Message, dead_letters};
+use crate::inbox;
+
+/// How to reach Kafka: bootstrap servers and librdkafka consumer
+/// properties (SASL, TLS, `session.timeout.ms`, ...).
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    brokers: String,
+    properties: Vec<(String, String)>,
+}
+
+/// Properties the runtime sets itself: committing is its job.
+const OWN_PROPERTIES: [&str; 4] = [
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "bootstrap.servers",
+];
+
+impl KafkaSettings {
+    pub fn new(brokers: impl Into<String>) -> Self {
+        KafkaSettings {
+            brokers: brokers.into(),
+            properties: Vec::new(),
+        }
+    }
+
+    /// One librdkafka consumer property; later values win.
+    pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.properties.push((key.into(), value.into()));
+        self
+    }
+
+    fn client_config(&self, config: &ConsumerConfig) -> Result<ClientConfig, ConsumerError> {
+        if self.brokers.trim().is_empty() {
+            return Err(ConsumerError::Config(
+                "no Kafka bootstrap servers; give HOST:PORT[,HOST:PORT...]".into(),
+            ));
+        }
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", &config.group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            // Incremental rebalances: a member joining or leaving moves only
+            // the partitions that change hands, and their offsets are
+            // committed while the group is stable (an eager rebalance
+            // revokes everything, and brokers may refuse the commit then).
+            .set("partition.assignment.strategy", "cooperative-sticky");
+        if config.metrics_address.is_some() {
+            // The lag gauges come from librdkafka's statistics.
+            client.set("statistics.interval.ms", "5000");
+        }
+        for (key, value) in &self.properties {
+            if OWN_PROPERTIES.contains(&key.as_str()) {
+                return Err(ConsumerError::Config(format!(
+                    "Kafka property {key} is set by the consumer runtime (offsets are committed \
+                     only after the database commit); remove it"
+                )));
+            }
+            client.set(key, value);
+        }
+        Ok(client)
+    }
+}
+
+/// Runs a consumer group member on Kafka until `shutdown` resolves, then
+/// finishes the messages in hand, commits their offsets and leaves the group.
+pub async fn run_kafka<H: Handler>(
+    pool: PgPool,
+    config: ConsumerConfig,
+    kafka: KafkaSettings,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ConsumerError> {
+    KafkaConsumer::new(pool, config, kafka, handler)?
+        .run(shutdown)
+        .await
+}
+
+/// A consumer group member on Kafka, for callers that want its
+/// [`ConsumerStats`] while it runs.
+pub struct KafkaConsumer<H: Handler> {
+    consumer: BaseConsumer<Rebalancer<H>>,
+    shared: Arc<Shared<H>>,
+    metrics: Option<std::net::SocketAddr>,
+}
+
+impl<H: Handler> KafkaConsumer<H> {
+    /// Checks the settings and creates the Kafka client (it connects when
+    /// run).
+    pub fn new(
+        pool: PgPool,
+        config: ConsumerConfig,
+        kafka: KafkaSettings,
+        handler: H,
+    ) -> Result<Self, ConsumerError> {
+        config.validate()?;
+        let client = kafka.client_config(&config)?;
+        let stats = ConsumerStats::new(&config.group);
+        let shared = Arc::new(Shared {
+            applier: Arc::new(Applier {
+                pool,
+                group: config.group.clone(),
+                handler: Arc::new(handler),
+                retry: config.retry,
+                stats,
+            }),
+            gate: Arc::new(Semaphore::new(config.max_in_flight)),
+            partitions: Mutex::new(HashMap::new()),
+            done: Arc::new(Mutex::new(HashMap::new())),
+            runtime: tokio::runtime::Handle::try_current().map_err(|_| {
+                ConsumerError::Config(
+                    "the consumer runtime must be created inside a Tokio runtime".into(),
+                )
+            })?,
+            config,
+        });
+        let consumer: BaseConsumer<Rebalancer<H>> = client
+            .create_with_context(Rebalancer {
+                shared: shared.clone(),
+            })
+            .map_err(|e| ConsumerError::Config(format!("the Kafka consumer settings: {e}")))?;
+        let topics: Vec<&str> = shared.config.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|e| ConsumerError::Broker(format!("subscribing to {topics:?}: {e}")))?;
+        Ok(KafkaConsumer {
+            consumer,
+            metrics: shared.config.metrics_address,
+            shared,
+        })
+    }
+
+    pub fn stats(&self) -> ConsumerStats {
+        self.shared.applier.stats.clone()
+    }
+
+    /// Runs until `shutdown` resolves (see [`run_kafka`]).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ConsumerError> {
+        super::check_tables(&self.shared.applier.pool).await?;
+        let stop = CancellationToken::new();
+        let mut background = Vec::new();
+        if let Some(address) = self.metrics {
+            let listener = metrics::bind(address).await?;
+            background.push(tokio::spawn(metrics::serve(
+                listener,
+                self.stats(),
+                stop.clone(),
+            )));
+        }
+        let applier = self.shared.applier.clone();
+        let every = self.shared.config.redrive_interval;
+        let redrive_stop = stop.clone();
+        background.push(tokio::spawn(async move {
+            dead_letters::redrive(&applier, every, redrive_stop).await
+        }));
+        info!(
+            group = %self.shared.config.group,
+            topics = ?self.shared.config.topics,
+            max_in_flight = self.shared.config.max_in_flight,
+            "consumer started"
+        );
+        let poll_stop = stop.clone();
+        let KafkaConsumer {
+            consumer, shared, ..
+        } = self;
+        // The thread reports its end on a channel rather than being joined,
+        // so that a runtime shutting down never waits on it; dropping this
+        // future stops it too.
+        let (finished, mut poll_ended) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("outbox-consumer".into())
+            .spawn(move || {
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    poll(consumer, shared, poll_stop)
+                }));
+                let _ = finished.send(outcome.is_ok());
+            })
+            .map_err(|e| ConsumerError::Broker(format!("starting the poll thread: {e}")))?;
+        let _stop_on_drop = stop.clone().drop_guard();
+        tokio::select! {
+            () = shutdown => {}
+            _ = &mut poll_ended => {}
+        }
+        stop.cancel();
+        let clean = poll_ended.await.unwrap_or(false);
+        for task in background {
+            let _ = task.await;
+        }
+        if clean {
+            info!("consumer stopped");
+            Ok(())
+        } else {
+            Err(ConsumerError::Broker(
+                "the Kafka poll thread panicked".into(),
+            ))
+        }
+    }
+}
+
+/// What the poll thread, the rebalance callback and the partition tasks
+/// share.
+struct Shared<H: Handler> {
+    applier: Arc<Applier<H>>,
+    config: ConsumerConfig,
+    /// One permit per partition being applied (`max_in_flight`).
+    gate: Arc<Semaphore>,
+    partitions: Mutex<HashMap<(String, i32), Worker>>,
+    /// Per partition, the offset after the last settled message, not yet
+    /// committed.
+    done: Arc<Mutex<HashMap<(String, i32), i64>>>,
+    runtime: tokio::runtime::Handle,
+}
+
+/// One partition's task and its queue.
+struct Worker {
+    queue: mpsc::UnboundedSender<Delivery>,
+    queued: Arc<AtomicUsize>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    paused: bool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere cannot leave these maps half-written.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl<H: Handler> Shared<H> {
+    /// Messages a partition may have queued before it is paused.
+    fn queue_bound(&self) -> usize {
+        (4 * self.config.max_batch).max(1000)
+    }
+
+    fn dispatch(&self, consumer: &BaseConsumer<Rebalancer<H>>, record: &BorrowedMessage<'_>) {
+        let delivery = delivery(record);
+        let key = (delivery.message.topic.clone(), delivery.message.partition);
+        let mut partitions = lock(&self.partitions);
+        let worker = partitions
+            .entry(key.clone())
+            .or_insert_with(|| self.start_worker(key.clone()));
+        let queued = worker.queued.fetch_add(1, Ordering::SeqCst) + 1;
+        if worker.queue.send(delivery).is_err() {
+            // The task ended (stopped); the message is redelivered to
+            // whoever holds the partition next.
+            return;
+        }
+        if queued >= self.queue_bound() && !worker.paused {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&key.0, key.1);
+            match consumer.pause(&tpl) {
+                Ok(()) => worker.paused = true,
+                Err(e) => debug!(topic = %key.0, partition = key.1, error = %e, "cannot pause"),
+            }
+        }
+    }
+
+    fn start_worker(&self, key: (String, i32)) -> Worker {
+        let (queue, receiver) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let task = self.runtime.spawn(apply_partition(
+            self.applier.clone(),
+            receiver,
+            queued.clone(),
+            stop.clone(),
+            self.gate.clone(),
+            self.done.clone(),
+            key,
+            self.config.max_batch,
+        ));
+        Worker {
+            queue,
+            queued,
+            stop,
+            task,
+            paused: false,
+        }
+    }
+
+    /// Resumes paused partitions whose queues drained to half their bound.
+    fn resume_drained(&self, consumer: &BaseConsumer<Rebalancer<H>>) {
+        let bound = self.queue_bound();
+        for ((topic, partition), worker) in lock(&self.partitions).iter_mut() {
+            if worker.paused && worker.queued.load(Ordering::SeqCst) <= bound / 2 {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(topic, *partition);
+                if consumer.resume(&tpl).is_ok() {
+                    worker.paused = false;
+                }
+            }
+        }
+    }
+
+    /// Commits the offsets of settled messages of `only` (every partition
+    /// with `None`).
+    fn commit(
+        &self,
+        consumer: &BaseConsumer<Rebalancer<H>>,
+        only: Option<&[(String, i32)]>,
+        mode: CommitMode,
+    ) {
+        let offsets: Vec<((String, i32), i64)> = {
+            let mut done = lock(&self.done);
+            match only {
+                None => done.drain().collect(),
+                Some(keys) => keys
+                    .iter()
+                    .filter_map(|key| done.remove(key).map(|offset| (key.clone(), offset)))
+                    .collect(),
+            }
+        };
+        if offsets.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), offset) in &offsets {
+            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+        }
+        if let Err(e) = consumer.commit(&tpl, mode) {
+            // Not lost: the messages are redelivered and the inbox skips
+            // them. Kafka refuses commits from a member caught in a
+            // rebalance; the next owner starts from the last good commit.
+            debug!(error = %e, offsets = offsets.len(), "committing offsets failed");
+            // Tried again with the next commit (a revoke's, at the latest),
+            // unless newer offsets are there already.
+            let mut done = lock(&self.done);
+            for (key, offset) in offsets {
+                done.entry(key).or_insert(offset);
+            }
+        }
+    }
+
+    /// Stops the tasks of `keys` after the message in hand, waits for them
+    /// (up to `revoke_timeout`, then abandons what runs: rolled back and
+    /// delivered again), and commits what they settled.
+    fn stop_partitions(
+        &self,
+        consumer: &BaseConsumer<Rebalancer<H>>,
+        keys: &[(String, i32)],
+        commit: bool,
+    ) {
+        let workers: Vec<((String, i32), Worker)> = {
+            let mut partitions = lock(&self.partitions);
+            keys.iter()
+                .filter_map(|key| partitions.remove(key).map(|w| (key.clone(), w)))
+                .collect()
+        };
+        for (_, worker) in &workers {
+            worker.stop.cancel();
+        }
+        let timeout = self.config.revoke_timeout;
+        let abandoned = self.runtime.block_on(async {
+            let deadline = tokio::time::Instant::now() + timeout;
+            let mut abandoned = 0;
+            for (_, worker) in workers {
+                let task = worker.task;
+                tokio::pin!(task);
+                if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                    task.abort();
+                    let _ = task.await;
+                    abandoned += 1;
+                }
+            }
+            abandoned
+        });
+        if abandoned > 0 {
+            warn!(
+                partitions = abandoned,
+                timeout_ms = timeout.as_millis() as u64,
+                "handlers still running when their partitions went were abandoned; \
+                 their messages are rolled back and delivered again"
+            );
+        }
+        for (topic, partition) in keys {
+            self.applier.stats.forget_partition(topic, *partition);
+        }
+        if commit {
+            self.commit(consumer, Some(keys), CommitMode::Sync);
+        }
+        // The partitions are gone: what could not be committed is
+        // redelivered to their next owner, and the inbox skips it.
+        let mut done = lock(&self.done);
+        for key in keys {
+            done.remove(key);
+        }
+    }
+}
+
+/// One partition: batches of ready messages, in order, one at a time.
+#[allow(clippy::too_many_arguments)]
+async fn apply_partition<H: Handler>(
+    applier: Arc<Applier<H>>,
+    mut queue: mpsc::UnboundedReceiver<Delivery>,
+    queued: Arc<AtomicUsize>,
+    stop: CancellationToken,
+    gate: Arc<Semaphore>,
+    done: Arc<Mutex<HashMap<(String, i32), i64>>>,
+    key: (String, i32),
+    max_batch: usize,
+) {
+    loop {
+        let first = tokio::select! {
+            first = queue.recv() => first,
+            _ = stop.cancelled() => None,
+        };
+        let Some(first) = first else { return };
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        queued.fetch_sub(batch.len(), Ordering::SeqCst);
+        let _permit = tokio::select! {
+            permit = gate.acquire() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            _ = stop.cancelled() => return,
+        };
+        let settled = applier.apply(&mut batch, &stop).await;
+        if settled > 0 {
+            let next = batch[settled - 1].message.offset + 1;
+            lock(&done).insert(key.clone(), next);
+        }
+        if settled < batch.len() {
+            return;
+        }
+    }
+}
+
+/// A Kafka record as the runtime's message.
+fn delivery(record: &BorrowedMessage<'_>) -> Delivery {
+    let headers: Vec<(String, Option<Vec<u8>>)> = record
+        .headers()
+        .map(|headers| {
+            headers
+                .iter()
+                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let (id, id_error) = match inbox::kafka_message_id(record) {
+        Ok(id) => (id, None),
+        Err(e) => (uuid::Uuid::nil(), Some(e.to_string())),
+    };
+    Delivery {
+        message: Message {
+            id,
+            topic: record.topic().to_string(),
+            partition: record.partition(),
+            offset: record.offset(),
+            key: record.key().map(<[u8]>::to_vec),
+            headers,
+            payload: record.payload().map(<[u8]>::to_vec),
+            failed_attempts: 0,
+        },
+        id_error,
+    }
+}
+
+/// The poll thread: messages to their partitions, paused partitions
+/// resumed, offsets committed every `commit_interval`; at `stop`, every
+/// partition stopped and committed, then the group left.
+fn poll<H: Handler>(
+    consumer: BaseConsumer<Rebalancer<H>>,
+    shared: Arc<Shared<H>>,
+    stop: CancellationToken,
+) {
+    let mut last_commit = Instant::now();
+    let mut last_error = String::new();
+    while !stop.is_cancelled() {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(record)) => shared.dispatch(&consumer, &record),
+            Some(Err(e)) => {
+                let error = e.to_string();
+                if error != last_error {
+                    warn!(error = %error, "Kafka");
+                    last_error = error;
+                }
+            }
+            None => {}
+        }
+        shared.resume_drained(&consumer);
+        if last_commit.elapsed() >= shared.config.commit_interval {
+            shared.commit(&consumer, None, CommitMode::Sync);
+            last_commit = Instant::now();
+        }
+    }
+    let keys: Vec<(String, i32)> = lock(&shared.partitions).keys().cloned().collect();
+    shared.stop_partitions(&consumer, &keys, true);
+    shared.commit(&consumer, None, CommitMode::Sync);
+    consumer.unsubscribe();
+    // Dropping the consumer leaves the group (librdkafka's close).
+    drop(consumer);
+}
+
+/// Serves the group's rebalances on the poll thread.
+struct Rebalancer<H: Handler> {
+    shared: Arc<Shared<H>>,
+}
+
+impl<H: Handler> ClientContext for Rebalancer<H> {
+    fn stats(&self, statistics: Statistics) {
+        let owned = lock(&self.shared.partitions);
+        for (topic, partitions) in &statistics.topics {
+            for (partition, p) in &partitions.partitions {
+                if owned.contains_key(&(topic.clone(), *partition)) && p.consumer_lag >= 0 {
+                    self.shared
+                        .applier
+                        .stats
+                        .set_lag(topic, *partition, p.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl<H: Handler> ConsumerContext for Rebalancer<H> {
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        match result {
+            Ok(()) => debug!(offsets = ?offsets.to_topic_map(), "offsets committed"),
+            Err(e) => {
+                debug!(error = %e, offsets = ?offsets.to_topic_map(), "committing offsets failed")
+            }
+        }
+    }
+
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(revoked) = rebalance {
+            let keys: Vec<(String, i32)> = revoked
+                .elements()
+                .iter()
+                .map(|p| (p.topic().to_string(), p.partition()))
+                .collect();
+            // A lost assignment (the session expired) cannot commit: the
+            // partitions may already be someone else's.
+            let lost = consumer.assignment_lost();
+            self.shared.applier.stats.revoking();
+            info!(partitions = %describe(&keys), lost, "partitions revoked");
+            self.shared.stop_partitions(consumer, &keys, !lost);
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(assigned) => {
+                let keys: Vec<(String, i32)> = assigned
+                    .elements()
+                    .iter()
+                    .map(|p| (p.topic().to_string(), p.partition()))
+                    .collect();
+                info!(partitions = %describe(&keys), "partitions assigned");
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => warn!(error = %e, "rebalance failed"),
+        }
+        let held = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        self.shared.applier.stats.set_partitions(held);
+    }
+}
+
+fn describe(keys: &[(String, i32)]) -> String {
+    if keys.is_empty() {
+        return "none".into();
+    }
+    keys.iter()
+        .map(|(topic, partition)| format!("{topic}[{partition}]"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,522 @@
+//! The consumer runtime (`outbox_relay::consumer`) in process, against a
+//! throwaway Postgres and Kafka: a rebalance in the middle of a handler,
+//! poison messages dead-lettered and retried, transient failures retried in
+//! order, and settings refused with one line.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outbox_relay::consumer::{
+    self, ConsumerConfig, ConsumerError, ConsumerStats, DeadLetterSelection, HandlerError,
+    KafkaConsumer, KafkaSettings, Message, RetryPolicy,
+};
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgPool, Postgres, Transaction};
+use support::*;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// One produced message: its id, key and place among its key's messages.
+#[derive(Debug, Clone)]
+struct Sent {
+    id: Uuid,
+    key: String,
+    n: i64,
+}
+
+/// Produces `count` messages spread over `keys` keys, in order, each its
+/// own producer batch (tansu: README, "Compatibility notes").
+async fn produce(brokers: &str, topic: &str, keys: usize, count: usize, from: i64) -> Vec<Sent> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("batch.num.messages", "1")
+        .create()
+        .unwrap();
+    let mut sent = Vec::new();
+    for i in 0..count {
+        let message = Sent {
+            id: Uuid::new_v4(),
+            key: format!("key-{}", i % keys),
+            n: from + i as i64,
+        };
+        send(&producer, topic, &message).await;
+        sent.push(message);
+    }
+    sent
+}
+
+async fn send(producer: &FutureProducer, topic: &str, message: &Sent) {
+    let id = message.id.to_string();
+    let payload = json!({"key": message.key, "n": message.n}).to_string();
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "id",
+            value: Some(&id),
+        })
+        .insert(Header {
+            key: "event_type",
+            value: Some("counted"),
+        });
+    producer
+        .send(
+            FutureRecord::to(topic)
+                .key(&message.key)
+                .payload(&payload)
+                .headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+}
+
+/// What the test handler does; shared with the test.
+#[derive(Default)]
+struct Script {
+    /// Handler runs per message id.
+    calls: Mutex<HashMap<Uuid, u32>>,
+    /// Fails permanently while `accept` is false.
+    poison: Mutex<HashSet<Uuid>>,
+    /// Fails transiently while `accept` is false.
+    flaky: Mutex<HashSet<Uuid>>,
+    /// Fails transiently this many more times.
+    fail_times: Mutex<HashMap<Uuid, u32>>,
+    accept: AtomicBool,
+    /// The message whose handler waits for `release`; `entered` when it does.
+    hold: Mutex<Option<Uuid>>,
+    entered: Notify,
+    release: Notify,
+}
+
+struct Effects(Arc<Script>);
+
+impl consumer::Handler for Effects {
+    async fn handle(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        message: &Message,
+    ) -> Result<(), HandlerError> {
+        let script = &self.0;
+        *script.calls.lock().unwrap().entry(message.id).or_default() += 1;
+        let accept = script.accept.load(Ordering::SeqCst);
+        if !accept && script.poison.lock().unwrap().contains(&message.id) {
+            return Err(HandlerError::permanent("this message breaks a rule"));
+        }
+        if !accept && script.flaky.lock().unwrap().contains(&message.id) {
+            return Err(HandlerError::transient("a dependency is down"));
+        }
+        if let Some(left) = script.fail_times.lock().unwrap().get_mut(&message.id)
+            && *left > 0
+        {
+            *left -= 1;
+            return Err(HandlerError::transient("a lock timed out"));
+        }
+        let payload: serde_json::Value = message.json()?;
+        sqlx::query("insert into effects (message_id, key, n) values ($1, $2, $3)")
+            .bind(message.id)
+            .bind(payload["key"].as_str())
+            .bind(payload["n"].as_i64())
+            .execute(&mut **tx)
+            .await?;
+        let held = *script.hold.lock().unwrap() == Some(message.id);
+        if held {
+            script.entered.notify_one();
+            script.release.notified().await;
+        }
+        Ok(())
+    }
+}
+
+struct World {
+    pool: PgPool,
+    kafka: Kafka,
+    topic: String,
+}
+
+impl World {
+    async fn new(partitions: i32) -> World {
+        let url = fresh_database().await;
+        let migrated = migrated_pool(&url).await;
+        sqlx::query(
+            "create table effects (seq bigint generated always as identity, \
+             message_id uuid not null, key text not null, n bigint not null)",
+        )
+        .execute(&migrated)
+        .await
+        .unwrap();
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&url)
+            .await
+            .unwrap();
+        let kafka = Kafka::start();
+        let topic = format!("{}.counted", topic_prefix());
+        kafka.create_topic(&topic, partitions).await;
+        World { pool, kafka, topic }
+    }
+
+    fn config(&self, group: &str) -> ConsumerConfig {
+        let mut config = ConsumerConfig::new(group, [&self.topic]);
+        config.retry = RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(100),
+        };
+        config.redrive_interval = Duration::from_millis(200);
+        config
+    }
+
+    fn kafka_settings(&self) -> KafkaSettings {
+        KafkaSettings::new(self.kafka.brokers())
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500")
+    }
+
+    /// Starts a member of `config.group`; stops when `stop` fires.
+    fn start(
+        &self,
+        config: ConsumerConfig,
+        script: &Arc<Script>,
+        stop: &CancellationToken,
+    ) -> (
+        ConsumerStats,
+        tokio::task::JoinHandle<Result<(), ConsumerError>>,
+    ) {
+        let consumer = KafkaConsumer::new(
+            self.pool.clone(),
+            config,
+            self.kafka_settings(),
+            Effects(script.clone()),
+        )
+        .unwrap();
+        let stats = consumer.stats();
+        let stop = stop.clone();
+        let task = tokio::spawn(consumer.run(async move { stop.cancelled().await }));
+        (stats, task)
+    }
+
+    /// Applied messages in the order applied: (id, key, n).
+    async fn effects(&self) -> Vec<(Uuid, String, i64)> {
+        sqlx::query_as("select message_id, key, n from effects order by seq")
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    async fn effect_count(&self) -> i64 {
+        sqlx::query_scalar("select count(*) from effects")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    async fn dead_letters(&self, group: &str) -> Vec<consumer::ConsumerDeadLetter> {
+        let mut conn = self.pool.acquire().await.unwrap();
+        consumer::list(&mut conn, Some(group), 1000).await.unwrap()
+    }
+}
+
+/// Each sent message applied exactly once, and per key in the order sent.
+fn assert_once_in_order(effects: &[(Uuid, String, i64)], sent: &[Sent]) {
+    let mut count: HashMap<Uuid, usize> = HashMap::new();
+    for (id, _, _) in effects {
+        *count.entry(*id).or_default() += 1;
+    }
+    let twice: Vec<&Uuid> = count
+        .iter()
+        .filter(|(_, c)| **c > 1)
+        .map(|(id, _)| id)
+        .collect();
+    assert!(twice.is_empty(), "applied more than once: {twice:?}");
+    let missing: Vec<Uuid> = sent
+        .iter()
+        .map(|s| s.id)
+        .filter(|id| !count.contains_key(id))
+        .collect();
+    assert!(missing.is_empty(), "never applied: {missing:?}");
+    assert_eq!(effects.len(), sent.len(), "effects of messages never sent");
+    let mut per_key: HashMap<&str, Vec<i64>> = HashMap::new();
+    for (_, key, n) in effects {
+        per_key.entry(key).or_default().push(*n);
+    }
+    for (key, ns) in per_key {
+        let mut sorted = ns.clone();
+        sorted.sort_unstable();
+        assert_eq!(ns, sorted, "messages of {key} applied out of order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_joining_mid_handler_gets_no_message_applied_twice_or_lost() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .try_init();
+    let w = World::new(4).await;
+    let mut sent = produce(&w.kafka.brokers(), &w.topic, 8, 200, 0).await;
+    let script = Arc::new(Script::default());
+    let held = sent[37].id;
+    *script.hold.lock().unwrap() = Some(held);
+    let stop = CancellationToken::new();
+    let mut config = w.config("joiners");
+    config.revoke_timeout = Duration::from_secs(60);
+
+    let (first, first_task) = w.start(config.clone(), &script, &stop);
+    tokio::time::timeout(Duration::from_secs(60), script.entered.notified())
+        .await
+        .expect("the first member to reach the held message");
+    // A second member joins while the first is inside the handler: the
+    // group rebalances, and the first must finish (or abandon) it before
+    // its partitions go.
+    let (second, second_task) = w.start(config, &script, &stop);
+    wait_for(
+        "the first member to start giving partitions up",
+        Duration::from_secs(60),
+        || async { first.revocations() >= 1 },
+    )
+    .await;
+    script.release.notify_one();
+    wait_for(
+        "the second member to be assigned partitions",
+        Duration::from_secs(60),
+        || async { second.partitions() > 0 },
+    )
+    .await;
+    // More messages once both members hold partitions.
+    sent.extend(produce(&w.kafka.brokers(), &w.topic, 8, 200, 200).await);
+    wait_for(
+        "every message to be applied",
+        Duration::from_secs(120),
+        || async { w.effect_count().await >= sent.len() as i64 },
+    )
+    .await;
+    // Settled: nothing further is redelivered and applied.
+    wait_for(
+        "both members to report every message",
+        Duration::from_secs(30),
+        || async { first.applied() + second.applied() >= sent.len() as u64 },
+    )
+    .await;
+    stop.cancel();
+    first_task.await.unwrap().unwrap();
+    second_task.await.unwrap().unwrap();
+
+    assert_once_in_order(&w.effects().await, &sent);
+    assert_eq!(
+        script.calls.lock().unwrap()[&held],
+        1,
+        "the message in hand at the rebalance was run again"
+    );
+    assert!(second.applied() > 0, "the joining member applied nothing");
+    assert_eq!(
+        first.duplicates() + second.duplicates(),
+        0,
+        "applied messages were delivered again: their offsets were not committed \
+         before the partitions went"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_is_dead_lettered_the_partition_goes_on_and_a_retry_applies_it_once() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .try_init();
+    let w = World::new(1).await;
+    let sent = produce(&w.kafka.brokers(), &w.topic, 1, 20, 0).await;
+    let script = Arc::new(Script::default());
+    let (poison, flaky) = (sent[5].id, sent[10].id);
+    script.poison.lock().unwrap().insert(poison);
+    script.flaky.lock().unwrap().insert(flaky);
+    let stop = CancellationToken::new();
+    let (stats, task) = w.start(w.config("poisoned"), &script, &stop);
+
+    let healthy: Vec<Sent> = sent
+        .iter()
+        .filter(|s| s.id != poison && s.id != flaky)
+        .cloned()
+        .collect();
+    wait_for(
+        "the healthy messages and two dead letters",
+        Duration::from_secs(60),
+        || async {
+            w.effect_count().await >= healthy.len() as i64
+                && w.dead_letters("poisoned").await.len() == 2
+        },
+    )
+    .await;
+    assert_once_in_order(&w.effects().await, &healthy);
+    {
+        let calls = script.calls.lock().unwrap();
+        assert_eq!(calls[&poison], 1, "a permanent error was retried");
+        assert_eq!(
+            calls[&flaky], 3,
+            "a transient error was not retried as configured"
+        );
+    }
+    assert_eq!(stats.dead_lettered(), 2);
+
+    let dead = w.dead_letters("poisoned").await;
+    let by_id: HashMap<Uuid, &consumer::ConsumerDeadLetter> = dead
+        .iter()
+        .map(|d| (d.message_id.expect("a message id"), d))
+        .collect();
+    let row = by_id[&poison];
+    assert_eq!(
+        (row.topic.as_str(), row.partition, row.offset),
+        (w.topic.as_str(), 0, 5)
+    );
+    assert_eq!(row.key.as_deref(), Some(b"key-0".as_slice()));
+    assert_eq!(
+        row.payload.as_deref(),
+        Some(json!({"key": "key-0", "n": 5}).to_string().as_bytes())
+    );
+    assert_eq!(
+        row.headers,
+        json!([{"key": "id", "value": poison.to_string()}, {"key": "event_type", "value": "counted"}])
+    );
+    assert_eq!(row.attempts, 1);
+    assert!(row.error.contains("breaks a rule"), "{}", row.error);
+    let row = by_id[&flaky];
+    assert_eq!((row.offset, row.attempts), (10, 3));
+    assert!(row.error.contains("a dependency is down"), "{}", row.error);
+
+    // Fixed: the operator retries both; the running consumer applies each once.
+    script.accept.store(true, Ordering::SeqCst);
+    let mut conn = w.pool.acquire().await.unwrap();
+    let marked = consumer::request_retry(&mut conn, "poisoned", DeadLetterSelection::All)
+        .await
+        .unwrap();
+    assert_eq!(marked, 2);
+    wait_for(
+        "the retried dead letters to be applied",
+        Duration::from_secs(60),
+        || async { w.dead_letters("poisoned").await.is_empty() },
+    )
+    .await;
+    // A late copy of a retried message is skipped by the inbox.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", w.kafka.brokers())
+        .create()
+        .unwrap();
+    send(&producer, &w.topic, &sent[5]).await;
+    wait_for(
+        "the late copy to be skipped",
+        Duration::from_secs(60),
+        || async { stats.duplicates() >= 1 },
+    )
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+
+    let effects = w.effects().await;
+    let mut ids: Vec<Uuid> = effects.iter().map(|(id, _, _)| *id).collect();
+    ids.sort_unstable();
+    let mut expected: Vec<Uuid> = sent.iter().map(|s| s.id).collect();
+    expected.sort_unstable();
+    assert_eq!(
+        ids, expected,
+        "every message applied exactly once after the retry"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_failing_transiently_then_succeeding_applies_the_message_once_in_order() {
+    let w = World::new(2).await;
+    let sent = produce(&w.kafka.brokers(), &w.topic, 2, 60, 0).await;
+    let script = Arc::new(Script::default());
+    let flaky = sent[14].id;
+    script.fail_times.lock().unwrap().insert(flaky, 4);
+    let stop = CancellationToken::new();
+    let mut config = w.config("patient");
+    config.retry.max_attempts = 5;
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = metrics.local_addr().unwrap();
+    drop(metrics);
+    config.metrics_address = Some(address);
+    let (stats, task) = w.start(config, &script, &stop);
+    wait_for(
+        "every message to be applied",
+        Duration::from_secs(60),
+        || async { w.effect_count().await >= sent.len() as i64 },
+    )
+    .await;
+
+    assert_once_in_order(&w.effects().await, &sent);
+    assert_eq!(script.calls.lock().unwrap()[&flaky], 5);
+    assert_eq!(stats.handler_errors(), 4);
+    assert!(w.dead_letters("patient").await.is_empty());
+    let (status, body) = get(&address.to_string(), "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        value(&body, "outbox_consumer_applied_total{group=\"patient\"}"),
+        Some(sent.len() as f64),
+        "{body}"
+    );
+    assert_eq!(
+        value(
+            &body,
+            "outbox_consumer_handler_errors_total{group=\"patient\"}"
+        ),
+        Some(4.0),
+        "{body}"
+    );
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_that_cannot_work_are_refused_with_one_line() {
+    let url = fresh_database().await;
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    let script = Arc::new(Script::default());
+    let config = ConsumerConfig::new("g", ["t"]);
+    let refused = |result: Result<KafkaConsumer<Effects>, ConsumerError>| match result {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.to_string(),
+    };
+    let error = refused(KafkaConsumer::new(
+        pool.clone(),
+        config.clone(),
+        KafkaSettings::new("localhost:9092").set("enable.auto.commit", "true"),
+        Effects(script.clone()),
+    ));
+    assert!(
+        error.contains("enable.auto.commit") && error.contains("remove it"),
+        "{error}"
+    );
+    let mut no_topics = config.clone();
+    no_topics.topics.clear();
+    let error = refused(KafkaConsumer::new(
+        pool.clone(),
+        no_topics,
+        KafkaSettings::new("localhost:9092"),
+        Effects(script.clone()),
+    ));
+    assert!(error.contains("no topic"), "{error}");
+    // No migrations ran in this database: the runtime says what to run.
+    let consumer = KafkaConsumer::new(
+        pool,
+        config,
+        KafkaSettings::new("localhost:9092"),
+        Effects(script),
+    )
+    .unwrap();
+    let error = consumer.run(async {}).await.unwrap_err().to_string();
+    assert!(
+        error.contains("no table inbox") && error.contains("outbox-relay migrate"),
+        "{error}"
+    );
+    assert_eq!(error.lines().count(), 1, "{error}");
+}

@@ -133,6 +133,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 lanes_batch_size: args.lanes_batch_size,
                 retention_rows: args.retention_rows.clone(),
                 startup_runs: args.startup_runs,
+                consumer_messages: args.consumer_messages,
                 sinks: args.sinks.clone(),
             };
             let report = bench::run(&options, shutdown_on_signal()).await?;

@@ -756,6 +756,10 @@ pub struct BenchArgs {
     /// Relay starts per mode to time from process start to the first row confirmed (0 skips them).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=100))]
     pub startup_runs: u32,
+
+    /// Messages through the consumer runtime (a handler that does nothing, --partitions partitions) beside a plain consumer; 0 skips it.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    pub consumer_messages: u64,
 }
 
 fn parse_mode(s: &str) -> Result<Mode, String> {

@@ -4,9 +4,11 @@
 //! committed.
 //!
 //! The poll thread hands each message to its partition's queue. A queue
-//! that grows past its bound pauses the partition at the broker (the fetch
-//! position stays at the next message), and resumes it once drained, so a
-//! partition waiting out a retry never holds the others up nor fills memory.
+//! that grows past `max_queued` pauses the partition at the broker (the
+//! fetch position stays at the next message), and resumes it once drained
+//! to half, so a partition waiting out a retry never holds the others up
+//! nor fills memory. (A resumed partition waits a while for its next fetch;
+//! the bound is large enough that the half left hides it.)
 //! When partitions are revoked, the poll thread (inside librdkafka's
 //! rebalance callback) stops their tasks after the message in hand, waits
 //! for them, and commits their offsets synchronously before the group moves
@@ -268,7 +270,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl<H: Handler> Shared<H> {
     /// Messages a partition may have queued before it is paused.
     fn queue_bound(&self) -> usize {
-        (4 * self.config.max_batch).max(1000)
+        self.config.max_queued.max(2 * self.config.max_batch)
     }
 
     fn dispatch(&self, consumer: &BaseConsumer<Rebalancer<H>>, record: &BorrowedMessage<'_>) {

@@ -282,6 +282,10 @@ pub struct ConsumerConfig {
     /// Ready messages of one partition applied in one transaction; default
     /// 100 (1 turns batching off).
     pub max_batch: usize,
+    /// Messages a partition may have fetched and waiting before it is
+    /// paused at the broker (resumed at half); default 5,000. Bounds memory
+    /// at about partitions × max_queued × message size.
+    pub max_queued: usize,
     pub retry: RetryPolicy,
     /// How often the offsets of applied messages are committed to the
     /// broker; a crash loses at most this much progress (the inbox absorbs
@@ -306,6 +310,7 @@ impl ConsumerConfig {
             topics: topics.into_iter().map(Into::into).collect(),
             max_in_flight: 8,
             max_batch: 100,
+            max_queued: 5000,
             retry: RetryPolicy::default(),
             commit_interval: Duration::from_secs(1),
             revoke_timeout: Duration::from_secs(10),

@@ -55,6 +55,7 @@ use outbox_relay::message;
 use outbox_relay::outbox::{self, Event, OutboxRow};
 use outbox_relay::sink::kafka::producer_properties;
 
+mod consumer;
 mod retention;
 mod sinks;
 
@@ -95,6 +96,9 @@ pub struct BenchOptions {
     /// Brokers to drain to; Kafka's runs are the modes above, the others'
     /// are drains beside a plain publisher of their client.
     pub sinks: Vec<outbox_relay::config::SinkKind>,
+    /// Messages through the consumer runtime beside a plain consumer; 0
+    /// skips it.
+    pub consumer_messages: u64,
 }
 
 /// The figures of one run, as printed and as written with `--json`.
@@ -113,6 +117,7 @@ pub struct BenchReport {
     pub retention: Vec<retention::RetentionDrain>,
     pub startup: Vec<retention::Startup>,
     pub sinks: Vec<sinks::SinkDrain>,
+    pub consumer: Option<consumer::ConsumerRun>,
 }
 
 /// Drains of one backlog with 1, 2, 4, ... lanes in one instance, against a
@@ -230,6 +235,7 @@ pub async fn run(
         retention: Vec::new(),
         startup: Vec::new(),
         sinks: Vec::new(),
+        consumer: None,
     };
     let kafka_modes = options
         .sinks
@@ -250,6 +256,7 @@ pub async fn run(
     }
     report.retention = retention::retention(&pg, &kafka, options, run_id, &shutdown).await?;
     report.sinks = sinks::sinks(&pg, &kafka, options, run_id, &shutdown).await?;
+    report.consumer = consumer::consumer(&pg, &kafka, options, run_id, &shutdown).await?;
     Ok(report)
 }
 
@@ -1504,6 +1511,7 @@ pub fn targets(report: &BenchReport) -> BTreeMap<String, bool> {
     }
     retention::targets(report, &mut out);
     sinks::targets(report, &mut out);
+    consumer::targets(report, &mut out);
     out
 }
 
@@ -1621,6 +1629,7 @@ impl fmt::Display for BenchReport {
         }
         retention::describe(self, f)?;
         sinks::describe(self, f)?;
+        consumer::describe(self, f)?;
         writeln!(f)?;
         writeln!(f, "targets:")?;
         for (target, met) in targets(self) {
@@ -1692,6 +1701,7 @@ mod tests {
             lanes_rtt: Duration::ZERO,
             retention_rows: Vec::new(),
             startup_runs: 0,
+            consumer_messages: 0,
             sinks: vec![outbox_relay::config::SinkKind::Kafka],
             lanes_batch_size: 100,
         };

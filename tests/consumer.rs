@@ -520,3 +520,129 @@ async fn settings_that_cannot_work_are_refused_with_one_line() {
     );
     assert_eq!(error.lines().count(), 1, "{error}");
 }
+
+/// Runs `outbox-relay consumer-dead-letters ARGS`: (exit code, stdout, stderr).
+async fn dead_letters_command(args: &[&str]) -> (i32, String, String) {
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        relay_binary()
+            .arg("consumer-dead-letters")
+            .args(args)
+            .output(),
+    )
+    .await
+    .expect("the command exits")
+    .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_dead_letters_command_lists_marks_and_purges_one_group() {
+    let url = fresh_database().await;
+    let pool = migrated_pool(&url).await;
+    let id = Uuid::new_v4();
+    for (group, offset) in [("billing", 3_i64), ("billing", 9), ("shipping", 4)] {
+        sqlx::query(
+            r#"insert into consumer_dead_letter
+                   (consumer_group, topic, partition, "offset", message_id, key, headers, payload,
+                    error, attempts)
+               values ($1, 'orders', 2, $2, $3, 'order-7', '[{"key": "id", "value": "x"}]',
+                       '{"total": 12}', 'the order is unknown', 5)"#,
+        )
+        .bind(group)
+        .bind(offset)
+        .bind(if offset == 3 { Some(id) } else { None })
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let row_id = |offset: i64| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                r#"select id from consumer_dead_letter where "offset" = $1"#,
+            )
+            .bind(offset)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let db = ["--database-url", url.as_str()];
+
+    let (code, out, err) =
+        dead_letters_command(&[&["list", "--group", "billing", "--json"][..], &db[..]].concat())
+            .await;
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert_eq!(rows[0]["group"], "billing");
+    assert_eq!(rows[0]["message_id"], id.to_string());
+    assert_eq!(
+        (
+            rows[0]["topic"].as_str(),
+            rows[0]["partition"].as_i64(),
+            rows[0]["offset"].as_i64()
+        ),
+        (Some("orders"), Some(2), Some(3))
+    );
+    assert_eq!(rows[0]["key"], "order-7");
+    assert_eq!(rows[0]["payload"], "{\"total\": 12}");
+    assert_eq!(rows[0]["headers"], json!([{"key": "id", "value": "x"}]));
+    assert_eq!(rows[0]["error"], "the order is unknown");
+
+    let first = row_id(3).await.to_string();
+    let (code, out, err) = dead_letters_command(
+        &[
+            &["retry", "--group", "billing", "--id", &first][..],
+            &db[..],
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("marked 1 "), "{out}");
+    let marked: Vec<i64> = sqlx::query_scalar(
+        r#"select "offset" from consumer_dead_letter where retry_requested_at is not null"#,
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(marked, vec![3]);
+
+    // Neither --id nor --all: one line naming what is missing, exit 2.
+    let (code, _, err) =
+        dead_letters_command(&[&["purge", "--group", "billing"][..], &db[..]].concat()).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("needs --id N or --all"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    let (code, out, err) =
+        dead_letters_command(&[&["purge", "--group", "billing", "--all"][..], &db[..]].concat())
+            .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("deleted 2 "), "{out}");
+    let left: Vec<String> = sqlx::query_scalar("select consumer_group from consumer_dead_letter")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        left,
+        vec!["shipping".to_string()],
+        "another group's rows were touched"
+    );
+
+    // A database without the table: one line with the fix.
+    let bare = fresh_database().await;
+    let (code, _, err) = dead_letters_command(&["list", "--database-url", &bare]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("outbox-relay migrate"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

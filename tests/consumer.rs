@@ -257,9 +257,6 @@ fn assert_once_in_order(effects: &[(Uuid, String, i64)], sent: &[Sent]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_joining_mid_handler_gets_no_message_applied_twice_or_lost() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .try_init();
     let w = World::new(4).await;
     let mut sent = produce(&w.kafka.brokers(), &w.topic, 8, 200, 0).await;
     let script = Arc::new(Script::default());
@@ -326,9 +323,6 @@ async fn a_member_joining_mid_handler_gets_no_message_applied_twice_or_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn poison_is_dead_lettered_the_partition_goes_on_and_a_retry_applies_it_once() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .try_init();
     let w = World::new(1).await;
     let sent = produce(&w.kafka.brokers(), &w.topic, 1, 20, 0).await;
     let script = Arc::new(Script::default());

@@ -593,19 +593,47 @@ impl ConsumerWhich {
         command: &str,
     ) -> Result<outbox_relay::consumer::DeadLetterSelection, Error> {
         use outbox_relay::consumer::DeadLetterSelection;
-        match (self.id, self.all, older_than) {
-            (Some(id), _, _) => Ok(DeadLetterSelection::Id(id)),
-            (None, true, _) => Ok(DeadLetterSelection::All),
-            (None, false, Some(age)) => Ok(DeadLetterSelection::OlderThan(age)),
-            (None, false, None) => Err(Error::Config(format!(
-                "{command} needs --id N or --all{}; see `outbox-relay consumer-dead-letters list` for ids",
-                if command.ends_with("purge") {
-                    " or --older-than AGE"
-                } else {
-                    ""
-                }
-            ))),
-        }
+        let list = "outbox-relay consumer-dead-letters list";
+        Ok(
+            match choose(self.id, self.all, older_than, command, "N", list)? {
+                Choice::Id(id) => DeadLetterSelection::Id(id),
+                Choice::All => DeadLetterSelection::All,
+                Choice::OlderThan(age) => DeadLetterSelection::OlderThan(age),
+            },
+        )
+    }
+}
+
+/// What `--id`, `--all` and `--older-than` chose.
+enum Choice<T> {
+    Id(T),
+    All,
+    OlderThan(Duration),
+}
+
+/// The rows `--id`, `--all` or `--older-than` take; none of them is one
+/// line naming `command`, the id's form and the command (`list`) that shows
+/// ids.
+fn choose<T>(
+    id: Option<T>,
+    all: bool,
+    older_than: Option<Duration>,
+    command: &str,
+    id_form: &str,
+    list: &str,
+) -> Result<Choice<T>, Error> {
+    match (id, all, older_than) {
+        (Some(id), _, _) => Ok(Choice::Id(id)),
+        (None, true, _) => Ok(Choice::All),
+        (None, false, Some(age)) => Ok(Choice::OlderThan(age)),
+        (None, false, None) => Err(Error::Config(format!(
+            "{command} needs --id {id_form} or --all{}; see `{list}` for ids",
+            if command.ends_with("purge") {
+                " or --older-than AGE"
+            } else {
+                ""
+            }
+        ))),
     }
 }
 
@@ -628,19 +656,14 @@ impl Which {
         command: &str,
     ) -> Result<outbox_relay::dead_letter::Selection, Error> {
         use outbox_relay::dead_letter::Selection;
-        match (self.id, self.all, older_than) {
-            (Some(id), _, _) => Ok(Selection::Id(id)),
-            (None, true, _) => Ok(Selection::All),
-            (None, false, Some(age)) => Ok(Selection::OlderThan(age)),
-            (None, false, None) => Err(Error::Config(format!(
-                "{command} needs --id UUID or --all{}; see `outbox-relay dead-letters list` for ids",
-                if command.ends_with("purge") {
-                    " or --older-than AGE"
-                } else {
-                    ""
-                }
-            ))),
-        }
+        let list = "outbox-relay dead-letters list";
+        Ok(
+            match choose(self.id, self.all, older_than, command, "UUID", list)? {
+                Choice::Id(id) => Selection::Id(id),
+                Choice::All => Selection::All,
+                Choice::OlderThan(age) => Selection::OlderThan(age),
+            },
+        )
     }
 }
 

@@ -97,20 +97,32 @@ pub enum DeadLetterSelection {
     OlderThan(Duration),
 }
 
-impl DeadLetterSelection {
-    /// The row id and the age in seconds that `SELECTED` binds as $2, $3.
-    fn binds(self) -> (Option<i64>, Option<f64>) {
-        match self {
-            DeadLetterSelection::All => (None, None),
-            DeadLetterSelection::Id(id) => (Some(id), None),
-            DeadLetterSelection::OlderThan(age) => (None, Some(age.as_secs_f64())),
-        }
-    }
+/// Runs `statement` (an update or delete of `consumer_dead_letter` ending
+/// in `where`) on the rows of `group` that `selection` takes; returns how
+/// many.
+async fn on_selected(
+    conn: &mut PgConnection,
+    statement: &str,
+    group: &str,
+    selection: DeadLetterSelection,
+) -> Result<u64, sqlx::Error> {
+    let (id, age) = match selection {
+        DeadLetterSelection::All => (None, None),
+        DeadLetterSelection::Id(id) => (Some(id), None),
+        DeadLetterSelection::OlderThan(age) => (None, Some(age.as_secs_f64())),
+    };
+    let affected = sqlx::query(&format!(
+        "{statement} consumer_group = $1 and ($2::bigint is null or id = $2) \
+         and ($3::float8 is null or failed_at < now() - make_interval(secs => $3))"
+    ))
+    .bind(group)
+    .bind(id)
+    .bind(age)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(affected)
 }
-
-/// The rows of group $1 a selection takes.
-const SELECTED: &str = "consumer_group = $1 and ($2::bigint is null or id = $2) \
-     and ($3::float8 is null or failed_at < now() - make_interval(secs => $3))";
 
 /// The group's dead letters (every group's with `None`), oldest first.
 pub async fn list(
@@ -139,17 +151,8 @@ pub async fn request_retry(
     group: &str,
     selection: DeadLetterSelection,
 ) -> Result<u64, sqlx::Error> {
-    let (id, age) = selection.binds();
-    let marked = sqlx::query(&format!(
-        "update consumer_dead_letter set retry_requested_at = now() where {SELECTED}"
-    ))
-    .bind(group)
-    .bind(id)
-    .bind(age)
-    .execute(conn)
-    .await?
-    .rows_affected();
-    Ok(marked)
+    let mark = "update consumer_dead_letter set retry_requested_at = now() where";
+    on_selected(conn, mark, group, selection).await
 }
 
 /// Deletes the selected dead letters of `group` for good; returns how many.
@@ -158,17 +161,13 @@ pub async fn purge(
     group: &str,
     selection: DeadLetterSelection,
 ) -> Result<u64, sqlx::Error> {
-    let (id, age) = selection.binds();
-    let deleted = sqlx::query(&format!(
-        "delete from consumer_dead_letter where {SELECTED}"
-    ))
-    .bind(group)
-    .bind(id)
-    .bind(age)
-    .execute(conn)
-    .await?
-    .rows_affected();
-    Ok(deleted)
+    on_selected(
+        conn,
+        "delete from consumer_dead_letter where",
+        group,
+        selection,
+    )
+    .await
 }
 
 /// Headers as stored: `[{"key": k, "value": text}]`, `{"key": k, "hex": ..}`

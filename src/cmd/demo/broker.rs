@@ -1,15 +1,14 @@
 //! The demo's broker: the one `--sink` names, started for the demo (Kafka:
 //! librdkafka's in-process mock cluster; NATS and RabbitMQ: a throwaway
 //! server from the system's binaries) or the one given, with the
-//! destination the demo publishes to, and the consumer side that reads it
-//! back one message at a time and acknowledges only after the inbox
-//! transaction committed.
+//! destination the demo publishes to, and, for NATS and RabbitMQ, the
+//! consumer side that reads it back one message at a time and acknowledges
+//! only after the inbox transaction committed (Kafka's consumer is the
+//! crate's consumer runtime: `runtime.rs`).
 
 use std::time::Duration;
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::mocking::MockCluster;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use uuid::Uuid;
 
 use outbox_relay::config::{KafkaConfig, NatsConfig, RabbitMqConfig, SinkConfig, SinkKind};
@@ -184,22 +183,23 @@ impl DemoBroker {
         })
     }
 
-    /// A consumer of the demo's destination, in group `group`.
+    /// Kafka's bootstrap servers and the demo's topic, when the demo runs
+    /// on Kafka (its consumer is the crate's consumer runtime).
+    pub fn kafka_source(&self) -> Option<(String, String)> {
+        match &self.source {
+            Source::Kafka { brokers, topic } => Some((brokers.clone(), topic.clone())),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
+    /// A consumer of the demo's destination (NATS, RabbitMQ), in group
+    /// `group`.
     pub async fn feed(&self, group: &str) -> Result<Feed, Error> {
         match &self.source {
-            Source::Kafka { brokers, topic } => {
-                let consumer: StreamConsumer = ClientConfig::new()
-                    .set("bootstrap.servers", brokers)
-                    .set("group.id", group)
-                    .set("auto.offset.reset", "earliest")
-                    .set("enable.auto.commit", "false")
-                    .create()
-                    .map_err(Error::kafka("creating the demo consumer"))?;
-                consumer
-                    .subscribe(&[topic])
-                    .map_err(Error::kafka("subscribing the demo consumer"))?;
-                Ok(Feed::Kafka(consumer))
-            }
+            Source::Kafka { .. } => Err(Error::Embedded(
+                "the Kafka demo consumes through the consumer runtime, not a feed".into(),
+            )),
             #[cfg(feature = "nats")]
             Source::Nats { url, stream } => {
                 use async_nats::jetstream::consumer::pull;
@@ -265,7 +265,6 @@ pub struct Received {
 }
 
 enum Ack {
-    Kafka(TopicPartitionList),
     #[cfg(feature = "nats")]
     Nats(Box<async_nats::jetstream::Message>),
     #[cfg(feature = "rabbitmq")]
@@ -274,7 +273,6 @@ enum Ack {
 
 /// The consumer side of the demo's broker.
 pub enum Feed {
-    Kafka(StreamConsumer),
     #[cfg(feature = "nats")]
     Nats(async_nats::jetstream::consumer::pull::Stream),
     #[cfg(feature = "rabbitmq")]
@@ -299,22 +297,6 @@ impl Feed {
 
     async fn recv(&mut self) -> Result<Received, String> {
         match self {
-            Feed::Kafka(consumer) => {
-                let message = consumer.recv().await.map_err(|e| e.to_string())?;
-                let id = inbox::kafka_message_id(&message).map_err(|e| e.to_string())?;
-                let mut next = TopicPartitionList::new();
-                next.add_partition_offset(
-                    message.topic(),
-                    message.partition(),
-                    Offset::Offset(message.offset() + 1),
-                )
-                .map_err(|e| e.to_string())?;
-                Ok(Received {
-                    id,
-                    payload: message.payload().unwrap_or_default().to_vec(),
-                    ack: Ack::Kafka(next),
-                })
-            }
             #[cfg(feature = "nats")]
             Feed::Nats(messages) => {
                 use futures::StreamExt;
@@ -355,9 +337,6 @@ impl Feed {
     pub async fn ack(&self, received: Received) -> Result<(), Error> {
         let fail = broker_error("acknowledging a demo message");
         match (self, received.ack) {
-            (Feed::Kafka(consumer), Ack::Kafka(next)) => consumer
-                .commit(&next, CommitMode::Async)
-                .map_err(Error::kafka("committing the demo consumer's offset")),
             #[cfg(feature = "nats")]
             (_, Ack::Nats(message)) => message.ack().await.map_err(|e| fail(e.to_string())),
             #[cfg(feature = "rabbitmq")]

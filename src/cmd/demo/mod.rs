@@ -3,8 +3,9 @@
 //! or a throwaway NATS or RabbitMQ server; or the ones given),
 //! concurrent business transactions across many aggregates (some rolled
 //! back), the relay publishing them, and a consumer applying them through
-//! the inbox while every message is redelivered up to twice more. It then
-//! checks what the product promises and prints a short summary.
+//! the inbox (on Kafka, the crate's consumer runtime) while a third of the
+//! messages are delivered twice. It then checks what the product promises
+//! and prints a short summary.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -32,6 +33,7 @@ use outbox_relay::outbox::{self, Event};
 use outbox_relay::relay::{self, RunStats};
 
 mod broker;
+mod runtime;
 use broker::{DemoBroker, Feed};
 
 /// What the demo runs.
@@ -227,12 +229,26 @@ pub async fn run(options: &DemoOptions, shutdown: CancellationToken) -> Result<D
 
     let started = Instant::now();
     let target = Arc::new(AtomicU64::new(u64::MAX));
-    let consumer = DemoConsumer {
-        feed: broker.feed(&schema_name).await?,
-        group: schema_name.clone(),
-        pool: pool.clone(),
+    // Kafka: the crate's consumer runtime; NATS and RabbitMQ: a loop over
+    // the inbox helper, each message applied again a third of the time.
+    let consumer_task = match broker.kafka_source() {
+        Some((brokers, topic)) => tokio::spawn(runtime::consume(
+            pool.clone(),
+            schema_name.clone(),
+            brokers,
+            topic,
+            target.clone(),
+            shutdown.clone(),
+        )),
+        None => {
+            let consumer = DemoConsumer {
+                feed: broker.feed(&schema_name).await?,
+                group: schema_name.clone(),
+                pool: pool.clone(),
+            };
+            tokio::spawn(consumer.run(target.clone(), shutdown.clone()))
+        }
     };
-    let consumer_task = tokio::spawn(consumer.run(target.clone(), shutdown.clone()));
 
     let mut writers = Vec::new();
     for _ in 0..options.writers {

@@ -13,7 +13,8 @@
 //! broker client, HTTP server or replication client. `relay` adds the
 //! sources, the loop, leadership and the metrics endpoints, and needs at
 //! least one sink: `kafka` (with [`inbox::kafka_message_id`]), `nats`,
-//! `rabbitmq` (each also brings its inbox helper alone); `cli` the binary (with its demo
+//! `rabbitmq` (each also brings its inbox helper alone); `consumer` the
+//! exactly-once consumer runtime ([`consumer`], with `kafka`); `cli` the binary (with its demo
 //! and bench, and their throwaway Postgres, which is not part of the
 //! library). The default is all of them.
 
@@ -23,6 +24,11 @@
 ))]
 compile_error!(
     "the relay needs a sink to publish to: enable the \"kafka\", \"nats\" or \"rabbitmq\" feature as well"
+);
+
+#[cfg(all(feature = "consumer", not(feature = "kafka")))]
+compile_error!(
+    "the consumer runtime consumes Kafka today: enable the \"kafka\" feature with \"consumer\" (NATS and RabbitMQ consumers use the inbox helpers)"
 );
 
 pub mod config;

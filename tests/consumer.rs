@@ -462,6 +462,35 @@ async fn a_handler_failing_transiently_then_succeeding_applies_the_message_once_
         Some(4.0),
         "{body}"
     );
+    assert_eq!(
+        value(
+            &body,
+            "outbox_consumer_partitions_assigned{group=\"patient\"}"
+        ),
+        Some(2.0),
+        "{body}"
+    );
+    // Lag per partition, from librdkafka's statistics (every 5 s): nothing
+    // left once the offsets of the applied messages are committed.
+    let lag = |body: &str, partition: i32| {
+        value(
+            body,
+            &format!(
+                "outbox_consumer_lag_messages{{group=\"patient\",topic=\"{}\",partition=\"{partition}\"}}",
+                w.topic
+            ),
+        )
+    };
+    let address = address.to_string();
+    wait_for(
+        "lag 0 on both partitions",
+        Duration::from_secs(30),
+        || async {
+            let (_, body) = get(&address, "/metrics").await;
+            lag(&body, 0) == Some(0.0) && lag(&body, 1) == Some(0.0)
+        },
+    )
+    .await;
     stop.cancel();
     task.await.unwrap().unwrap();
 }

@@ -14,7 +14,7 @@
 //! for them, and commits their offsets synchronously before the group moves
 //! them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -147,6 +147,7 @@ impl<H: Handler> KafkaConsumer<H> {
             gate: Arc::new(Semaphore::new(config.max_in_flight)),
             partitions: Mutex::new(HashMap::new()),
             done: Arc::new(Mutex::new(HashMap::new())),
+            assigned: Mutex::new(HashSet::new()),
             runtime: tokio::runtime::Handle::try_current().map_err(|_| {
                 ConsumerError::Config(
                     "the consumer runtime must be created inside a Tokio runtime".into(),
@@ -248,6 +249,8 @@ struct Shared<H: Handler> {
     /// Per partition, the offset after the last settled message, not yet
     /// committed.
     done: Arc<Mutex<HashMap<(String, i32), i64>>>,
+    /// The partitions the group gave this member.
+    assigned: Mutex<HashSet<(String, i32)>>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -545,15 +548,22 @@ struct Rebalancer<H: Handler> {
 
 impl<H: Handler> ClientContext for Rebalancer<H> {
     fn stats(&self, statistics: Statistics) {
-        let owned = lock(&self.shared.partitions);
+        let assigned = lock(&self.shared.assigned);
         for (topic, partitions) in &statistics.topics {
             for (partition, p) in &partitions.partitions {
-                if owned.contains_key(&(topic.clone(), *partition)) && p.consumer_lag >= 0 {
-                    self.shared
-                        .applier
-                        .stats
-                        .set_lag(topic, *partition, p.consumer_lag);
+                if !assigned.contains(&(topic.clone(), *partition)) || p.hi_offset < 0 {
+                    continue;
                 }
+                // Nothing committed yet: every message the partition holds.
+                let lag = if p.committed_offset >= 0 {
+                    p.hi_offset - p.committed_offset
+                } else {
+                    p.hi_offset - p.lo_offset.max(0)
+                };
+                self.shared
+                    .applier
+                    .stats
+                    .set_lag(topic, *partition, lag.max(0));
             }
         }
     }
@@ -585,6 +595,12 @@ impl<H: Handler> ConsumerContext for Rebalancer<H> {
             let lost = consumer.assignment_lost();
             self.shared.applier.stats.revoking();
             info!(partitions = %describe(&keys), lost, "partitions revoked");
+            {
+                let mut assigned = lock(&self.shared.assigned);
+                for key in &keys {
+                    assigned.remove(key);
+                }
+            }
             self.shared.stop_partitions(consumer, &keys, !lost);
         }
     }
@@ -598,6 +614,7 @@ impl<H: Handler> ConsumerContext for Rebalancer<H> {
                     .map(|p| (p.topic().to_string(), p.partition()))
                     .collect();
                 info!(partitions = %describe(&keys), "partitions assigned");
+                lock(&self.shared.assigned).extend(keys);
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => warn!(error = %e, "rebalance failed"),

@@ -341,6 +341,68 @@ impl ConsumerConfig {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_is_cut_by_at_most_half() {
+        let policy = RetryPolicy {
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(1000),
+        };
+        for (attempt, full) in [
+            (1, 100),
+            (2, 200),
+            (3, 400),
+            (4, 800),
+            (5, 1000),
+            (40, 1000),
+        ] {
+            for _ in 0..200 {
+                let wait = policy.backoff(attempt).as_millis() as u64;
+                assert!(
+                    (full / 2..=full).contains(&wait),
+                    "attempt {attempt}: {wait} ms is not in [{}, {full}]",
+                    full / 2
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_named() {
+        let mut config = ConsumerConfig::new("g", ["t"]);
+        assert!(config.validate().is_ok());
+        config.max_in_flight = 0;
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("max_in_flight is 0")
+        );
+        let mut config = ConsumerConfig::new("", ["t"]);
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("group is empty")
+        );
+        config.group = "g".into();
+        config.retry.max_attempts = 0;
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("max_attempts is 0")
+        );
+    }
+}
+
 /// Why the runtime stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {

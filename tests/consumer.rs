@@ -164,8 +164,14 @@ impl World {
         World { pool, kafka, topic }
     }
 
+    /// A group name of this test's own: a broker shared by test runs keeps
+    /// groups (and their members) across them.
+    fn group(&self, name: &str) -> String {
+        format!("{name}-{}", self.topic)
+    }
+
     fn config(&self, group: &str) -> ConsumerConfig {
-        let mut config = ConsumerConfig::new(group, [&self.topic]);
+        let mut config = ConsumerConfig::new(self.group(group), [&self.topic]);
         config.retry = RetryPolicy {
             max_attempts: 3,
             initial_backoff: Duration::from_millis(20),
@@ -221,7 +227,9 @@ impl World {
 
     async fn dead_letters(&self, group: &str) -> Vec<consumer::ConsumerDeadLetter> {
         let mut conn = self.pool.acquire().await.unwrap();
-        consumer::list(&mut conn, Some(group), 1000).await.unwrap()
+        consumer::list(&mut conn, Some(&self.group(group)), 1000)
+            .await
+            .unwrap()
     }
 }
 
@@ -385,7 +393,7 @@ async fn poison_is_dead_lettered_the_partition_goes_on_and_a_retry_applies_it_on
     // Fixed: the operator retries both; the running consumer applies each once.
     script.accept.store(true, Ordering::SeqCst);
     let mut conn = w.pool.acquire().await.unwrap();
-    let marked = consumer::request_retry(&mut conn, "poisoned", DeadLetterSelection::All)
+    let marked = consumer::request_retry(&mut conn, &w.group("poisoned"), DeadLetterSelection::All)
         .await
         .unwrap();
     assert_eq!(marked, 2);
@@ -430,6 +438,7 @@ async fn a_handler_failing_transiently_then_succeeding_applies_the_message_once_
     script.fail_times.lock().unwrap().insert(flaky, 4);
     let stop = CancellationToken::new();
     let mut config = w.config("patient");
+    let group = config.group.clone();
     config.retry.max_attempts = 5;
     let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = metrics.local_addr().unwrap();
@@ -450,14 +459,17 @@ async fn a_handler_failing_transiently_then_succeeding_applies_the_message_once_
     let (status, body) = get(&address.to_string(), "/metrics").await;
     assert_eq!(status, 200);
     assert_eq!(
-        value(&body, "outbox_consumer_applied_total{group=\"patient\"}"),
+        value(
+            &body,
+            &format!("outbox_consumer_applied_total{{group=\"{group}\"}}")
+        ),
         Some(sent.len() as f64),
         "{body}"
     );
     assert_eq!(
         value(
             &body,
-            "outbox_consumer_handler_errors_total{group=\"patient\"}"
+            &format!("outbox_consumer_handler_errors_total{{group=\"{group}\"}}")
         ),
         Some(4.0),
         "{body}"
@@ -465,7 +477,7 @@ async fn a_handler_failing_transiently_then_succeeding_applies_the_message_once_
     assert_eq!(
         value(
             &body,
-            "outbox_consumer_partitions_assigned{group=\"patient\"}"
+            &format!("outbox_consumer_partitions_assigned{{group=\"{group}\"}}")
         ),
         Some(2.0),
         "{body}"
@@ -476,7 +488,7 @@ async fn a_handler_failing_transiently_then_succeeding_applies_the_message_once_
         value(
             body,
             &format!(
-                "outbox_consumer_lag_messages{{group=\"patient\",topic=\"{}\",partition=\"{partition}\"}}",
+                "outbox_consumer_lag_messages{{group=\"{group}\",topic=\"{}\",partition=\"{partition}\"}}",
                 w.topic
             ),
         )

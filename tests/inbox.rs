@@ -191,6 +191,8 @@ async fn consumer_processes_killed_repeatedly_apply_each_payment_once_in_order_p
     let kafka = Kafka::start();
     let topic = format!("{}.payments", topic_prefix());
     kafka.create_topic(&topic, 4).await;
+    // A group of this test's own: a broker shared by test runs keeps groups.
+    let group = format!("balances-{topic}");
     let payments = payments(1500);
     let mut deliveries: Vec<&Payment> = Vec::new();
     for p in &payments {
@@ -209,7 +211,7 @@ async fn consumer_processes_killed_repeatedly_apply_each_payment_once_in_order_p
             "--topic",
             &topic,
             "--group",
-            "balances",
+            &group,
             "--max-in-flight",
             "2",
         ])
@@ -294,20 +296,20 @@ async fn consumer_processes_killed_repeatedly_apply_each_payment_once_in_order_p
         member.kill().await.unwrap();
     }
     if seen != expected {
-        let applied: HashSet<Uuid> = sqlx::query_scalar::<_, Uuid>(
-            "select message_id from inbox where consumer_group = 'balances'",
-        )
-        .fetch_all(&pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
+        let applied: HashSet<Uuid> =
+            sqlx::query_scalar::<_, Uuid>("select message_id from inbox where consumer_group = $1")
+                .bind(&group)
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+                .into_iter()
+                .collect();
         let missing: Vec<Uuid> = payments
             .iter()
             .map(|p| p.id)
             .filter(|id| !applied.contains(id))
             .collect();
-        let whereabouts = whereabouts(&kafka.brokers(), &topic, "balances", &missing).await;
+        let whereabouts = whereabouts(&kafka.brokers(), &topic, &group, &missing).await;
         assert_eq!(
             seen,
             expected,

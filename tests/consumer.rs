@@ -91,6 +91,8 @@ struct Script {
     /// Fails transiently this many more times.
     fail_times: Mutex<HashMap<Uuid, u32>>,
     accept: AtomicBool,
+    /// The message whose handler panics.
+    panic_on: Mutex<Option<Uuid>>,
     /// The message whose handler waits for `release`; `entered` when it does.
     hold: Mutex<Option<Uuid>>,
     entered: Notify,
@@ -108,6 +110,9 @@ impl consumer::Handler for Effects {
         let script = &self.0;
         *script.calls.lock().unwrap().entry(message.id).or_default() += 1;
         let accept = script.accept.load(Ordering::SeqCst);
+        if *script.panic_on.lock().unwrap() == Some(message.id) {
+            panic!("a bug in the handler");
+        }
         if !accept && script.poison.lock().unwrap().contains(&message.id) {
             return Err(HandlerError::permanent("this message breaks a rule"));
         }
@@ -505,6 +510,41 @@ async fn a_handler_failing_transiently_then_succeeding_applies_the_message_once_
     .await;
     stop.cancel();
     task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_that_panics_stops_the_consumer_and_the_next_one_misses_nothing() {
+    let w = World::new(1).await;
+    let sent = produce(&w.kafka.brokers(), &w.topic, 1, 30, 0).await;
+    let script = Arc::new(Script::default());
+    *script.panic_on.lock().unwrap() = Some(sent[12].id);
+    let stop = CancellationToken::new();
+    let (_, task) = w.start(w.config("panicky"), &script, &stop);
+    let error = tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("the consumer to stop")
+        .unwrap()
+        .expect_err("a panicking handler stopped the consumer")
+        .to_string();
+    assert!(error.contains("panicked on partition"), "{error}");
+    // Nothing after the panicking message was applied around it.
+    let applied = w.effects().await;
+    assert!(
+        applied.iter().all(|(_, _, n)| *n < 12),
+        "messages after the panic were applied: {applied:?}"
+    );
+    // Fixed and started again: the rest, once, in order.
+    *script.panic_on.lock().unwrap() = None;
+    let (_, task) = w.start(w.config("panicky"), &script, &stop);
+    wait_for(
+        "every message to be applied",
+        Duration::from_secs(60),
+        || async { w.effect_count().await >= sent.len() as i64 },
+    )
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    assert_once_in_order(&w.effects().await, &sent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -214,27 +214,32 @@ impl<H: Handler> KafkaConsumer<H> {
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     poll(consumer, shared, poll_stop)
                 }));
-                let _ = finished.send(outcome.is_ok());
+                let _ = finished.send(match outcome {
+                    Ok(ended) => ended,
+                    Err(_) => Err(ConsumerError::Broker(
+                        "the Kafka poll thread panicked".into(),
+                    )),
+                });
             })
             .map_err(|e| ConsumerError::Broker(format!("starting the poll thread: {e}")))?;
         let _stop_on_drop = stop.clone().drop_guard();
-        tokio::select! {
-            () = shutdown => {}
-            _ = &mut poll_ended => {}
-        }
+        let ended = tokio::select! {
+            () = shutdown => None,
+            ended = &mut poll_ended => Some(ended),
+        };
         stop.cancel();
-        let clean = poll_ended.await.unwrap_or(false);
+        let ended = match ended {
+            Some(ended) => ended,
+            None => poll_ended.await,
+        }
+        .unwrap_or_else(|_| Err(ConsumerError::Broker("the Kafka poll thread ended".into())));
         for task in background {
             let _ = task.await;
         }
-        if clean {
+        if ended.is_ok() {
             info!("consumer stopped");
-            Ok(())
-        } else {
-            Err(ConsumerError::Broker(
-                "the Kafka poll thread panicked".into(),
-            ))
         }
+        ended
     }
 }
 
@@ -320,6 +325,15 @@ impl<H: Handler> Shared<H> {
             task,
             paused: false,
         }
+    }
+
+    /// A partition whose task ended without being stopped (its handler
+    /// panicked).
+    fn panicked(&self) -> Option<(String, i32)> {
+        lock(&self.partitions)
+            .iter()
+            .find(|(_, worker)| worker.task.is_finished())
+            .map(|(key, _)| key.clone())
     }
 
     /// Resumes paused partitions whose queues drained to half their bound.
@@ -512,9 +526,10 @@ fn poll<H: Handler>(
     consumer: BaseConsumer<Rebalancer<H>>,
     shared: Arc<Shared<H>>,
     stop: CancellationToken,
-) {
+) -> Result<(), ConsumerError> {
     let mut last_commit = Instant::now();
     let mut last_error = String::new();
+    let mut ended = Ok(());
     while !stop.is_cancelled() {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(record)) => shared.dispatch(&consumer, &record),
@@ -528,6 +543,19 @@ fn poll<H: Handler>(
             None => {}
         }
         shared.resume_drained(&consumer);
+        // A partition task ends only when told to, unless the handler
+        // panicked: its partition cannot go on in order, so the consumer
+        // stops (committing only what was applied) and the messages are
+        // delivered again to whoever runs next.
+        if let Some((topic, partition)) = shared.panicked() {
+            let error = format!(
+                "the handler panicked on partition {topic}[{partition}]; the consumer stopped, \
+                 and the partition's messages from the first one not applied will be delivered again"
+            );
+            tracing::error!("{error}");
+            ended = Err(ConsumerError::Handler(error));
+            break;
+        }
         if last_commit.elapsed() >= shared.config.commit_interval {
             shared.commit(&consumer, None, CommitMode::Sync);
             last_commit = Instant::now();
@@ -539,6 +567,7 @@ fn poll<H: Handler>(
     consumer.unsubscribe();
     // Dropping the consumer leaves the group (librdkafka's close).
     drop(consumer);
+    ended
 }
 
 /// Serves the group's rebalances on the poll thread.

@@ -414,6 +414,8 @@ pub enum ConsumerError {
     Metrics(String),
     #[error("{0}")]
     Setup(String),
+    #[error("{0}")]
+    Handler(String),
 }
 
 /// Refuses to start without the inbox and dead-letter tables (one line

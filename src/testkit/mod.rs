@@ -87,6 +87,9 @@ impl Supervised {
                         Ok(Order::Signal(signal, done)) => {
                             if running() {
                                 let _ = kill(pid, signal);
+                                if signal == Signal::SIGSTOP {
+                                    wait_stopped(pid);
+                                }
                             }
                             let _ = done.send(());
                         }
@@ -156,6 +159,32 @@ impl Supervised {
     fn stop(self, signal: Signal, grace: Duration) {
         let _ = self.orders.send(Order::Stop(signal, grace));
         let _ = self.supervisor.join();
+    }
+}
+
+/// Waits (up to 2 s) until every thread of `pid` is stopped, so that a
+/// freeze is in force when it returns: a signal is delivered to each thread
+/// when it next runs, which on a loaded machine can be later.
+fn wait_stopped(pid: Pid) {
+    let until = Instant::now() + Duration::from_secs(2);
+    let threads = format!("/proc/{pid}/task");
+    let stopped = |stat: &str| {
+        // The state follows the command name in parentheses.
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with(['T', 't']))
+    };
+    while Instant::now() < until {
+        let Ok(entries) = std::fs::read_dir(&threads) else {
+            return;
+        };
+        let all = entries.flatten().all(|thread| {
+            std::fs::read_to_string(thread.path().join("stat")).map_or(true, |stat| stopped(&stat))
+        });
+        if all {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

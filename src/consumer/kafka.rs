@@ -148,6 +148,7 @@ impl<H: Handler> KafkaConsumer<H> {
             partitions: Mutex::new(HashMap::new()),
             done: Arc::new(Mutex::new(HashMap::new())),
             assigned: Mutex::new(HashSet::new()),
+            paused: AtomicUsize::new(0),
             runtime: tokio::runtime::Handle::try_current().map_err(|_| {
                 ConsumerError::Config(
                     "the consumer runtime must be created inside a Tokio runtime".into(),
@@ -256,6 +257,9 @@ struct Shared<H: Handler> {
     done: Arc<Mutex<HashMap<(String, i32), i64>>>,
     /// The partitions the group gave this member.
     assigned: Mutex<HashSet<(String, i32)>>,
+    /// How many partitions are paused: the poll loop looks for drained
+    /// ones only when some are.
+    paused: AtomicUsize,
     runtime: tokio::runtime::Handle,
 }
 
@@ -298,7 +302,10 @@ impl<H: Handler> Shared<H> {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition(&key.0, key.1);
             match consumer.pause(&tpl) {
-                Ok(()) => worker.paused = true,
+                Ok(()) => {
+                    worker.paused = true;
+                    self.paused.fetch_add(1, Ordering::SeqCst);
+                }
                 Err(e) => debug!(topic = %key.0, partition = key.1, error = %e, "cannot pause"),
             }
         }
@@ -338,6 +345,9 @@ impl<H: Handler> Shared<H> {
 
     /// Resumes paused partitions whose queues drained to half their bound.
     fn resume_drained(&self, consumer: &BaseConsumer<Rebalancer<H>>) {
+        if self.paused.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         let bound = self.queue_bound();
         for ((topic, partition), worker) in lock(&self.partitions).iter_mut() {
             if worker.paused && worker.queued.load(Ordering::SeqCst) <= bound / 2 {
@@ -345,6 +355,7 @@ impl<H: Handler> Shared<H> {
                 tpl.add_partition(topic, *partition);
                 if consumer.resume(&tpl).is_ok() {
                     worker.paused = false;
+                    self.paused.fetch_sub(1, Ordering::SeqCst);
                 }
             }
         }
@@ -406,6 +417,9 @@ impl<H: Handler> Shared<H> {
         };
         for (_, worker) in &workers {
             worker.stop.cancel();
+            if worker.paused {
+                self.paused.fetch_sub(1, Ordering::SeqCst);
+            }
         }
         let timeout = self.config.revoke_timeout;
         let abandoned = self.runtime.block_on(async {

@@ -14,7 +14,7 @@
 //! sources, the loop, leadership and the metrics endpoints, and needs at
 //! least one sink: `kafka` (with [`inbox::kafka_message_id`]), `nats`,
 //! `rabbitmq` (each also brings its inbox helper alone); `consumer` the
-//! exactly-once consumer runtime ([`consumer`], with `kafka`); `cli` the binary (with its demo
+//! exactly-once consumer runtime ([`consumer`], with one broker feature or more); `cli` the binary (with its demo
 //! and bench, and their throwaway Postgres, which is not part of the
 //! library). The default is all of them.
 
@@ -26,9 +26,12 @@ compile_error!(
     "the relay needs a sink to publish to: enable the \"kafka\", \"nats\" or \"rabbitmq\" feature as well"
 );
 
-#[cfg(all(feature = "consumer", not(feature = "kafka")))]
+#[cfg(all(
+    feature = "consumer",
+    not(any(feature = "kafka", feature = "nats", feature = "rabbitmq"))
+))]
 compile_error!(
-    "the consumer runtime consumes Kafka today: enable the \"kafka\" feature with \"consumer\" (NATS and RabbitMQ consumers use the inbox helpers)"
+    "the consumer runtime needs a broker to consume from: enable the \"kafka\", \"nats\" or \"rabbitmq\" feature as well"
 );
 
 pub mod config;

@@ -21,6 +21,9 @@ use crate::outbox::OutboxRow;
 pub const HEADER_ID: &str = "id";
 pub const HEADER_EVENT_TYPE: &str = "event_type";
 pub const HEADER_AGGREGATE_TYPE: &str = "aggregate_type";
+/// The header that carries the row's `aggregate_id` where the broker has no
+/// record key (NATS).
+pub const HEADER_AGGREGATE_ID: &str = "aggregate_id";
 
 /// A message ready to publish, whatever the broker.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -32,9 +32,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::metrics::{self, ConsumerStats};
-use super::partition::{Applier, Delivery};
-use super::{ConsumerConfig, ConsumerError, Handler, Message, dead_letters};
+use super::metrics::ConsumerStats;
+use super::partition::{Applier, Delivery, apply_queue};
+use super::{ConsumerConfig, ConsumerError, Handler, Message};
 use crate::inbox;
 
 /// How to reach Kafka: bootstrap servers and librdkafka consumer
@@ -121,7 +121,6 @@ pub async fn run_kafka<H: Handler>(
 pub struct KafkaConsumer<H: Handler> {
     consumer: BaseConsumer<Rebalancer<H>>,
     shared: Arc<Shared<H>>,
-    metrics: Option<std::net::SocketAddr>,
 }
 
 impl<H: Handler> KafkaConsumer<H> {
@@ -167,7 +166,6 @@ impl<H: Handler> KafkaConsumer<H> {
             .map_err(|e| ConsumerError::Broker(format!("subscribing to {topics:?}: {e}")))?;
         Ok(KafkaConsumer {
             consumer,
-            metrics: shared.config.metrics_address,
             shared,
         })
     }
@@ -180,21 +178,8 @@ impl<H: Handler> KafkaConsumer<H> {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ConsumerError> {
         super::check_tables(&self.shared.applier.pool).await?;
         let stop = CancellationToken::new();
-        let mut background = Vec::new();
-        if let Some(address) = self.metrics {
-            let listener = metrics::bind(address).await?;
-            background.push(tokio::spawn(metrics::serve(
-                listener,
-                self.stats(),
-                stop.clone(),
-            )));
-        }
-        let applier = self.shared.applier.clone();
-        let every = self.shared.config.redrive_interval;
-        let redrive_stop = stop.clone();
-        background.push(tokio::spawn(async move {
-            dead_letters::redrive(&applier, every, redrive_stop).await
-        }));
+        let background =
+            super::start_background(&self.shared.applier, &self.shared.config, &stop).await?;
         info!(
             group = %self.shared.config.group,
             topics = ?self.shared.config.topics,
@@ -315,15 +300,19 @@ impl<H: Handler> Shared<H> {
         let (queue, receiver) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let stop = CancellationToken::new();
-        let task = self.runtime.spawn(apply_partition(
+        let done = self.done.clone();
+        let task = self.runtime.spawn(apply_queue(
             self.applier.clone(),
             receiver,
             queued.clone(),
             stop.clone(),
-            self.gate.clone(),
-            self.done.clone(),
-            key,
+            Some(self.gate.clone()),
             self.config.max_batch,
+            move |settled: &[Delivery]| {
+                if let Some(last) = settled.last() {
+                    lock(&done).insert(key.clone(), last.message.offset + 1);
+                }
+            },
         ));
         Worker {
             queue,
@@ -455,50 +444,6 @@ impl<H: Handler> Shared<H> {
         let mut done = lock(&self.done);
         for key in keys {
             done.remove(key);
-        }
-    }
-}
-
-/// One partition: batches of ready messages, in order, one at a time.
-#[allow(clippy::too_many_arguments)]
-async fn apply_partition<H: Handler>(
-    applier: Arc<Applier<H>>,
-    mut queue: mpsc::UnboundedReceiver<Delivery>,
-    queued: Arc<AtomicUsize>,
-    stop: CancellationToken,
-    gate: Arc<Semaphore>,
-    done: Arc<Mutex<HashMap<(String, i32), i64>>>,
-    key: (String, i32),
-    max_batch: usize,
-) {
-    loop {
-        let first = tokio::select! {
-            first = queue.recv() => first,
-            _ = stop.cancelled() => None,
-        };
-        let Some(first) = first else { return };
-        let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match queue.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        queued.fetch_sub(batch.len(), Ordering::SeqCst);
-        let _permit = tokio::select! {
-            permit = gate.acquire() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            _ = stop.cancelled() => return,
-        };
-        let settled = applier.apply(&mut batch, &stop).await;
-        if settled > 0 {
-            let next = batch[settled - 1].message.offset + 1;
-            lock(&done).insert(key.clone(), next);
-        }
-        if settled < batch.len() {
-            return;
         }
     }
 }

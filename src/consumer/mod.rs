@@ -69,8 +69,16 @@
 mod dead_letters;
 #[cfg(feature = "kafka")]
 mod kafka;
+#[cfg(any(feature = "nats", feature = "rabbitmq"))]
+mod lanes;
+#[cfg(feature = "nats")]
+mod membership;
 mod metrics;
+#[cfg(feature = "nats")]
+mod nats;
 mod partition;
+#[cfg(feature = "rabbitmq")]
+mod rabbitmq;
 
 use std::fmt;
 use std::future::Future;
@@ -85,6 +93,10 @@ pub use dead_letters::{ConsumerDeadLetter, DeadLetterSelection, list, purge, req
 #[cfg(feature = "kafka")]
 pub use kafka::{KafkaConsumer, KafkaSettings, run_kafka};
 pub use metrics::ConsumerStats;
+#[cfg(feature = "nats")]
+pub use nats::{NatsConsumer, NatsSettings, run_nats};
+#[cfg(feature = "rabbitmq")]
+pub use rabbitmq::{RabbitMqConsumer, RabbitMqSettings, run_rabbitmq};
 
 /// One message as the handler sees it, whatever the broker.
 #[derive(Debug, Clone, PartialEq)]
@@ -418,11 +430,36 @@ pub enum ConsumerError {
     Handler(String),
 }
 
+/// The tasks every member runs beside its broker's loop until `stop`:
+/// `/metrics` when asked for, and the dead-letter redrive.
+pub(crate) async fn start_background<H: Handler>(
+    applier: &std::sync::Arc<partition::Applier<H>>,
+    config: &ConsumerConfig,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, ConsumerError> {
+    let mut background = Vec::new();
+    if let Some(address) = config.metrics_address {
+        let listener = metrics::bind(address).await?;
+        background.push(tokio::spawn(metrics::serve(
+            listener,
+            applier.stats.clone(),
+            stop.clone(),
+        )));
+    }
+    let applier = applier.clone();
+    let every = config.redrive_interval;
+    let redrive_stop = stop.clone();
+    background.push(tokio::spawn(async move {
+        dead_letters::redrive(&applier, every, redrive_stop).await
+    }));
+    Ok(background)
+}
+
 /// Refuses to start without the inbox and dead-letter tables (one line
 /// with the fix); an unreachable database is only reported, since the
 /// partitions wait for it anyway.
 pub(crate) async fn check_tables(pool: &sqlx::PgPool) -> Result<(), ConsumerError> {
-    for table in ["inbox", "consumer_dead_letter"] {
+    for table in ["inbox", "consumer_dead_letter", "consumer_member"] {
         let exists = sqlx::query_scalar::<_, bool>("select to_regclass($1) is not null")
             .bind(table)
             .fetch_one(pool)

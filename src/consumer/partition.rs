@@ -3,9 +3,11 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sqlx::PgPool;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use uuid::Uuid;
@@ -276,6 +278,55 @@ impl<H: Handler> Applier<H> {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Applies one queue of messages (a Kafka partition, a lane of a broker
+/// without partitions) in order: the messages ready at once go as one batch,
+/// while holding a permit of `gate` (when there is one). `settled` hears of
+/// each batch's settled prefix. Ends when `stop` fires or the queue closes,
+/// or after a batch left unsettled (`stop` fired in it): the rest must be
+/// delivered again.
+pub(crate) async fn apply_queue<H: Handler>(
+    applier: Arc<Applier<H>>,
+    mut queue: mpsc::UnboundedReceiver<Delivery>,
+    queued: Arc<AtomicUsize>,
+    stop: CancellationToken,
+    gate: Option<Arc<Semaphore>>,
+    max_batch: usize,
+    mut settled: impl FnMut(&[Delivery]) + Send + 'static,
+) {
+    loop {
+        let first = tokio::select! {
+            first = queue.recv() => first,
+            _ = stop.cancelled() => None,
+        };
+        let Some(first) = first else { return };
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        queued.fetch_sub(batch.len(), Ordering::SeqCst);
+        let _permit = match &gate {
+            None => None,
+            Some(gate) => tokio::select! {
+                permit = gate.acquire() => match permit {
+                    Ok(permit) => Some(permit),
+                    Err(_) => return,
+                },
+                _ = stop.cancelled() => return,
+            },
+        };
+        let done = applier.apply(&mut batch, &stop).await;
+        if done > 0 {
+            settled(&batch[..done]);
+        }
+        if done < batch.len() {
+            return;
         }
     }
 }

@@ -46,7 +46,7 @@ use crate::sink::{LastAck, Message, Outcome, Sent, Sink, until_reachable};
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
 /// The header that carries the row's `aggregate_id` (Kafka's record key).
-pub const AGGREGATE_ID_HEADER: &str = "aggregate_id";
+pub const AGGREGATE_ID_HEADER: &str = crate::message::HEADER_AGGREGATE_ID;
 
 /// How long connecting to one server may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -3,12 +3,17 @@
 //! ```text
 //! cargo run --example inbox_consumer -- --brokers localhost:9092 \
 //!     --database-url postgres://... --topic payment.events --group balances
+//! cargo run --example inbox_consumer -- --broker nats --brokers nats://localhost:4222 \
+//!     --stream PAYMENTS --database-url postgres://... --topic 'payment.>' --group balances
+//! cargo run --example inbox_consumer -- --broker rabbitmq --brokers amqp://localhost:5672 \
+//!     --database-url postgres://... --topic payment.events --group balances
 //! ```
 //!
 //! It applies payment messages `{"account": "...", "amount": 12}` to
 //! `balances(account, amount)` and records each applied payment in
 //! `ledger`, in the order applied. The runtime claims each message id in the
-//! inbox in the handler's transaction and commits the Kafka offset only
+//! inbox in the handler's transaction and lets the broker forget the
+//! message (Kafka: commits the offset; NATS, RabbitMQ: acknowledges) only
 //! after that transaction: killed anywhere and restarted, balances are exact
 //! even when every message arrives two or three times. A payload that is
 //! not a payment is dead-lettered (`outbox-relay consumer-dead-letters list`).
@@ -17,16 +22,30 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use outbox_relay::consumer::{self, ConsumerConfig, HandlerError, KafkaSettings, Message};
+use outbox_relay::consumer::{
+    self, ConsumerConfig, HandlerError, KafkaSettings, Message, NatsSettings, RabbitMqSettings,
+};
 use serde::Deserialize;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Postgres, Transaction};
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Broker {
+    Kafka,
+    Nats,
+    Rabbitmq,
+}
+
 #[derive(Parser)]
 struct Args {
-    /// Kafka bootstrap servers.
+    #[arg(long, value_enum, default_value = "kafka")]
+    broker: Broker,
+    /// Kafka bootstrap servers, the NATS server URL or the RabbitMQ URL.
     #[arg(long, env = "OUTBOX_BROKERS")]
     brokers: String,
+    /// NATS: the JetStream stream holding the topic's subjects.
+    #[arg(long, default_value = "")]
+    stream: String,
     /// The consumer's own database (gets `balances`, `ledger` and the inbox).
     #[arg(long, env = "OUTBOX_DATABASE_URL", hide_env_values = true)]
     database_url: String,
@@ -35,7 +54,7 @@ struct Args {
     /// Consumer group; also the inbox's dedup namespace.
     #[arg(long, default_value = "balances")]
     group: String,
-    /// Partitions applied at once.
+    /// Partitions (Kafka) or lanes of aggregates (NATS, RabbitMQ) applied at once.
     #[arg(long, default_value_t = 4)]
     max_in_flight: usize,
     /// Exit 0 after this many seconds without a new message (0: never).
@@ -110,17 +129,36 @@ async fn main() -> anyhow::Result<()> {
     .execute(&pool)
     .await?;
 
-    let mut kafka = KafkaSettings::new(&args.brokers);
-    for entry in &args.kafka_config {
-        let (key, value) = entry
-            .split_once('=')
-            .context("--kafka-config takes KEY=VALUE")?;
-        kafka = kafka.set(key, value);
-    }
     let mut config = ConsumerConfig::new(&args.group, [&args.topic]);
     config.max_in_flight = args.max_in_flight;
-    let consumer = consumer::KafkaConsumer::new(pool, config, kafka, Balances)?;
-    let stats = consumer.stats();
+    let consumer = match args.broker {
+        Broker::Kafka => {
+            let mut kafka = KafkaSettings::new(&args.brokers);
+            for entry in &args.kafka_config {
+                let (key, value) = entry
+                    .split_once('=')
+                    .context("--kafka-config takes KEY=VALUE")?;
+                kafka = kafka.set(key, value);
+            }
+            Member::Kafka(consumer::KafkaConsumer::new(pool, config, kafka, Balances)?)
+        }
+        Broker::Nats => {
+            // A short lease: a killed member is replaced within seconds.
+            let nats = NatsSettings::new(&args.brokers, &args.stream).lease(Duration::from_secs(2));
+            Member::Nats(consumer::NatsConsumer::new(pool, config, nats, Balances)?)
+        }
+        Broker::Rabbitmq => {
+            let rabbitmq = RabbitMqSettings::new(&args.brokers);
+            Member::RabbitMq(consumer::RabbitMqConsumer::new(
+                pool, config, rabbitmq, Balances,
+            )?)
+        }
+    };
+    let stats = match &consumer {
+        Member::Kafka(c) => c.stats(),
+        Member::Nats(c) => c.stats(),
+        Member::RabbitMq(c) => c.stats(),
+    };
     let idle = (args.idle_exit_secs > 0).then(|| Duration::from_secs(args.idle_exit_secs));
     let shutdown = async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -154,6 +192,16 @@ async fn main() -> anyhow::Result<()> {
             () = idle => {}
         }
     };
-    consumer.run(shutdown).await?;
+    match consumer {
+        Member::Kafka(c) => c.run(shutdown).await?,
+        Member::Nats(c) => c.run(shutdown).await?,
+        Member::RabbitMq(c) => c.run(shutdown).await?,
+    }
     Ok(())
+}
+
+enum Member {
+    Kafka(consumer::KafkaConsumer<Balances>),
+    Nats(consumer::NatsConsumer<Balances>),
+    RabbitMq(consumer::RabbitMqConsumer<Balances>),
 }

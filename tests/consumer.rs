@@ -5,33 +5,24 @@
 
 mod support;
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use outbox_relay::consumer::{
-    self, ConsumerConfig, ConsumerError, ConsumerStats, DeadLetterSelection, HandlerError,
-    KafkaConsumer, KafkaSettings, Message, RetryPolicy,
+    self, ConsumerConfig, ConsumerError, ConsumerStats, DeadLetterSelection, KafkaConsumer,
+    KafkaSettings, RetryPolicy,
 };
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::PgPool;
 use support::*;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-/// One produced message: its id, key and place among its key's messages.
-#[derive(Debug, Clone)]
-struct Sent {
-    id: Uuid,
-    key: String,
-    n: i64,
-}
 
 /// Produces `count` messages spread over `keys` keys, in order, each its
 /// own producer batch (tansu: README, "Compatibility notes").
@@ -79,68 +70,6 @@ async fn send(producer: &FutureProducer, topic: &str, message: &Sent) {
         .unwrap();
 }
 
-/// What the test handler does; shared with the test.
-#[derive(Default)]
-struct Script {
-    /// Handler runs per message id.
-    calls: Mutex<HashMap<Uuid, u32>>,
-    /// Fails permanently while `accept` is false.
-    poison: Mutex<HashSet<Uuid>>,
-    /// Fails transiently while `accept` is false.
-    flaky: Mutex<HashSet<Uuid>>,
-    /// Fails transiently this many more times.
-    fail_times: Mutex<HashMap<Uuid, u32>>,
-    accept: AtomicBool,
-    /// The message whose handler panics.
-    panic_on: Mutex<Option<Uuid>>,
-    /// The message whose handler waits for `release`; `entered` when it does.
-    hold: Mutex<Option<Uuid>>,
-    entered: Notify,
-    release: Notify,
-}
-
-struct Effects(Arc<Script>);
-
-impl consumer::Handler for Effects {
-    async fn handle(
-        &self,
-        tx: &mut Transaction<'static, Postgres>,
-        message: &Message,
-    ) -> Result<(), HandlerError> {
-        let script = &self.0;
-        *script.calls.lock().unwrap().entry(message.id).or_default() += 1;
-        let accept = script.accept.load(Ordering::SeqCst);
-        if *script.panic_on.lock().unwrap() == Some(message.id) {
-            panic!("a bug in the handler");
-        }
-        if !accept && script.poison.lock().unwrap().contains(&message.id) {
-            return Err(HandlerError::permanent("this message breaks a rule"));
-        }
-        if !accept && script.flaky.lock().unwrap().contains(&message.id) {
-            return Err(HandlerError::transient("a dependency is down"));
-        }
-        if let Some(left) = script.fail_times.lock().unwrap().get_mut(&message.id)
-            && *left > 0
-        {
-            *left -= 1;
-            return Err(HandlerError::transient("a lock timed out"));
-        }
-        let payload: serde_json::Value = message.json()?;
-        sqlx::query("insert into effects (message_id, key, n) values ($1, $2, $3)")
-            .bind(message.id)
-            .bind(payload["key"].as_str())
-            .bind(payload["n"].as_i64())
-            .execute(&mut **tx)
-            .await?;
-        let held = *script.hold.lock().unwrap() == Some(message.id);
-        if held {
-            script.entered.notify_one();
-            script.release.notified().await;
-        }
-        Ok(())
-    }
-}
-
 struct World {
     pool: PgPool,
     kafka: Kafka,
@@ -151,13 +80,7 @@ impl World {
     async fn new(partitions: i32) -> World {
         let url = fresh_database().await;
         let migrated = migrated_pool(&url).await;
-        sqlx::query(
-            "create table effects (seq bigint generated always as identity, \
-             message_id uuid not null, key text not null, n bigint not null)",
-        )
-        .execute(&migrated)
-        .await
-        .unwrap();
+        create_effects_table(&migrated).await;
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .connect(&url)
@@ -235,36 +158,6 @@ impl World {
         consumer::list(&mut conn, Some(&self.group(group)), 1000)
             .await
             .unwrap()
-    }
-}
-
-/// Each sent message applied exactly once, and per key in the order sent.
-fn assert_once_in_order(effects: &[(Uuid, String, i64)], sent: &[Sent]) {
-    let mut count: HashMap<Uuid, usize> = HashMap::new();
-    for (id, _, _) in effects {
-        *count.entry(*id).or_default() += 1;
-    }
-    let twice: Vec<&Uuid> = count
-        .iter()
-        .filter(|(_, c)| **c > 1)
-        .map(|(id, _)| id)
-        .collect();
-    assert!(twice.is_empty(), "applied more than once: {twice:?}");
-    let missing: Vec<Uuid> = sent
-        .iter()
-        .map(|s| s.id)
-        .filter(|id| !count.contains_key(id))
-        .collect();
-    assert!(missing.is_empty(), "never applied: {missing:?}");
-    assert_eq!(effects.len(), sent.len(), "effects of messages never sent");
-    let mut per_key: HashMap<&str, Vec<i64>> = HashMap::new();
-    for (_, key, n) in effects {
-        per_key.entry(key).or_default().push(*n);
-    }
-    for (key, ns) in per_key {
-        let mut sorted = ns.clone();
-        sorted.sort_unstable();
-        assert_eq!(ns, sorted, "messages of {key} applied out of order");
     }
 }
 

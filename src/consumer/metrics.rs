@@ -82,12 +82,12 @@ impl ConsumerStats {
         );
         registry.register(
             "lag_messages",
-            "Messages in the partition after the last committed offset, per assigned partition",
+            "Messages in the partition after the last committed offset, per assigned partition (NATS: the subject's pending and unacknowledged messages, RabbitMQ: the queue's ready ones, partition -1)",
             lag.clone(),
         );
         registry.register(
             "partitions_assigned",
-            "Partitions this consumer holds",
+            "Partitions this consumer holds (NATS, RabbitMQ: 1 while this member receives for the group)",
             partitions.clone(),
         );
         ConsumerStats {

@@ -320,6 +320,9 @@ impl<H: Handler> NatsConsumer<H> {
             }
         };
         let (lanes, mut settled) = Lanes::start(&self.applier, &self.config);
+        let stats = &self.applier.stats;
+        let subject = &self.config.topics[0];
+        stats.set_partitions(1);
         // Per stream sequence, the latest delivery of each message in a lane.
         let mut in_hand: HashMap<i64, jetstream::Message> = HashMap::new();
         let mut renew = tokio::time::interval(membership.lease / 3);
@@ -361,7 +364,12 @@ impl<H: Handler> NatsConsumer<H> {
                     None => break Ok(Ended::Stepped),
                 },
                 _ = renew.tick() => match membership.renew(held).await {
-                    Ok(true) => {}
+                    Ok(true) => {
+                        if let Ok(info) = consumer.get_info().await {
+                            let lag = info.num_pending + info.num_ack_pending as u64;
+                            stats.set_lag(subject, -1, lag as i64);
+                        }
+                    }
                     Ok(false) => {
                         info!(group = %self.config.group, "another member took the group over");
                         break Ok(Ended::Stepped);
@@ -384,6 +392,8 @@ impl<H: Handler> NatsConsumer<H> {
             }
         };
         lanes.stop(self.config.revoke_timeout).await;
+        stats.set_partitions(0);
+        stats.forget_partition(subject, -1);
         while let Ok(sequence) = settled.try_recv() {
             if let Some(message) = in_hand.remove(&sequence) {
                 acknowledge(&message).await;

@@ -202,8 +202,8 @@ impl<H: Handler> RabbitMqConsumer<H> {
                 }
             };
             attempt = 0;
-            let (connection, consumer) = connection;
-            let ended = self.receive(consumer, &stop).await;
+            let (connection, channel, consumer) = connection;
+            let ended = self.receive(&channel, consumer, &stop).await;
             let _ = connection.close(200, "consumer stopped".into()).await;
             match ended? {
                 Ended::Shutdown => return Ok(()),
@@ -214,7 +214,7 @@ impl<H: Handler> RabbitMqConsumer<H> {
     }
 
     /// Connects, declares and binds the queue, and starts consuming.
-    async fn connect(&self) -> Result<(Connection, lapin::Consumer), Setup> {
+    async fn connect(&self) -> Result<(Connection, lapin::Channel, lapin::Consumer), Setup> {
         let unreachable = |e: lapin::Error| Setup::Unreachable(e.to_string());
         let properties = ConnectionProperties::default()
             .with_connection_name(format!("outbox-relay consumer {}", self.config.group).into());
@@ -276,16 +276,22 @@ impl<H: Handler> RabbitMqConsumer<H> {
             .await
             .map_err(unreachable)?;
         debug!(queue = %self.queue, "consuming from RabbitMQ");
-        Ok((connection, consumer))
+        Ok((connection, channel, consumer))
     }
 
     /// Receives on one channel until `stop` or the channel closes.
     async fn receive(
         &self,
+        channel: &lapin::Channel,
         mut consumer: lapin::Consumer,
         stop: &CancellationToken,
     ) -> Result<Ended, ConsumerError> {
         let (lanes, mut settled) = Lanes::start(&self.applier, &self.config);
+        let stats = &self.applier.stats;
+        // Consuming: the broker delivers once this member is the queue's
+        // single active consumer.
+        stats.set_partitions(1);
+        let mut lag = tokio::time::interval(Duration::from_secs(5));
         let mut in_hand: HashMap<i64, lapin::Acker> = HashMap::new();
         let mut check = tokio::time::interval(Duration::from_millis(200));
         let ended = loop {
@@ -309,6 +315,18 @@ impl<H: Handler> RabbitMqConsumer<H> {
                     }
                     None => break Ok(Ended::Lost),
                 },
+                _ = lag.tick() => {
+                    let passive = QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    };
+                    if let Ok(queue) = channel
+                        .queue_declare(self.queue.as_str().into(), passive, FieldTable::default())
+                        .await
+                    {
+                        stats.set_lag(&self.queue, -1, i64::from(queue.message_count()));
+                    }
+                }
                 _ = check.tick() => {
                     if lanes.panicked() {
                         let error = "the handler panicked; the consumer stopped, and the messages \
@@ -320,6 +338,8 @@ impl<H: Handler> RabbitMqConsumer<H> {
             }
         };
         lanes.stop(self.config.revoke_timeout).await;
+        stats.set_partitions(0);
+        stats.forget_partition(&self.queue, -1);
         while let Ok(tag) = settled.try_recv() {
             if let Some(acker) = in_hand.remove(&tag) {
                 acknowledge(&acker).await;

@@ -31,6 +31,8 @@ mod certificates;
 pub mod testkit;
 use testkit::TempPostgres;
 mod consume;
+#[cfg(feature = "consumer")]
+mod handler;
 mod http;
 mod kafka;
 mod postgres;
@@ -43,6 +45,9 @@ mod workload;
 pub use certificates::*;
 #[allow(unused_imports)]
 pub use consume::*;
+#[cfg(feature = "consumer")]
+#[allow(unused_imports)]
+pub use handler::*;
 #[allow(unused_imports)]
 pub use http::*;
 #[allow(unused_imports)]

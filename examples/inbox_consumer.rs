@@ -57,6 +57,9 @@ struct Args {
     /// Partitions (Kafka) or lanes of aggregates (NATS, RabbitMQ) applied at once.
     #[arg(long, default_value_t = 4)]
     max_in_flight: usize,
+    /// Milliseconds each payment's handler takes (work in the transaction).
+    #[arg(long, default_value_t = 0)]
+    work_ms: u64,
     /// Exit 0 after this many seconds without a new message (0: never).
     #[arg(long, default_value_t = 0)]
     idle_exit_secs: u64,
@@ -65,8 +68,10 @@ struct Args {
     kafka_config: Vec<String>,
 }
 
-/// The effects of one payment.
-struct Balances;
+/// The effects of one payment, taking `work` each.
+struct Balances {
+    work: Duration,
+}
 
 impl consumer::Handler for Balances {
     async fn handle(
@@ -80,6 +85,9 @@ impl consumer::Handler for Balances {
             amount: i64,
         }
         let payment: Payment = message.json()?;
+        if !self.work.is_zero() {
+            tokio::time::sleep(self.work).await;
+        }
         sqlx::query(
             "insert into balances (account, amount) values ($1, $2) \
              on conflict (account) do update set amount = balances.amount + excluded.amount",
@@ -129,6 +137,9 @@ async fn main() -> anyhow::Result<()> {
     .execute(&pool)
     .await?;
 
+    let balances = Balances {
+        work: Duration::from_millis(args.work_ms),
+    };
     let mut config = ConsumerConfig::new(&args.group, [&args.topic]);
     config.max_in_flight = args.max_in_flight;
     let consumer = match args.broker {
@@ -140,17 +151,17 @@ async fn main() -> anyhow::Result<()> {
                     .context("--kafka-config takes KEY=VALUE")?;
                 kafka = kafka.set(key, value);
             }
-            Member::Kafka(consumer::KafkaConsumer::new(pool, config, kafka, Balances)?)
+            Member::Kafka(consumer::KafkaConsumer::new(pool, config, kafka, balances)?)
         }
         Broker::Nats => {
             // A short lease: a killed member is replaced within seconds.
             let nats = NatsSettings::new(&args.brokers, &args.stream).lease(Duration::from_secs(2));
-            Member::Nats(consumer::NatsConsumer::new(pool, config, nats, Balances)?)
+            Member::Nats(consumer::NatsConsumer::new(pool, config, nats, balances)?)
         }
         Broker::Rabbitmq => {
             let rabbitmq = RabbitMqSettings::new(&args.brokers);
             Member::RabbitMq(consumer::RabbitMqConsumer::new(
-                pool, config, rabbitmq, Balances,
+                pool, config, rabbitmq, balances,
             )?)
         }
     };

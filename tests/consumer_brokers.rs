@@ -295,7 +295,7 @@ async fn members_killed_repeatedly_apply_each_payment_once_in_order(bus: Bus) {
         let mut cmd = Command::new(example_binary());
         cmd.args(bus.example_args())
             .args(["--database-url", &url, "--group", &group])
-            .args(["--max-in-flight", "3"])
+            .args(["--max-in-flight", "3", "--work-ms", "2"])
             .kill_on_drop(true);
         cmd
     };
@@ -337,14 +337,32 @@ async fn members_killed_repeatedly_apply_each_payment_once_in_order(bus: Bus) {
     let producing = async {
         for chunk in &chunks {
             bus.publish(chunk).await;
-            tokio::time::sleep(Duration::from_millis(150)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
     let killing = async {
-        for _ in 0..5 {
+        for round in 0..5 {
             let pause = rand::rng().random_range(400..1500);
             tokio::time::sleep(Duration::from_millis(pause)).await;
-            let victim = rand::rng().random_range(0..members.len());
+            // On NATS, every other time the member holding the group's row
+            // (the one receiving), once a live one holds it: the group is
+            // taken over at least three times.
+            let mut victim = rand::rng().random_range(0..members.len());
+            if round % 2 == 0 && matches!(bus, Bus::Nats { .. }) {
+                let live: Vec<Option<u32>> = members.iter().map(|(m, _)| m.id()).collect();
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                victim = loop {
+                    let pid = holder_pid(&pool, &group).await;
+                    if let Some(at) = live.iter().position(|id| pid.is_some() && *id == pid) {
+                        break at;
+                    }
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "no live member took the group over within 30 s"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                };
+            }
             members[victim].0.kill().await.unwrap(); // SIGKILL, anywhere
             members[victim] = spawn_logged(consumer());
         }
@@ -395,15 +413,44 @@ async fn members_killed_repeatedly_apply_each_payment_once_in_order(bus: Bus) {
             order.entry(account.clone()).or_default().push(*id);
         }
     }
-    assert_eq!(
-        applied, order,
-        "payments of an account were applied out of their order"
-    );
+    for (account, ids) in &order {
+        let got = &applied[account];
+        if let Some(at) = (0..ids.len()).find(|&i| got.get(i) != ids.get(i)) {
+            panic!(
+                "payments of {account} were applied out of their order: the {at}th applied is \
+                 {:?}, the {at}th published {}",
+                got.get(at),
+                ids[at]
+            );
+        }
+    }
+    assert_eq!(applied.len(), order.len(), "payments of unknown accounts");
     let dead: i64 = sqlx::query_scalar("select count(*) from consumer_dead_letter")
         .fetch_one(&pool)
         .await
         .unwrap();
     assert_eq!(dead, 0, "well-formed payments were dead-lettered");
+    if matches!(bus, Bus::Nats { .. }) {
+        let epoch: i64 =
+            sqlx::query_scalar("select epoch from consumer_member where consumer_group = $1")
+                .bind(&group)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert!(epoch >= 4, "the group was taken over only {} times", epoch - 1);
+    }
+}
+
+/// The pid of the member holding `group`'s row on NATS (`PID/NONCE`).
+async fn holder_pid(pool: &PgPool, group: &str) -> Option<u32> {
+    let holder: Option<String> =
+        sqlx::query_scalar("select holder from consumer_member where consumer_group = $1")
+            .bind(group)
+            .fetch_optional(pool)
+            .await
+            .ok()
+            .flatten();
+    holder?.split('/').next()?.parse().ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -28,7 +28,9 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// A broker with a destination the test publishes to.
+/// A broker with a destination the test publishes to (one per test: its
+/// size does not matter).
+#[allow(clippy::large_enum_variant)]
 enum Bus {
     Nats {
         server: TempNats,
@@ -114,11 +116,7 @@ impl Bus {
                     headers.insert("aggregate_id", key.as_str());
                     headers.insert("event_type", "counted");
                     jetstream
-                        .publish_with_headers(
-                            subject.clone(),
-                            headers,
-                            payload.to_string().into(),
-                        )
+                        .publish_with_headers(subject.clone(), headers, payload.to_string().into())
                         .await
                         .unwrap()
                         .await
@@ -130,7 +128,10 @@ impl Bus {
             } => {
                 for (id, key, payload) in messages {
                     let mut headers = FieldTable::default();
-                    headers.insert("event_type".into(), lapin::types::AMQPValue::LongString("counted".into()));
+                    headers.insert(
+                        "event_type".into(),
+                        lapin::types::AMQPValue::LongString("counted".into()),
+                    );
                     let properties = lapin::BasicProperties::default()
                         .with_message_id(ShortString::from(id.to_string()))
                         .with_delivery_mode(2)
@@ -235,7 +236,8 @@ impl Bus {
             }
             Bus::RabbitMq { .. } => {
                 let settings = RabbitMqSettings::new(self.url());
-                let member = RabbitMqConsumer::new(pool.clone(), config, settings, handler).unwrap();
+                let member =
+                    RabbitMqConsumer::new(pool.clone(), config, settings, handler).unwrap();
                 (member.stats(), tokio::spawn(member.run(shutdown)))
             }
         }
@@ -437,7 +439,11 @@ async fn members_killed_repeatedly_apply_each_payment_once_in_order(bus: Bus) {
                 .fetch_one(&pool)
                 .await
                 .unwrap();
-        assert!(epoch >= 4, "the group was taken over only {} times", epoch - 1);
+        assert!(
+            epoch >= 4,
+            "the group was taken over only {} times",
+            epoch - 1
+        );
     }
 }
 
@@ -510,10 +516,12 @@ async fn poison_and_transient_failures_follow_the_retry_policy(bus: Bus) {
         consumer::list(&mut conn, Some(&group), 1000).await.unwrap()
     };
     let effects = || async {
-        sqlx::query_as::<_, (Uuid, String, i64)>("select message_id, key, n from effects order by seq")
-            .fetch_all(&pool)
-            .await
-            .unwrap()
+        sqlx::query_as::<_, (Uuid, String, i64)>(
+            "select message_id, key, n from effects order by seq",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
     };
     let healthy: Vec<Sent> = sent
         .iter()
@@ -530,8 +538,14 @@ async fn poison_and_transient_failures_follow_the_retry_policy(bus: Bus) {
     {
         let calls = script.calls.lock().unwrap();
         assert_eq!(calls[&poison], 1, "a permanent error was retried");
-        assert_eq!(calls[&flaky], 3, "a transient error was not retried as configured");
-        assert_eq!(calls[&twice], 3, "a message failing twice was not applied on its third run");
+        assert_eq!(
+            calls[&flaky], 3,
+            "a transient error was not retried as configured"
+        );
+        assert_eq!(
+            calls[&twice], 3,
+            "a message failing twice was not applied on its third run"
+        );
     }
     assert_eq!(stats.dead_lettered(), 2);
     let dead = dead_letters().await;
@@ -574,7 +588,10 @@ async fn poison_and_transient_failures_follow_the_retry_policy(bus: Bus) {
     ids.sort_unstable();
     let mut expected: Vec<Uuid> = sent.iter().map(|s| s.id).collect();
     expected.sort_unstable();
-    assert_eq!(ids, expected, "every message applied exactly once after the retry");
+    assert_eq!(
+        ids, expected,
+        "every message applied exactly once after the retry"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

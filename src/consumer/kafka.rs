@@ -164,10 +164,7 @@ impl<H: Handler> KafkaConsumer<H> {
         consumer
             .subscribe(&topics)
             .map_err(|e| ConsumerError::Broker(format!("subscribing to {topics:?}: {e}")))?;
-        Ok(KafkaConsumer {
-            consumer,
-            shared,
-        })
+        Ok(KafkaConsumer { consumer, shared })
     }
 
     pub fn stats(&self) -> ConsumerStats {

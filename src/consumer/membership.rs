@@ -50,11 +50,7 @@ impl Membership {
             pool,
             group: group.to_owned(),
             source: source.to_owned(),
-            holder: format!(
-                "{}/{:08x}",
-                std::process::id(),
-                rand::random::<u32>()
-            ),
+            holder: format!("{}/{:08x}", std::process::id(), rand::random::<u32>()),
             lease,
         }
     }

@@ -156,6 +156,7 @@ impl ConsumerStats {
         self.inner.dead_lettered.inc();
     }
 
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     pub(crate) fn revoking(&self) {
         self.inner.revocations.inc();
     }

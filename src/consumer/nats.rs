@@ -255,7 +255,11 @@ impl<H: Handler> NatsConsumer<H> {
                 Err(e) => {
                     attempt += 1;
                     warn!(error = %e, "cannot connect to NATS; retrying with backoff");
-                    let wait = self.config.retry.backoff(attempt).min(Duration::from_secs(5));
+                    let wait = self
+                        .config
+                        .retry
+                        .backoff(attempt)
+                        .min(Duration::from_secs(5));
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
                         () = stop.cancelled() => return None,
@@ -425,7 +429,9 @@ impl<H: Handler> NatsConsumer<H> {
         if let Some((_, latest)) = older.last() {
             match stream.consumer_info(latest).await {
                 Ok(info) => start = Some(info.ack_floor.stream_sequence + 1),
-                Err(e) => debug!(consumer = %latest, error = %e, "cannot read the previous consumer"),
+                Err(e) => {
+                    debug!(consumer = %latest, error = %e, "cannot read the previous consumer")
+                }
             }
         }
         let deliver_policy = match start {

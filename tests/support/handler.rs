@@ -121,4 +121,3 @@ pub fn assert_once_in_order(effects: &[(Uuid, String, i64)], sent: &[Sent]) {
         assert_eq!(ns, sorted, "messages of {key} applied out of order");
     }
 }
-

@@ -441,8 +441,15 @@ fn write_cookie(home: &Path) -> Result<(), Error> {
 
 /// Declares, on the broker at `url`, a durable topic exchange and a durable
 /// queue bound to it for every routing key: a destination the relay can
-/// publish to and a reader can drain.
-pub async fn declare_topic_queue(url: &str, exchange: &str, queue: &str) -> Result<(), Error> {
+/// publish to and a reader can drain. `single_active`: the queue is a
+/// consumer group's, declared as the consumer runtime does
+/// (`x-single-active-consumer`).
+pub async fn declare_topic_queue(
+    url: &str,
+    exchange: &str,
+    queue: &str,
+    single_active: bool,
+) -> Result<(), Error> {
     use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
     use lapin::types::FieldTable;
     let fail = |e: lapin::Error| {
@@ -471,8 +478,15 @@ pub async fn declare_topic_queue(url: &str, exchange: &str, queue: &str) -> Resu
         durable: true,
         ..Default::default()
     };
+    let mut arguments = FieldTable::default();
+    if single_active {
+        arguments.insert(
+            "x-single-active-consumer".into(),
+            lapin::types::AMQPValue::Boolean(true),
+        );
+    }
     channel
-        .queue_declare(queue.into(), durable, FieldTable::default())
+        .queue_declare(queue.into(), durable, arguments)
         .await
         .map_err(fail)?;
     channel

@@ -196,7 +196,7 @@ pub async fn rabbitmq_channel(url: &str) -> (lapin::Connection, lapin::Channel) 
 /// it for every routing key; returns the queue's name.
 pub async fn rabbitmq_queue(url: &str, exchange: &str) -> String {
     let queue = format!("{exchange}.all");
-    testkit::rabbitmq::declare_topic_queue(url, exchange, &queue)
+    testkit::rabbitmq::declare_topic_queue(url, exchange, &queue, false)
         .await
         .unwrap();
     queue

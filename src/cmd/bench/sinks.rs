@@ -59,8 +59,13 @@ impl Server {
             }
             Server::RabbitMq(server) => {
                 let exchange = format!("{prefix}.bench");
-                crate::testkit::rabbitmq::declare_topic_queue(&server.url(), &exchange, &exchange)
-                    .await?;
+                crate::testkit::rabbitmq::declare_topic_queue(
+                    &server.url(),
+                    &exchange,
+                    &exchange,
+                    false,
+                )
+                .await?;
                 Ok(format!("{prefix}.{{aggregate_type}}"))
             }
         }

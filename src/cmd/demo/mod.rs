@@ -17,7 +17,6 @@ use rand::Rng;
 use serde_json::json;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -28,13 +27,12 @@ use outbox_relay::config::{
 };
 use outbox_relay::database;
 use outbox_relay::error::Error;
-use outbox_relay::inbox::{self, Claim};
 use outbox_relay::outbox::{self, Event};
 use outbox_relay::relay::{self, RunStats};
 
 mod broker;
 mod runtime;
-use broker::{DemoBroker, Feed};
+use broker::DemoBroker;
 
 /// What the demo runs.
 #[derive(Debug, Clone)]
@@ -229,26 +227,13 @@ pub async fn run(options: &DemoOptions, shutdown: CancellationToken) -> Result<D
 
     let started = Instant::now();
     let target = Arc::new(AtomicU64::new(u64::MAX));
-    // Kafka: the crate's consumer runtime; NATS and RabbitMQ: a loop over
-    // the inbox helper, each message applied again a third of the time.
-    let consumer_task = match broker.kafka_source() {
-        Some((brokers, topic)) => tokio::spawn(runtime::consume(
-            pool.clone(),
-            schema_name.clone(),
-            brokers,
-            topic,
-            target.clone(),
-            shutdown.clone(),
-        )),
-        None => {
-            let consumer = DemoConsumer {
-                feed: broker.feed(&schema_name).await?,
-                group: schema_name.clone(),
-                pool: pool.clone(),
-            };
-            tokio::spawn(consumer.run(target.clone(), shutdown.clone()))
-        }
-    };
+    let consumer_task = tokio::spawn(runtime::consume(
+        pool.clone(),
+        schema_name.clone(),
+        broker.source(),
+        target.clone(),
+        shutdown.clone(),
+    ));
 
     let mut writers = Vec::new();
     for _ in 0..options.writers {
@@ -428,85 +413,4 @@ struct Seen {
     ids: HashSet<Uuid>,
     last_version: HashMap<String, i64>,
     order_violations: u64,
-}
-
-struct DemoConsumer {
-    feed: Feed,
-    group: String,
-    pool: PgPool,
-}
-
-impl DemoConsumer {
-    /// Applies messages through the inbox until `target` unique ids were
-    /// seen, or nothing new arrived for a minute.
-    async fn run(
-        mut self,
-        target: Arc<AtomicU64>,
-        shutdown: CancellationToken,
-    ) -> Result<Seen, Error> {
-        let seen = Mutex::new(Seen::default());
-        let stall = Duration::from_secs(60);
-        loop {
-            if seen.lock().await.ids.len() as u64 >= target.load(Ordering::SeqCst) {
-                break;
-            }
-            let received = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                received = self.feed.next(stall) => received?,
-            };
-            let Some(received) = received else { break };
-            let payload: serde_json::Value = serde_json::from_slice(&received.payload)
-                .map_err(|e| Error::Embedded(format!("a demo record has a bad payload: {e}")))?;
-            // Every message is applied once and, a third of the time,
-            // delivered again, as a consumer restart would.
-            let redeliveries = rand::rng().random_range(0..=2u32).saturating_sub(1);
-            for _ in 0..=redeliveries {
-                self.apply(received.id, &payload, &seen).await?;
-            }
-            self.feed.ack(received).await?;
-        }
-        Ok(seen.into_inner())
-    }
-
-    async fn apply(
-        &self,
-        id: Uuid,
-        payload: &serde_json::Value,
-        seen: &Mutex<Seen>,
-    ) -> Result<(), Error> {
-        let doing = "applying a demo message";
-        let account = payload["account"].as_str().unwrap_or_default().to_owned();
-        let version = payload["version"].as_i64().unwrap_or_default();
-        let mut tx = self.pool.begin().await.map_err(Error::db_error(doing))?;
-        let claim = inbox::claim(&mut tx, &self.group, id)
-            .await
-            .map_err(Error::db_error(doing))?;
-        let mut guard = seen.lock().await;
-        let seen = &mut *guard;
-        seen.deliveries += 1;
-        if claim == Claim::Duplicate {
-            seen.duplicates += 1;
-            tx.rollback().await.map_err(Error::db_error(doing))?;
-            return Ok(());
-        }
-        sqlx::query(
-            "insert into demo_effect (aggregate, version, events) values ($1, $2, 1) \
-             on conflict (aggregate) do update set version = excluded.version, events = demo_effect.events + 1",
-        )
-        .bind(&account)
-        .bind(version)
-        .execute(&mut *tx)
-        .await
-        .map_err(Error::db_error(doing))?;
-        tx.commit().await.map_err(Error::db_error(doing))?;
-        // Versions of one aggregate are contiguous (rollbacks undo their
-        // bump), so in commit order each new one is the last plus one.
-        let last = seen.last_version.entry(account).or_insert(0);
-        if version != *last + 1 {
-            seen.order_violations += 1;
-        }
-        *last = version.max(*last);
-        seen.ids.insert(id);
-        Ok(())
-    }
 }

@@ -1,14 +1,17 @@
-//! The demo's consumer on Kafka: the crate's consumer runtime with a
-//! handler that applies the demo's effects, while a copier delivers a third
-//! of the records again (as a relay restarting around its acks would), so
-//! the inbox has duplicates to absorb.
+//! The demo's consumer: the crate's consumer runtime (on the demo's
+//! broker) with a handler that applies the demo's effects, while a copier
+//! delivers a third of the messages again (as a relay restarting around its
+//! acks would), so the inbox has duplicates to absorb.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use outbox_relay::consumer::{self, ConsumerConfig, HandlerError, KafkaSettings, Message};
+use outbox_relay::consumer::{
+    self, ConsumerConfig, ConsumerError, ConsumerStats, HandlerError, KafkaSettings, Message,
+    NatsSettings, RabbitMqSettings,
+};
 use outbox_relay::error::Error;
 use rand::Rng;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -23,6 +26,88 @@ use super::Seen;
 
 /// The header that marks a copy, so that the copier never copies it again.
 const COPY: &str = "demo_copy";
+
+/// Where the demo's consumer reads.
+#[derive(Clone)]
+pub enum Source {
+    Kafka {
+        brokers: String,
+        topic: String,
+    },
+    Nats {
+        url: String,
+        stream: String,
+        subjects: String,
+    },
+    /// The group's queue (`x-single-active-consumer`) and `QUEUE.copier`,
+    /// both bound to `exchange`.
+    RabbitMq {
+        url: String,
+        exchange: String,
+        queue: String,
+    },
+}
+
+/// The demo's member of its consumer group, on its broker.
+enum Member {
+    Kafka(consumer::KafkaConsumer<DemoEffects>),
+    Nats(consumer::NatsConsumer<DemoEffects>),
+    RabbitMq(consumer::RabbitMqConsumer<DemoEffects>),
+}
+
+impl Member {
+    fn new(pool: PgPool, group: &str, source: &Source) -> Result<Self, ConsumerError> {
+        let config = |topic: &str| {
+            let mut config = ConsumerConfig::new(group, [topic]);
+            config.max_in_flight = 4;
+            config
+        };
+        Ok(match source {
+            Source::Kafka { brokers, topic } => Member::Kafka(consumer::KafkaConsumer::new(
+                pool,
+                config(topic),
+                KafkaSettings::new(brokers),
+                DemoEffects,
+            )?),
+            Source::Nats {
+                url,
+                stream,
+                subjects,
+            } => Member::Nats(consumer::NatsConsumer::new(
+                pool,
+                config(subjects),
+                NatsSettings::new(url, stream),
+                DemoEffects,
+            )?),
+            Source::RabbitMq {
+                url,
+                exchange,
+                queue,
+            } => Member::RabbitMq(consumer::RabbitMqConsumer::new(
+                pool,
+                config(exchange),
+                RabbitMqSettings::new(url).queue(queue),
+                DemoEffects,
+            )?),
+        })
+    }
+
+    fn stats(&self) -> ConsumerStats {
+        match self {
+            Member::Kafka(member) => member.stats(),
+            Member::Nats(member) => member.stats(),
+            Member::RabbitMq(member) => member.stats(),
+        }
+    }
+
+    async fn run(self, until: impl std::future::Future<Output = ()>) -> Result<(), ConsumerError> {
+        match self {
+            Member::Kafka(member) => member.run(until).await,
+            Member::Nats(member) => member.run(until).await,
+            Member::RabbitMq(member) => member.run(until).await,
+        }
+    }
+}
 
 /// The demo's effects: one row per aggregate with its last version and how
 /// many events were applied; a version that is not the last plus one is an
@@ -65,13 +150,12 @@ impl consumer::Handler for DemoEffects {
     }
 }
 
-/// Consumes `topic` through the runtime until `target` messages were
+/// Consumes `source` through the runtime until `target` messages were
 /// applied, or nothing new was applied for a minute.
 pub async fn consume(
     pool: PgPool,
     group: String,
-    brokers: String,
-    topic: String,
+    source: Source,
     target: Arc<AtomicU64>,
     shutdown: CancellationToken,
 ) -> Result<Seen, Error> {
@@ -84,21 +168,13 @@ pub async fn consume(
     let stop = shutdown.child_token();
     let copies = Arc::new(Copies::default());
     let copier = tokio::spawn(copy_a_third(
-        brokers.clone(),
-        topic.clone(),
+        source.clone(),
         format!("{group}-copier"),
         copies.clone(),
         stop.clone(),
     ));
-    let mut config = ConsumerConfig::new(&group, [&topic]);
-    config.max_in_flight = 4;
-    let runtime = consumer::KafkaConsumer::new(
-        pool.clone(),
-        config,
-        KafkaSettings::new(&brokers),
-        DemoEffects,
-    )
-    .map_err(|e| Error::Embedded(e.to_string()))?;
+    let runtime =
+        Member::new(pool.clone(), &group, &source).map_err(|e| Error::Embedded(e.to_string()))?;
     let stats = runtime.stats();
     let watched = stats.clone();
     let done = stop.clone();
@@ -168,36 +244,52 @@ struct Copies {
     sent: AtomicU64,
 }
 
-/// Reads `topic` in a group of its own and produces a third of its records
-/// again, unchanged but for a `demo_copy` header, until `stop`.
-async fn copy_a_third(
+/// Reads the demo's messages on a subscription of its own and delivers a
+/// third of them again, unchanged but for a `demo_copy` header, until
+/// `stop`.
+async fn copy_a_third(source: Source, group: String, copies: Arc<Copies>, stop: CancellationToken) {
+    let copied = match source {
+        Source::Kafka { brokers, topic } => copy_kafka(brokers, topic, group, &copies, &stop).await,
+        Source::Nats { url, stream, .. } => copy_nats(url, stream, &copies, &stop).await,
+        Source::RabbitMq { url, queue, .. } => {
+            copy_rabbitmq(url, format!("{queue}.copier"), &copies, &stop).await
+        }
+    };
+    if let Err(e) = copied {
+        tracing::warn!(error = %e, "the demo's copier stopped; no more messages are delivered twice");
+    }
+}
+
+/// Whether to copy this original (a third of them).
+fn pick(copies: &Copies) -> bool {
+    copies.read.fetch_add(1, Ordering::SeqCst);
+    rand::rng().random_range(0..3) == 0
+}
+
+async fn copy_kafka(
     brokers: String,
     topic: String,
     group: String,
-    copies: Arc<Copies>,
-    stop: CancellationToken,
-) {
-    let reader: Result<StreamConsumer, _> = ClientConfig::new()
+    copies: &Copies,
+    stop: &CancellationToken,
+) -> Result<(), String> {
+    let reader: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .set("group.id", &group)
         .set("auto.offset.reset", "earliest")
-        .create();
-    let writer: Result<FutureProducer, _> = ClientConfig::new()
+        .create()
+        .map_err(|e| e.to_string())?;
+    let writer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .set("enable.idempotence", "true")
         // One copy at a time: none waits for a batch to fill.
         .set("linger.ms", "0")
-        .create();
-    let (Ok(reader), Ok(writer)) = (reader, writer) else {
-        tracing::warn!("the demo's copier could not start; no message is delivered twice");
-        return;
-    };
-    if reader.subscribe(&[&topic]).is_err() {
-        return;
-    }
+        .create()
+        .map_err(|e| e.to_string())?;
+    reader.subscribe(&[&topic]).map_err(|e| e.to_string())?;
     loop {
         let record = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return Ok(()),
             record = reader.recv() => record,
         };
         let Ok(record) = record else { continue };
@@ -205,11 +297,8 @@ async fn copy_a_third(
         if headers
             .as_ref()
             .is_some_and(|h| h.iter().any(|header| header.key == COPY))
+            || !pick(copies)
         {
-            continue;
-        }
-        copies.read.fetch_add(1, Ordering::SeqCst);
-        if rand::rng().random_range(0..3) != 0 {
             continue;
         }
         let headers = headers.unwrap_or_else(OwnedHeaders::new).insert(Header {
@@ -223,6 +312,133 @@ async fn copy_a_third(
             .payload(payload)
             .headers(headers);
         if writer.send(copy, Duration::from_secs(5)).await.is_ok() {
+            copies.sent.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// NATS: an ephemeral consumer of the stream; copies go without
+/// `Nats-Msg-Id`, which JetStream would drop as duplicates.
+async fn copy_nats(
+    url: String,
+    stream: String,
+    copies: &Copies,
+    stop: &CancellationToken,
+) -> Result<(), String> {
+    use async_nats::jetstream::consumer::{AckPolicy, pull};
+    use futures::StreamExt;
+    let client = async_nats::connect(url.as_str())
+        .await
+        .map_err(|e| e.to_string())?;
+    let jetstream = async_nats::jetstream::new(client);
+    let reader = jetstream
+        .get_stream(&stream)
+        .await
+        .map_err(|e| e.to_string())?
+        .create_consumer(pull::Config {
+            ack_policy: AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut messages = reader.messages().await.map_err(|e| e.to_string())?;
+    loop {
+        let message = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            message = messages.next() => message,
+        };
+        let Some(Ok(message)) = message else { continue };
+        let original = message
+            .headers
+            .as_ref()
+            .is_none_or(|headers| headers.get(COPY).is_none());
+        if !original || !pick(copies) {
+            continue;
+        }
+        let mut headers = async_nats::HeaderMap::new();
+        for (name, values) in message.headers.iter().flat_map(|h| h.iter()) {
+            if !name.to_string().eq_ignore_ascii_case("Nats-Msg-Id") {
+                for value in values {
+                    headers.append(name.clone(), value.clone());
+                }
+            }
+        }
+        headers.insert(COPY, "1");
+        let sent = jetstream
+            .publish_with_headers(message.subject.clone(), headers, message.payload.clone())
+            .await;
+        if let Ok(ack) = sent
+            && ack.await.is_ok()
+        {
+            copies.sent.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// RabbitMQ: reads the copier's own queue and publishes copies to the
+/// exchange the original came through.
+async fn copy_rabbitmq(
+    url: String,
+    queue: String,
+    copies: &Copies,
+    stop: &CancellationToken,
+) -> Result<(), String> {
+    use futures::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let connection = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let reader = connection
+        .create_channel()
+        .await
+        .map_err(|e| e.to_string())?;
+    let writer = connection
+        .create_channel()
+        .await
+        .map_err(|e| e.to_string())?;
+    writer
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut deliveries = reader
+        .basic_consume(
+            queue.as_str().into(),
+            "demo-copier".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    loop {
+        let delivery = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            delivery = deliveries.next() => delivery,
+        };
+        let Some(Ok(delivery)) = delivery else {
+            continue;
+        };
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        if headers.inner().contains_key(COPY) || !pick(copies) {
+            continue;
+        }
+        headers.insert(COPY.into(), AMQPValue::LongString("1".into()));
+        let properties = delivery.properties.clone().with_headers(headers);
+        let sent = writer
+            .basic_publish(
+                delivery.exchange.clone(),
+                delivery.routing_key.clone(),
+                BasicPublishOptions::default(),
+                &delivery.data,
+                properties,
+            )
+            .await;
+        if let Ok(confirm) = sent
+            && confirm.await.is_ok()
+        {
             copies.sent.fetch_add(1, Ordering::SeqCst);
         }
     }

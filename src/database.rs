@@ -308,7 +308,36 @@ impl Status {
     /// `status --json`: a stable schema for scripts (`version` grows only
     /// when a field changes meaning or goes away; new fields may appear).
     /// Durations are seconds; what is unknown or absent is `null`.
-    pub fn to_json(&self) -> serde_json::Value {
+    /// What goes over the limits given: one phrase each, naming the flag.
+    pub fn exceeded(
+        &self,
+        max_lag: Option<Duration>,
+        max_dead_letters: Option<i64>,
+    ) -> Vec<String> {
+        let mut exceeded = Vec::new();
+        if let (Some(limit), Some(age)) = (max_lag, self.oldest_age)
+            && age > limit
+        {
+            exceeded.push(format!(
+                "the oldest unpublished row is {:.1} s old, over --max-lag {}",
+                age.as_secs_f64(),
+                humantime::format_duration(limit)
+            ));
+        }
+        if let Some(limit) = max_dead_letters
+            && self.dead_letters > limit
+        {
+            exceeded.push(format!(
+                "{} dead letters, over --max-dead-letters {limit}",
+                self.dead_letters
+            ));
+        }
+        exceeded
+    }
+
+    /// The status as JSON (README, "status --json"); `exceeded` lists the
+    /// thresholds gone over.
+    pub fn to_json(&self, exceeded: &[String]) -> serde_json::Value {
         use serde_json::json;
         let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
         let leader = |l: &LeaderStatus| {
@@ -342,6 +371,7 @@ impl Status {
                 "oldest_unpublished_seconds": secs(lane.oldest_age),
                 "slot_lag_bytes": lane.slot_lag_bytes,
             })).collect::<Vec<_>>(),
+            "exceeded": exceeded,
         })
     }
 }

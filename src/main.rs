@@ -55,6 +55,10 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(dispatch(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<Exceeded>().is_some() => {
+            eprintln!("{e}");
+            ExitCode::from(3)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             let code = match e.downcast_ref::<Error>() {
@@ -65,6 +69,18 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// A threshold `status` was given is exceeded (exit 3).
+#[derive(Debug)]
+struct Exceeded(String);
+
+impl std::fmt::Display for Exceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "status: {}", self.0)
+    }
+}
+
+impl std::error::Error for Exceeded {}
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
@@ -91,10 +107,14 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Status(args) => {
             let db = args.database.to_config()?;
             let status = database::status(&db, &args.slot()?).await?;
+            let exceeded = status.exceeded(args.max_lag, args.max_dead_letters);
             if args.json {
-                println!("{}", status.to_json());
+                println!("{}", status.to_json(&exceeded));
             } else {
                 println!("{status}");
+            }
+            if !exceeded.is_empty() {
+                return Err(Exceeded(exceeded.join("; ")).into());
             }
         }
         Command::InboxPurge(args) => {
@@ -277,6 +297,21 @@ fn init_logging(format: LogFormat, default_level: &str) {
     } else {
         // A constant, valid directive: parse cannot fail.
         filter.add_directive("pgwire_replication=off".parse().expect("a valid directive"))
+    };
+    // Postgres's notices (`schema "public" already exists, skipping` from
+    // idempotent DDL) are the server talking to itself: kept out of the log
+    // unless asked for by name (OUTBOX_LOG=info,sqlx::postgres::notice=info).
+    let notices_asked = std::env::var("OUTBOX_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .is_ok_and(|v| v.contains("sqlx::postgres::notice"));
+    let filter = if notices_asked {
+        filter
+    } else {
+        filter.add_directive(
+            "sqlx::postgres::notice=warn"
+                .parse()
+                .expect("a valid directive"),
+        )
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -353,3 +353,156 @@ async fn migrate_twice_is_a_no_op_and_status_reads_the_backlog() {
     assert_eq!(json["lanes"], serde_json::json!([]), "{json}");
     assert!(!json.to_string().contains(":postgres@"), "{json}");
 }
+
+#[tokio::test]
+async fn migrate_keeps_postgres_notices_out_of_the_log_unless_asked() {
+    let url = fresh_database().await;
+    // The second run finds everything there: Postgres answers each
+    // `if not exists` with a notice.
+    for _ in 0..2 {
+        let (code, stderr) = run(&[
+            "migrate",
+            "--database-url",
+            &url,
+            "--publication",
+            "p_notice",
+        ])
+        .await;
+        assert_eq!(code, 0, "{stderr}");
+        assert!(
+            !stderr.contains("already exists"),
+            "a server notice reached the log:\n{stderr}"
+        );
+    }
+    // Asked for by name, they are there (so the check above can see them).
+    let output = relay_binary()
+        .args(["migrate", "--database-url", &url])
+        .env("OUTBOX_LOG", "info,sqlx::postgres::notice=info")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("already exists"), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_demo_names_the_relays_own_rate_and_latency_apart_from_the_end_to_end_pace() {
+    let output = tokio::time::timeout(
+        Duration::from_secs(300),
+        relay_binary()
+            .args(["demo", "--transactions", "100"])
+            .output(),
+    )
+    .await
+    .expect("the demo ends")
+    .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success(), "{stdout}");
+    let line = |name: &str| {
+        stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} line in:\n{stdout}"))
+            .to_string()
+    };
+    let published: u64 = line("published")
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let relay = line("relay");
+    // "relay       N rows in S s of publishing work: R rows/s; insert to
+    // broker ack p50 X ms, p99 Y ms"
+    let words: Vec<&str> = relay.split_whitespace().collect();
+    assert_eq!(words[1].parse::<u64>().unwrap(), published, "{relay}");
+    let busy: f64 = words[4].parse().unwrap();
+    let rate: f64 = words[9].parse().unwrap();
+    assert!(busy > 0.0, "{relay}");
+    let expected = published as f64 / busy;
+    assert!(
+        (rate - expected).abs() <= expected * 0.05 + 1.0,
+        "the rate is not the rows over the publishing work: {relay}"
+    );
+    assert!(
+        relay.contains("insert to broker ack p50 ") && relay.contains(" ms, p99 "),
+        "{relay}"
+    );
+    assert!(
+        line("elapsed").contains("at the demo's own pace"),
+        "{stdout}"
+    );
+    assert!(line("result").contains("PASS"), "{stdout}");
+}
+
+#[tokio::test]
+async fn status_exits_3_when_the_lag_or_the_dead_letters_go_over_the_limits_given() {
+    let url = fresh_database().await;
+    let pool = migrated_pool(&url).await;
+    // Two rows written two minutes ago and never published; one dead letter.
+    sqlx::query(
+        "insert into outbox (id, aggregate_type, aggregate_id, event_type, payload, created_at) \
+         select gen_random_uuid(), 'order', 'o-' || n, 'created', '{}', now() - interval '2 minutes' \
+         from generate_series(1, 2) as n",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "insert into dead_letter (seq, id, aggregate_type, aggregate_id, event_type, created_at, error) \
+         values (1, gen_random_uuid(), 'order', 'o-0', 'created', now(), 'too large')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let status = |extra: &'static [&'static str]| {
+        let url = url.clone();
+        async move {
+            let output = relay_binary()
+                .args(["status", "--database-url", &url])
+                .args(extra)
+                .env("OUTBOX_LOG", "warn")
+                .output()
+                .await
+                .unwrap();
+            (
+                output.status.code().unwrap(),
+                String::from_utf8(output.stdout).unwrap(),
+                String::from_utf8(output.stderr).unwrap(),
+            )
+        }
+    };
+    // Within the limits: 0.
+    let (code, _, stderr) = status(&["--max-lag", "10m", "--max-dead-letters", "1"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    // Over each: 3, the status still printed, one line naming the flag.
+    let (code, stdout, stderr) = status(&["--max-lag", "30s"]).await;
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stdout.contains("unpublished rows    2"), "{stdout}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("status: the oldest unpublished row is 1")
+            && stderr.contains("over --max-lag 30s"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = status(&["--max-dead-letters", "0"]).await;
+    assert_eq!(code, 3, "{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        "status: 1 dead letters, over --max-dead-letters 0"
+    );
+    // JSON: the same verdict in `exceeded`, and the exit code.
+    let (code, stdout, _) =
+        status(&["--json", "--max-lag", "30s", "--max-dead-letters", "0"]).await;
+    assert_eq!(code, 3);
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["exceeded"].as_array().unwrap().len(), 2, "{json}");
+    let (code, stdout, _) = status(&["--json"]).await;
+    assert_eq!(code, 0);
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["exceeded"], serde_json::json!([]), "{json}");
+    // A limit that is not a duration: one line, exit 2.
+    let (code, _, stderr) = status(&["--max-lag", "soon"]).await;
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}

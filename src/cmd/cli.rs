@@ -107,6 +107,15 @@ pub struct StatusArgs {
     /// Print the status as one JSON object (a stable schema, see README).
     #[arg(long)]
     pub json: bool,
+
+    /// Exit 3 when the oldest unpublished row is older than this (e.g.
+    /// 30s), for cron jobs and probes.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub max_lag: Option<std::time::Duration>,
+
+    /// Exit 3 when the dead-letter table holds more rows than this.
+    #[arg(long)]
+    pub max_dead_letters: Option<i64>,
 }
 
 impl StatusArgs {

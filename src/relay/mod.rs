@@ -46,12 +46,79 @@ pub struct RunStats {
     pub published: u64,
     /// Rows moved to the dead-letter table.
     pub dead_lettered: u64,
+    /// Time spent on batches that published rows, from reading them to
+    /// confirming them: `published / busy` is the relay's own rate, apart
+    /// from the time it waited for rows to be written.
+    pub busy: Duration,
+    /// How long after its `created_at` each row was acknowledged.
+    pub ack_latency: LatencyHistogram,
 }
 
 impl std::ops::AddAssign for RunStats {
     fn add_assign(&mut self, other: RunStats) {
         self.published += other.published;
         self.dead_lettered += other.dead_lettered;
+        self.busy += other.busy;
+        for (mine, theirs) in self
+            .ack_latency
+            .counts
+            .iter_mut()
+            .zip(other.ack_latency.counts)
+        {
+            *mine += theirs;
+        }
+    }
+}
+
+/// Latencies in buckets that grow by a fifth from 0.5 ms (the last one
+/// takes everything longer): quantiles within a fifth, in fixed memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    counts: [u64; LATENCY_BUCKETS],
+}
+
+const LATENCY_BUCKETS: usize = 64;
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram {
+            counts: [0; LATENCY_BUCKETS],
+        }
+    }
+}
+
+impl LatencyHistogram {
+    fn bound(bucket: usize) -> f64 {
+        0.0005 * 1.2f64.powi(bucket as i32)
+    }
+
+    pub fn record(&mut self, seconds: f64) {
+        let bucket = (0..LATENCY_BUCKETS - 1)
+            .find(|&b| seconds <= Self::bound(b))
+            .unwrap_or(LATENCY_BUCKETS - 1);
+        self.counts[bucket] += 1;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// The upper bound of the bucket holding quantile `q` (0..=1), in
+    /// seconds; none when nothing was recorded.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (bucket, count) in self.counts.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return Some(Self::bound(bucket));
+            }
+        }
+        Some(Self::bound(LATENCY_BUCKETS - 1))
     }
 }
 
@@ -532,6 +599,9 @@ impl<S: Source, K: Sink> Relay<S, K> {
                     );
                     self.stats.published += confirm.published.len() as u64;
                     self.stats.dead_lettered += confirm.dead_letters.len() as u64;
+                    if !confirm.published.is_empty() {
+                        self.stats.busy += reading.elapsed();
+                    }
                     self.metrics
                         .confirmed(confirm.published.len(), confirm.dead_letters.len());
                     report.add(confirm.published.len());
@@ -710,8 +780,9 @@ impl<S: Source, K: Sink> Relay<S, K> {
             }
             match outcome {
                 Outcome::Acked => {
-                    let age = chrono::Utc::now() - row.created_at;
-                    self.metrics.acked(age.as_seconds_f64());
+                    let age = (chrono::Utc::now() - row.created_at).as_seconds_f64();
+                    self.metrics.acked(age);
+                    self.stats.ack_latency.record(age.max(0.0));
                     out.confirm.published.push(row.seq);
                 }
                 Outcome::Rejected(error) if policy == PoisonPolicy::Halt => {

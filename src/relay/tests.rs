@@ -393,3 +393,21 @@ async fn a_lease_lost_while_waiting_for_acks_confirms_nothing_of_that_batch() {
     );
     assert_eq!(sink.sent(), [1, 2, 1, 2]);
 }
+
+#[test]
+fn latency_quantiles_fall_in_the_bucket_that_holds_them() {
+    let mut histogram = super::LatencyHistogram::default();
+    assert_eq!(histogram.quantile(0.5), None);
+    for ms in 1..=100 {
+        histogram.record(ms as f64 / 1e3);
+    }
+    assert_eq!(histogram.count(), 100);
+    // Buckets grow by a fifth: the bound is at most 20 % above the value.
+    let p50 = histogram.quantile(0.5).unwrap();
+    assert!((0.050..=0.060).contains(&p50), "{p50}");
+    let p99 = histogram.quantile(0.99).unwrap();
+    assert!((0.099..=0.119).contains(&p99), "{p99}");
+    // Beyond the last bound: the last bucket.
+    histogram.record(1e6);
+    assert!(histogram.quantile(1.0).unwrap() > 40.0);
+}

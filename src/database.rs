@@ -108,19 +108,19 @@ pub async fn check_schema(conn: &mut PgConnection, db: &DatabaseConfig) -> Resul
             });
         }
     }
-    // The newest migration (0005, lanes) added relay_lease.shards.
-    let relay_lease = format!("{}.relay_lease", db.schema().quoted());
+    // The newest migration the relay needs (0009) added outbox.partition_key.
+    let outbox = format!("{}.outbox", db.schema().quoted());
     let current: bool = sqlx::query_scalar(
         "select exists (select 1 from pg_attribute where attrelid = to_regclass($1) \
-         and attname = 'shards' and not attisdropped)",
+         and attname = 'partition_key' and not attisdropped)",
     )
-    .bind(&relay_lease)
+    .bind(&outbox)
     .fetch_one(&mut *conn)
     .await
     .map_err(Error::db("checking the outbox tables"))?;
     if !current {
         return Err(Error::Setup(format!(
-            "the outbox tables in schema \"{}\" of database \"{}\" at {} are older than this relay ({relay_lease} has no column shards); run `outbox-relay migrate` with the same --database-url and --schema",
+            "the outbox tables in schema \"{}\" of database \"{}\" at {} are older than this relay ({outbox} has no column partition_key); run `outbox-relay migrate` with the same --database-url and --schema",
             db.schema(),
             db.target().database,
             db.target()

@@ -69,9 +69,9 @@ const RETRY: &str = "with chosen as ( \
          where d.aggregate_type = c.aggregate_type and d.aggregate_id = c.aggregate_id \
          returning d.* \
      ) \
-     insert into outbox (seq, id, aggregate_type, aggregate_id, event_type, topic, payload, headers, created_at) \
+     insert into outbox (seq, id, aggregate_type, aggregate_id, event_type, topic, payload, headers, created_at, partition_key) \
      overriding system value \
-     select seq, id, aggregate_type, aggregate_id, event_type, topic, payload, headers, created_at \
+     select seq, id, aggregate_type, aggregate_id, event_type, topic, payload, headers, created_at, partition_key \
      from moved order by seq";
 
 const PURGE: &str = "delete from dead_letter where ($1::uuid is null or id = $1) \

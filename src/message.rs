@@ -4,8 +4,8 @@
 //!
 //! - topic: the row's `topic` if not null, else the template rendered with
 //!   the row's `aggregate_type` and `event_type`;
-//! - key: `aggregate_id` (a sink keeps one key in order: Kafka's partitioner
-//!   keeps one aggregate in one partition);
+//! - key: `partition_key` if not null, else `aggregate_id` (a sink keeps one
+//!   key in order: Kafka's partitioner keeps one key in one partition);
 //! - value: `payload` as JSON text bytes; a null payload is the bytes `null`,
 //!   or no value (a tombstone) when configured;
 //! - headers: `id` (UUID text), `event_type`, `aggregate_type`, then every
@@ -29,7 +29,10 @@ pub const HEADER_AGGREGATE_ID: &str = "aggregate_id";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     pub topic: String,
+    /// The record key: the row's `partition_key`, else its `aggregate_id`.
     pub key: String,
+    /// The row's `aggregate_id` (NATS carries it in a header).
+    pub aggregate_id: String,
     pub value: Option<Vec<u8>>,
     pub headers: Vec<(String, Vec<u8>)>,
 }
@@ -70,7 +73,11 @@ pub fn from_row(row: &OutboxRow, template: &TopicTemplate, null_payload: NullPay
     }
     Message {
         topic,
-        key: row.aggregate_id.clone(),
+        key: row
+            .partition_key
+            .clone()
+            .unwrap_or_else(|| row.aggregate_id.clone()),
+        aggregate_id: row.aggregate_id.clone(),
         value,
         headers,
     }
@@ -97,7 +104,22 @@ mod tests {
                     .unwrap(),
             ),
             created_at: chrono::Utc::now(),
+            partition_key: None,
         }
+    }
+
+    #[test]
+    fn the_partition_key_keys_the_record_and_the_aggregate_stays() {
+        let mut keyed = row(None, Some("{}"));
+        keyed.partition_key = Some("tenant-3".into());
+        let template = TopicTemplate::parse("{aggregate_type}", "t").unwrap();
+        let m = from_row(&keyed, &template, NullPayload::JsonNull);
+        assert_eq!(
+            (m.key.as_str(), m.aggregate_id.as_str()),
+            ("tenant-3", "o-1")
+        );
+        let m = from_row(&row(None, Some("{}")), &template, NullPayload::JsonNull);
+        assert_eq!((m.key.as_str(), m.aggregate_id.as_str()), ("o-1", "o-1"));
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub struct Event {
     pub payload: Option<Value>,
     /// Extra Kafka headers (trace context, correlation id, ...).
     pub headers: Map<String, Value>,
+    /// The record key (Kafka) and routing key (RabbitMQ) instead of
+    /// `aggregate_id` (README, "Partition key"); `None`: `aggregate_id`.
+    pub partition_key: Option<String>,
 }
 
 impl Event {
@@ -61,6 +64,7 @@ impl Event {
             topic: None,
             payload: Some(payload),
             headers: Map::new(),
+            partition_key: None,
         }
     }
 
@@ -76,6 +80,15 @@ impl Event {
         self
     }
 
+    /// Keys the record by `key` instead of the aggregate id: every event
+    /// with the same key goes to the same Kafka partition. Per-aggregate
+    /// order reaches consumers only if all of an aggregate's events carry the
+    /// same key (README, "Partition key").
+    pub fn with_partition_key(mut self, key: impl Into<String>) -> Self {
+        self.partition_key = Some(key.into());
+        self
+    }
+
     /// Adds a Kafka header.
     pub fn with_header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.insert(key.into(), Value::String(value.into()));
@@ -85,6 +98,11 @@ impl Event {
 
 const INSERT: &str = "insert into outbox (id, aggregate_type, aggregate_id, event_type, topic, payload, headers) \
      select * from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[])";
+
+/// With partition keys: only used when an event has one, so that a service
+/// writing none works against a schema migrated before the column existed.
+const INSERT_KEYED: &str = "insert into outbox (id, aggregate_type, aggregate_id, event_type, topic, payload, headers, partition_key) \
+     select * from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[], $8::text[])";
 
 /// Inserts one event through the caller's connection or transaction.
 pub async fn insert(conn: &mut PgConnection, event: &Event) -> Result<(), sqlx::Error> {
@@ -107,16 +125,22 @@ pub async fn insert_all(conn: &mut PgConnection, events: &[Event]) -> Result<(),
         .iter()
         .map(|e| Value::Object(e.headers.clone()))
         .collect();
-    sqlx::query(INSERT)
+    let keyed = events.iter().any(|e| e.partition_key.is_some());
+    let query = sqlx::query(if keyed { INSERT_KEYED } else { INSERT })
         .bind(ids)
         .bind(aggregate_types)
         .bind(aggregate_ids)
         .bind(event_types)
         .bind(topics)
         .bind(payloads)
-        .bind(headers)
-        .execute(conn)
-        .await?;
+        .bind(headers);
+    let query = if keyed {
+        let keys: Vec<Option<&str>> = events.iter().map(|e| e.partition_key.as_deref()).collect();
+        query.bind(keys)
+    } else {
+        query
+    };
+    query.execute(conn).await?;
     Ok(())
 }
 
@@ -134,4 +158,6 @@ pub struct OutboxRow {
     pub payload: Option<String>,
     pub headers: sqlx::types::Json<Map<String, Value>>,
     pub created_at: DateTime<Utc>,
+    /// The record key when set, instead of `aggregate_id`.
+    pub partition_key: Option<String>,
 }

@@ -506,3 +506,25 @@ async fn status_exits_3_when_the_lag_or_the_dead_letters_go_over_the_limits_give
     assert_eq!(code, 2, "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
+
+#[tokio::test]
+async fn a_schema_older_than_the_relay_is_one_line_naming_migrate() {
+    let url = fresh_database().await;
+    let pool = migrated_pool(&url).await;
+    // As if the last migration had not run.
+    sqlx::query("alter table outbox drop column partition_key")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (code, stderr) = run(&["status", "--database-url", &url]).await;
+    assert_eq!(code, 1, "{stderr}");
+    assert_one_line(
+        &stderr,
+        "error: the outbox tables in schema \"public\"",
+        "postgres:",
+    );
+    assert!(
+        stderr.contains("has no column partition_key); run `outbox-relay migrate`"),
+        "{stderr}"
+    );
+}

@@ -390,3 +390,79 @@ async fn a_row_for_an_impossible_topic_is_dead_lettered_and_the_rest_flow() {
         dead[0].1
     );
 }
+
+/// `Event::with_partition_key` keys the record in both modes; events
+/// without one are keyed by their aggregate id; an aggregate's events with
+/// one key stay in order in its partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_key_keys_the_record_in_both_modes() {
+    use outbox_relay::outbox::{self, Event};
+    for mode in ["poll", "tail"] {
+        let t = Setup::on(fresh_database().await, Kafka::start(), mode).await;
+        let topic = t.topic("acct", 4).await;
+        // Started first in tail mode: the slot then streams the inserts.
+        let mut relay = t.relay(&[]);
+        let events: Vec<Event> = (0..60)
+            .map(|i| {
+                let event = Event::new(
+                    "acct",
+                    format!("a-{}", i % 6),
+                    "changed",
+                    serde_json::json!({"n": i}),
+                );
+                // a-0..a-3 by tenant (two aggregates per key), a-4, a-5 by themselves.
+                if i % 6 < 4 {
+                    event.with_partition_key(format!("tenant-{}", i % 6 % 2))
+                } else {
+                    event
+                }
+            })
+            .collect();
+        let mut conn = t.pool.acquire().await.unwrap();
+        for chunk in events.chunks(7) {
+            outbox::insert_all(&mut conn, chunk).await.unwrap();
+        }
+        let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+        let records = consume_ids(&t.kafka.brokers(), &[&topic], &ids, DEADLINE).await;
+        relay.kill().await.unwrap();
+        let mut partition_of_key = std::collections::HashMap::new();
+        for event in &events {
+            let record = records
+                .iter()
+                .find(|r| r.id() == event.id)
+                .unwrap_or_else(|| panic!("{mode}: event {} never arrived", event.id));
+            let want = event.partition_key.as_ref().unwrap_or(&event.aggregate_id);
+            assert_eq!(record.key.as_ref(), Some(want), "{mode}: the record key");
+            let partition = *partition_of_key
+                .entry(want.clone())
+                .or_insert(record.partition);
+            assert_eq!(
+                record.partition, partition,
+                "{mode}: one key, two partitions"
+            );
+            let aggregate = record
+                .headers
+                .iter()
+                .find(|(k, _)| k == "aggregate_type")
+                .map(|(_, v)| v.clone());
+            assert_eq!(aggregate.as_deref(), Some(b"acct".as_slice()));
+        }
+        // Per aggregate, the payloads' n grow with the offsets.
+        for aggregate in 0..6 {
+            let mut seen: Vec<(i64, i64)> = records
+                .iter()
+                .filter_map(|r| {
+                    let v: serde_json::Value = serde_json::from_slice(r.value.as_deref()?).ok()?;
+                    let n = v["n"].as_i64()?;
+                    (n % 6 == aggregate).then_some((r.offset, n))
+                })
+                .collect();
+            seen.sort();
+            seen.dedup_by_key(|(_, n)| *n);
+            let ns: Vec<i64> = seen.iter().map(|(_, n)| *n).collect();
+            let mut sorted = ns.clone();
+            sorted.sort();
+            assert_eq!(ns, sorted, "{mode}: aggregate a-{aggregate} out of order");
+        }
+    }
+}

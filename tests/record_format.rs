@@ -69,8 +69,8 @@ async fn another_client_reads_the_documented_record_format() {
     let explicit = format!("{}-explicit", t.prefix);
     kafka.create_topic(&explicit, 1).await;
 
-    let insert = "insert into outbox (id, aggregate_type, aggregate_id, event_type, topic, payload, headers) \
-                  values ($1, $2, $3, $4, $5, $6, $7)";
+    let insert = "insert into outbox (id, aggregate_type, aggregate_id, event_type, topic, payload, headers, partition_key) \
+                  values ($1, $2, $3, $4, $5, $6, $7, $8)";
     let mut tx = pool.begin().await.unwrap();
     for i in 0..90i64 {
         let (aggregate_type, aggregate_id) = match i % 3 {
@@ -78,6 +78,10 @@ async fn another_client_reads_the_documented_record_format() {
             _ => ("kunde", format!("kunde-ß{}-✓", i % 4)),
         };
         let topic = (i % 10 == 9).then(|| explicit.clone());
+        // Four of the order aggregates are keyed by a tenant (two share
+        // each key); the others, and every kunde, by their aggregate id.
+        let partition_key =
+            (aggregate_type == "order" && i % 7 < 4).then(|| format!("tenant-{}", i % 7 % 2));
         let payload = (i % 11 != 5).then(|| {
             json!({
                 "n": i,
@@ -106,6 +110,7 @@ async fn another_client_reads_the_documented_record_format() {
             .bind(topic)
             .bind(payload)
             .bind(headers)
+            .bind(partition_key)
             .execute(&mut *tx)
             .await
             .unwrap();
@@ -115,7 +120,7 @@ async fn another_client_reads_the_documented_record_format() {
     let rows: Value = sqlx::query_scalar(
         "select coalesce(json_agg(json_build_object('seq', seq, 'id', id, 'aggregate_type', aggregate_type, \
          'aggregate_id', aggregate_id, 'event_type', event_type, 'topic', topic, 'payload', payload::text, \
-         'headers', headers) order by seq), '[]')::jsonb from outbox",
+         'headers', headers, 'partition_key', partition_key) order by seq), '[]')::jsonb from outbox",
     )
     .fetch_one(pool)
     .await

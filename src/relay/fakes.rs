@@ -29,6 +29,7 @@ pub fn row(seq: i64, aggregate: &str) -> OutboxRow {
         payload: Some(format!("{{\"seq\": {seq}}}")),
         headers: sqlx::types::Json(serde_json::Map::new()),
         created_at: chrono::Utc::now(),
+        partition_key: None,
     }
 }
 

@@ -153,8 +153,8 @@ const DELETE_PUBLISHED: &str = concat!(
 const UNSEEN: &str = concat!("select ", unseen!("$1"));
 
 const MOVE_TO_DEAD_LETTER: &str = "with moved as (delete from outbox where seq = any($1) returning *) \
-     insert into dead_letter (seq, id, aggregate_type, aggregate_id, event_type, topic, payload, headers, created_at, error) \
-     select m.seq, m.id, m.aggregate_type, m.aggregate_id, m.event_type, m.topic, m.payload, m.headers, m.created_at, e.error \
+     insert into dead_letter (seq, id, aggregate_type, aggregate_id, event_type, topic, payload, headers, created_at, partition_key, error) \
+     select m.seq, m.id, m.aggregate_type, m.aggregate_id, m.event_type, m.topic, m.payload, m.headers, m.created_at, m.partition_key, e.error \
      from moved m join unnest($1::bigint[], $2::text[]) as e(seq, error) on e.seq = m.seq \
      on conflict (id) do update set error = excluded.error, attempts = dead_letter.attempts + 1, failed_at = now()";
 

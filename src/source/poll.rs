@@ -30,11 +30,11 @@ use crate::source::{
 };
 
 const SELECT_BATCH: &str = "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
-     payload::text as payload, headers, created_at from outbox order by seq limit $1";
+     payload::text as payload, headers, created_at, partition_key from outbox order by seq limit $1";
 
 /// One lane's rows: those of its buckets, oldest `seq` first.
 const SELECT_LANE_BATCH: &str = "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
-     payload::text as payload, headers, created_at from outbox \
+     payload::text as payload, headers, created_at, partition_key from outbox \
      where bucket >= $2 and bucket < $3 order by seq limit $1";
 
 /// Reads the outbox table with SQL.

@@ -35,7 +35,7 @@ const ANY_PUBLISHED: &str =
 /// The filter's published rows after `seq` `$1`.
 const SELECT_REPLAY_BATCH: &str = concat!(
     "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
-     payload::text as payload, headers, created_at from outbox \
+     payload::text as payload, headers, created_at, partition_key from outbox \
      where seq > $1 and created_at >= $2 and created_at < $3 \
      and ($4::text is null or aggregate_type = $4) and ($5::text is null or aggregate_id = $5) \
      and ",

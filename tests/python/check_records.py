@@ -8,7 +8,7 @@ The README's mapping rule is implemented here a second time:
   `{event_type}` filled in;
 - partition: the Java client's default for keyed records,
   murmur2(key) & 0x7fffffff % partitions;
-- key: `aggregate_id` as UTF-8;
+- key: `partition_key` when set, else `aggregate_id`, as UTF-8;
 - value: `payload` exactly as Postgres prints the jsonb, or `null` (the
   default) / no value (`--null-payload tombstone`) for a null payload;
 - headers, in this order: `id`, `event_type`, `aggregate_type`, then every
@@ -24,7 +24,7 @@ relay has confirmed the rows. Exits 0 if all holds, 1 listing what does not,
     check_records.py --brokers HOST:PORT --rows rows.json --template 'x.{aggregate_type}'
 
 rows.json is a JSON array of objects with the outbox columns (`seq`, `id`,
-`aggregate_type`, `aggregate_id`, `event_type`, `topic`, `payload` as the
+`aggregate_type`, `aggregate_id`, `event_type`, `topic`, `partition_key`, `payload` as the
 jsonb's text or null, `headers` as an object).
 """
 
@@ -116,7 +116,7 @@ def expected_record(row, template, null_payload):
     ]
     return {
         "topic": topic,
-        "key": row["aggregate_id"].encode(),
+        "key": (row.get("partition_key") or row["aggregate_id"]).encode(),
         "value": value,
         "headers": headers,
     }

@@ -176,12 +176,12 @@ pub fn nats_headers(message: &Message) -> Result<HeaderMap, String> {
     let mut headers = HeaderMap::new();
     let value = |text: &str| text.parse::<HeaderValue>().ok();
     headers.insert(MSG_ID_HEADER, value(id).unwrap_or_default());
-    match value(&message.key) {
+    match value(&message.aggregate_id) {
         Some(key) => headers.insert(AGGREGATE_ID_HEADER, key),
         None => {
             return Err(format!(
                 "aggregate id {:?} has a line break, which a NATS header cannot carry",
-                message.key
+                message.aggregate_id
             ));
         }
     }
@@ -407,7 +407,9 @@ mod tests {
     fn headers_carry_the_id_the_aggregate_and_the_rows_pairs() {
         let message = Message {
             topic: "orders.events".into(),
-            key: "o-1".into(),
+            // A partition key does not change the aggregate_id header.
+            key: "k-9".into(),
+            aggregate_id: "o-1".into(),
             value: Some(b"{}".to_vec()),
             headers: vec![
                 ("id".into(), b"0b7c".to_vec()),

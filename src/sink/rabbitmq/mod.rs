@@ -314,7 +314,7 @@ impl Sink for RabbitMqSink {
         }
         if message.key.len() > SHORT_STRING_MAX {
             return Sent::Refused(format!(
-                "aggregate id {:?} is longer than 255 bytes, the most an AMQP routing key holds",
+                "routing key {:?} (the partition key, else the aggregate id) is longer than 255 bytes, the most an AMQP routing key holds",
                 message.key
             ));
         }
@@ -418,6 +418,7 @@ mod tests {
         let message = Message {
             topic: "orders.events".into(),
             key: "o-1".into(),
+            aggregate_id: "o-1".into(),
             value: Some(b"{}".to_vec()),
             headers: vec![
                 ("id".into(), b"0b7c".to_vec()),

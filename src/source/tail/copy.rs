@@ -14,7 +14,7 @@ use super::*;
 /// `xmax`).
 pub(super) const SELECT_COPY_BATCH: &str = concat!(
     "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
-     payload::text as payload, headers, created_at from outbox, \
+     payload::text as payload, headers, created_at, partition_key from outbox, \
      (select pg_snapshot_xmax($6::text::pg_snapshot)::text::bigint as xmax) x \
      where seq > $1 and bucket >= $3 and bucket < $4 \
      and ($5::bigint is null or seq > $5 or not pg_visible_in_snapshot( \

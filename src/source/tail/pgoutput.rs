@@ -108,6 +108,8 @@ pub struct OutboxColumns {
     payload: usize,
     headers: usize,
     created_at: usize,
+    /// Absent in a schema migrated before it existed.
+    partition_key: Option<usize>,
 }
 
 impl OutboxColumns {
@@ -137,6 +139,7 @@ impl OutboxColumns {
             payload: at("payload")?,
             headers: at("headers")?,
             created_at: at("created_at")?,
+            partition_key: at("partition_key").ok(),
         })
     }
 
@@ -175,6 +178,10 @@ impl OutboxColumns {
                 })?,
             ),
             created_at: parse_timestamptz(created_at)?,
+            partition_key: match self.partition_key {
+                Some(i) => text(i, "partition_key")?.map(str::to_owned),
+                None => None,
+            },
         })
     }
 }
@@ -311,6 +318,57 @@ mod tests {
             row.created_at.to_rfc3339(),
             "2026-11-23T19:30:00.123456+00:00"
         );
+    }
+
+    #[test]
+    fn the_partition_key_is_read_when_the_table_has_it() {
+        let mut columns: Vec<String> = COLUMNS.iter().map(|c| c.to_string()).collect();
+        let values = [
+            "1",
+            "7f0c1c5e-8a4e-4d52-9d53-8a3f1b2c9e10",
+            "order",
+            "o-1",
+            "created",
+            "{}",
+            "{}",
+            "2026-11-23 19:30:00+00",
+        ];
+        let tuple = |key: Option<&'static str>| {
+            let mut tuple: Vec<Option<&[u8]>> = vec![
+                Some(values[0].as_bytes()),
+                Some(values[1].as_bytes()),
+                Some(values[2].as_bytes()),
+                Some(values[3].as_bytes()),
+                Some(values[4].as_bytes()),
+                None,
+                Some(values[5].as_bytes()),
+                Some(values[6].as_bytes()),
+                Some(values[7].as_bytes()),
+            ];
+            tuple.push(Some(b"17".as_slice())); // bucket
+            tuple.push(key.map(str::as_bytes));
+            tuple
+        };
+        let relation = |columns: Vec<String>| Relation {
+            id: 1,
+            namespace: "public".into(),
+            name: "outbox".into(),
+            columns,
+        };
+        // Before migration 0009: no such column, no key.
+        let old = OutboxColumns::new(&relation(columns.clone())).unwrap();
+        assert_eq!(old.row(&tuple(None)[..9]).unwrap().partition_key, None);
+        columns.push("bucket".into());
+        columns.push("partition_key".into());
+        let new = OutboxColumns::new(&relation(columns)).unwrap();
+        assert_eq!(
+            new.row(&tuple(Some("tenant-7")))
+                .unwrap()
+                .partition_key
+                .as_deref(),
+            Some("tenant-7")
+        );
+        assert_eq!(new.row(&tuple(None)).unwrap().partition_key, None);
     }
 
     #[test]

@@ -110,3 +110,32 @@ async fn readiness_returns_after_a_database_outage_with_nothing_to_publish() {
     assert_eq!(outbox_count(&t.pool).await, 0);
     relay.kill().await.unwrap();
 }
+
+/// A standby is ready: with `maxUnavailable: 0` a rolling update waits for
+/// the new pod's readiness, and a new pod is a standby until the old one
+/// hands over (deploy/kubernetes). Only the active one counts as active.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_is_ready_and_only_the_active_relay_counts_as_active() {
+    let t = Setup::new(Kafka::mock()).await;
+    t.topic("m", 1).await;
+    let (mut first, first_log) = t.logged_relay(&[]);
+    let first_address = endpoint_address(&first_log, DEADLINE).await;
+    wait_for("the first relay to be active", DEADLINE, || async {
+        metric(&first_address, "outbox_relay_active").await == 1.0
+    })
+    .await;
+    let (mut second, second_log) = t.logged_relay(&[]);
+    let second_address = endpoint_address(&second_log, DEADLINE).await;
+    insert_events(&t.pool, 5, 10).await;
+    wait_for("the outbox to drain", DEADLINE, || async {
+        outbox_count(&t.pool).await == 0
+    })
+    .await;
+    assert_eq!(metric(&second_address, "outbox_relay_active").await, 0.0);
+    let (status, body) = get(&second_address, "/readyz").await;
+    assert_eq!((status, body.as_str()), (200, "ready\n"), "the standby");
+    assert_eq!(get(&second_address, "/healthz").await.0, 200);
+    assert_eq!(get(&first_address, "/readyz").await.0, 200, "the active one");
+    first.kill().await.unwrap();
+    second.kill().await.unwrap();
+}

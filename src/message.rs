@@ -14,7 +14,7 @@
 //!   text. A pair named like one of the three fixed headers is dropped, so
 //!   the message id is never ambiguous.
 
-use crate::config::{NullPayload, TopicTemplate};
+use crate::config::{CloudEventsMode, Format, NullPayload, SinkKind, TopicTemplate};
 use crate::outbox::OutboxRow;
 
 /// Header names the relay always sets.
@@ -83,6 +83,86 @@ pub fn from_row(row: &OutboxRow, template: &TopicTemplate, null_payload: NullPay
     }
 }
 
+/// The content type of a structured CloudEvent.
+pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json; charset=UTF-8";
+
+/// The header that carries a message's content type where the broker has
+/// no property for it (Kafka, NATS); the RabbitMQ sink moves it to the
+/// `content_type` property.
+pub const HEADER_CONTENT_TYPE: &str = "content-type";
+
+/// Turns `message` (made by [`from_row`] from `row`) into `format`, by the
+/// protocol binding of `broker` (README, "CloudEvents").
+pub fn apply_format(message: &mut Message, row: &OutboxRow, format: &Format, broker: SinkKind) {
+    let Format::CloudEvents { mode, source } = format else {
+        return;
+    };
+    let mut attributes = vec![
+        ("specversion", "1.0".to_owned()),
+        ("id", row.id.to_string()),
+        ("source", source.clone()),
+        ("type", row.event_type.clone()),
+        ("subject", row.aggregate_id.clone()),
+        (
+            "time",
+            row.created_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        ),
+    ];
+    // The distributed tracing extension: the row's own trace context.
+    for name in ["traceparent", "tracestate"] {
+        if let Some(serde_json::Value::String(value)) = row.headers.get(name) {
+            attributes.push((name, value.clone()));
+        }
+    }
+    match mode {
+        CloudEventsMode::Binary => {
+            let prefix = match broker {
+                SinkKind::Kafka => "ce_",
+                SinkKind::Nats => "ce-",
+                SinkKind::RabbitMq => "ce-",
+            };
+            for (name, value) in attributes {
+                message
+                    .headers
+                    .push((format!("{prefix}{name}"), value.into_bytes()));
+            }
+            if message.value.is_some() {
+                message
+                    .headers
+                    .push((HEADER_CONTENT_TYPE.to_owned(), b"application/json".to_vec()));
+            }
+        }
+        CloudEventsMode::Structured => {
+            // The payload is embedded as Postgres printed it: JSON text,
+            // never re-encoded.
+            let mut event = String::from("{");
+            for (name, value) in &attributes {
+                event.push_str(&format!("{}:{},", json_string(name), json_string(value)));
+            }
+            match &row.payload {
+                Some(data) => {
+                    event.push_str("\"datacontenttype\":\"application/json\",\"data\":");
+                    event.push_str(data);
+                }
+                None => {
+                    event.pop(); // the last comma
+                }
+            }
+            event.push('}');
+            message.value = Some(event.into_bytes());
+            message.headers.push((
+                HEADER_CONTENT_TYPE.to_owned(),
+                CLOUDEVENTS_JSON.as_bytes().to_vec(),
+            ));
+        }
+    }
+}
+
+fn json_string(text: &str) -> String {
+    serde_json::Value::String(text.to_owned()).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +186,85 @@ mod tests {
             created_at: chrono::Utc::now(),
             partition_key: None,
         }
+    }
+
+    #[test]
+    fn cloudevents_follow_each_brokers_binding_byte_for_byte() {
+        let mut r = row(None, Some(r#"{"a": 1}"#));
+        r.created_at = "2026-12-01T10:20:30.123456Z".parse().unwrap();
+        let template = TopicTemplate::parse("{aggregate_type}", "t").unwrap();
+        let binary = Format::CloudEvents {
+            mode: CloudEventsMode::Binary,
+            source: "/billing".into(),
+        };
+        let structured = Format::CloudEvents {
+            mode: CloudEventsMode::Structured,
+            source: "/billing".into(),
+        };
+        let made = |format: &Format, kind: SinkKind, row: &OutboxRow| {
+            let mut m = from_row(row, &template, NullPayload::JsonNull);
+            apply_format(&mut m, row, format, kind);
+            m
+        };
+        let text = |m: &Message| -> Vec<(String, String)> {
+            m.headers
+                .iter()
+                .map(|(k, v)| (k.clone(), String::from_utf8(v.clone()).unwrap()))
+                .collect()
+        };
+        let m = made(&binary, SinkKind::Kafka, &r);
+        assert_eq!(m.value.as_deref(), Some(br#"{"a": 1}"#.as_slice()));
+        let headers = text(&m);
+        let ce: Vec<(&str, &str)> = headers
+            .iter()
+            .filter(|(k, _)| k.starts_with("ce_") || k == "content-type")
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            ce,
+            [
+                ("ce_specversion", "1.0"),
+                ("ce_id", "00000000-0000-0000-0000-000000000000"),
+                ("ce_source", "/billing"),
+                ("ce_type", "created"),
+                ("ce_subject", "o-1"),
+                ("ce_time", "2026-12-01T10:20:30.123456Z"),
+                ("ce_traceparent", "tp"),
+                ("content-type", "application/json"),
+            ]
+        );
+        // The plain headers stay: the inbox reads `id`.
+        assert_eq!(
+            headers[0],
+            ("id".into(), "00000000-0000-0000-0000-000000000000".into())
+        );
+        for (kind, prefix) in [(SinkKind::Nats, "ce-"), (SinkKind::RabbitMq, "ce-")] {
+            let headers = text(&made(&binary, kind, &r));
+            assert!(
+                headers.contains(&(format!("{prefix}type"), "created".into())),
+                "{headers:?}"
+            );
+        }
+
+        let m = made(&structured, SinkKind::Kafka, &r);
+        assert_eq!(
+            String::from_utf8(m.value.clone().unwrap()).unwrap(),
+            r#"{"specversion":"1.0","id":"00000000-0000-0000-0000-000000000000","source":"/billing","type":"created","subject":"o-1","time":"2026-12-01T10:20:30.123456Z","traceparent":"tp","datacontenttype":"application/json","data":{"a": 1}}"#
+        );
+        assert!(text(&m).contains(&("content-type".into(), CLOUDEVENTS_JSON.into())));
+        // A null payload: no data member.
+        let null = row(None, None);
+        let m = made(&structured, SinkKind::Kafka, &null);
+        let event: serde_json::Value = serde_json::from_slice(&m.value.unwrap()).unwrap();
+        assert!(
+            event.get("data").is_none() && event.get("datacontenttype").is_none(),
+            "{event}"
+        );
+        // Plain is untouched.
+        assert_eq!(
+            made(&Format::Plain, SinkKind::Kafka, &r),
+            from_row(&r, &template, NullPayload::JsonNull)
+        );
     }
 
     #[test]

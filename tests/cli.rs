@@ -528,3 +528,38 @@ async fn a_schema_older_than_the_relay_is_one_line_naming_migrate() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn a_cloudevents_source_that_cannot_be_one_is_one_line_and_exit_2() {
+    let base = [
+        "run",
+        "--database-url",
+        "postgres://app:hunter2@127.0.0.1:1/shop",
+        "--brokers",
+        "127.0.0.1:9",
+    ];
+    let (code, stderr) = run(&[
+        &base[..],
+        &[
+            "--format",
+            "cloudevents-binary",
+            "--cloudevents-source",
+            "not a uri",
+        ],
+    ]
+    .concat())
+    .await;
+    assert_eq!(code, 2, "{stderr}");
+    assert_one_line(
+        &stderr,
+        "error: --cloudevents-source (OUTBOX_CLOUDEVENTS_SOURCE) \"not a uri\" is not a URI reference",
+        "hunter2",
+    );
+    let (code, stderr) = run(&[&base[..], &["--cloudevents-source", "/billing"]].concat()).await;
+    assert_eq!(code, 2, "{stderr}");
+    assert_one_line(
+        &stderr,
+        "error: --cloudevents-source (OUTBOX_CLOUDEVENTS_SOURCE) is given but --format is plain",
+        "hunter2",
+    );
+}

@@ -135,7 +135,11 @@ async fn a_standby_is_ready_and_only_the_active_relay_counts_as_active() {
     let (status, body) = get(&second_address, "/readyz").await;
     assert_eq!((status, body.as_str()), (200, "ready\n"), "the standby");
     assert_eq!(get(&second_address, "/healthz").await.0, 200);
-    assert_eq!(get(&first_address, "/readyz").await.0, 200, "the active one");
+    assert_eq!(
+        get(&first_address, "/readyz").await.0,
+        200,
+        "the active one"
+    );
     first.kill().await.unwrap();
     second.kill().await.unwrap();
 }

@@ -401,3 +401,75 @@ async fn lanes_publish_through_a_connection_each_and_keep_order() {
     assert_eq!(assert_order(&records), 0, "no duplicates without a fault");
     assert!(!log.text().contains("ERROR"), "{}", log.text());
 }
+
+/// `--format cloudevents-binary|cloudevents-structured` on NATS: `ce-`
+/// headers and `content-type` (binary), or one JSON event with content type
+/// `application/cloudevents+json` (structured), read from the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn messages_are_cloudevents_in_both_modes() {
+    let server = nats().await;
+    for mode in ["cloudevents-binary", "cloudevents-structured"] {
+        let t = SinkWorld::new("poll", nats_args(&server.url())).await;
+        let stream = nats_stream(&server.url(), &t.prefix).await;
+        let expected = insert_cloudevents_rows(&t.pool).await;
+        let (mut relay, _log) = t.relay(&["--format", mode, "--cloudevents-source", CE_SOURCE]);
+        wait_for("the relay to confirm every row", DEADLINE, || async {
+            outbox_count(&t.pool).await == 0
+        })
+        .await;
+        relay.kill().await.unwrap();
+        let records = read_nats_until(&server.url(), &stream, DEADLINE, |r| {
+            r.len() >= expected.len()
+        })
+        .await;
+        let events: Vec<serde_json::Value> = records
+            .iter()
+            .map(|record| {
+                let header = |name: &str| {
+                    record
+                        .headers
+                        .iter()
+                        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                        .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+                };
+                let value: serde_json::Value =
+                    serde_json::from_slice(record.value.as_deref().unwrap_or(b"null")).unwrap();
+                let (attributes, data) = if mode == "cloudevents-binary" {
+                    let mut attributes: serde_json::Map<String, serde_json::Value> = record
+                        .headers
+                        .iter()
+                        .filter_map(|(k, v)| {
+                            let name = k.strip_prefix("ce-")?;
+                            Some((
+                                name.to_owned(),
+                                String::from_utf8(v.clone()).unwrap().into(),
+                            ))
+                        })
+                        .collect();
+                    if let Some(content_type) = header("content-type") {
+                        attributes.insert("datacontenttype".into(), content_type.into());
+                    }
+                    (serde_json::Value::Object(attributes), value)
+                } else {
+                    assert_eq!(
+                        header("content-type").as_deref(),
+                        Some("application/cloudevents+json; charset=UTF-8")
+                    );
+                    let mut event = value;
+                    let data = event
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("data")
+                        .unwrap_or_default();
+                    (event, data)
+                };
+                serde_json::json!({
+                    "id_header": header("id"),
+                    "attributes": attributes,
+                    "data": data,
+                })
+            })
+            .collect();
+        assert_cloudevents(&events, &expected, mode);
+    }
+}

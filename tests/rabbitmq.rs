@@ -290,3 +290,33 @@ async fn bad_url_wrong_password_and_no_broker() {
     );
     relay.kill().await.unwrap();
 }
+
+/// `--format cloudevents-binary|cloudevents-structured`, read back by pika
+/// and the CloudEvents Python SDK's RabbitMQ binding (`ce-` headers and the
+/// `content_type` property, or one JSON event in the body).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn messages_are_cloudevents_the_sdk_reads_in_both_modes() {
+    let server = rabbitmq().await;
+    for mode in ["cloudevents-binary", "cloudevents-structured"] {
+        let t = SinkWorld::new("poll", rabbitmq_args(&server.url())).await;
+        let queue = rabbitmq_queue(&server.url(), &format!("{}.acct", t.prefix)).await;
+        let expected = insert_cloudevents_rows(&t.pool).await;
+        let (mut relay, _log) = t.relay(&["--format", mode, "--cloudevents-source", CE_SOURCE]);
+        wait_for("the relay to confirm every row", DEADLINE, || async {
+            outbox_count(&t.pool).await == 0
+        })
+        .await;
+        relay.kill().await.unwrap();
+        let count = expected.len().to_string();
+        let url = server.url();
+        let events = read_cloudevents_with_python(&[
+            "rabbitmq", "--url", &url, "--queue", &queue, "--count", &count,
+        ])
+        .await;
+        assert_cloudevents(&events, &expected, mode);
+        assert!(
+            events.iter().any(|e| e["key"] == "tenant-1"),
+            "{mode}: routing keys: {events:?}"
+        );
+    }
+}

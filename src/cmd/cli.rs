@@ -7,9 +7,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use outbox_relay::config::{
-    DatabaseConfig, Identifier, KafkaConfig, LeaseConfig, Mode, NatsConfig, NullPayload,
-    PoisonPolicy, PollInterval, RabbitMqConfig, RelayConfig, ReplayFilter, Shards, SinkConfig,
-    SinkKind, SlotName, TailConfig, TopicTemplate,
+    CloudEventsMode, DatabaseConfig, Format, Identifier, KafkaConfig, LeaseConfig, Mode,
+    NatsConfig, NullPayload, PoisonPolicy, PollInterval, RabbitMqConfig, RelayConfig, ReplayFilter,
+    Shards, SinkConfig, SinkKind, SlotName, TailConfig, TopicTemplate,
 };
 use outbox_relay::error::Error;
 
@@ -194,6 +194,9 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_NULL_PAYLOAD", value_enum, default_value_t = NullPayloadArg::JsonNull)]
     pub null_payload: NullPayloadArg,
 
+    #[command(flatten)]
+    pub format: FormatArgs,
+
     /// A row the broker rejects for good: dead-letter (and go on), block-aggregate (park its later rows too), or halt.
     #[arg(long, env = "OUTBOX_ON_POISON", value_enum, default_value_t = PoisonArg::DeadLetter)]
     pub on_poison: PoisonArg,
@@ -344,6 +347,54 @@ pub enum PoisonArg {
     Halt,
 }
 
+/// How rows travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    Plain,
+    CloudeventsBinary,
+    CloudeventsStructured,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FormatArgs {
+    /// How rows travel: plain (the README's record mapping), or as CloudEvents in the broker's binding: cloudevents-binary (attributes in headers) or cloudevents-structured (one JSON event in the value).
+    #[arg(long, env = "OUTBOX_FORMAT", value_enum, default_value_t = FormatArg::Plain)]
+    pub format: FormatArg,
+
+    /// The CloudEvents `source` attribute (a URI reference); default /outbox-relay/DATABASE/SCHEMA.
+    #[arg(long, env = "OUTBOX_CLOUDEVENTS_SOURCE")]
+    pub cloudevents_source: Option<String>,
+}
+
+impl FormatArgs {
+    pub fn to_format(&self, database: &DatabaseConfig) -> Result<Format, Error> {
+        let mode = match self.format {
+            FormatArg::Plain => {
+                if self.cloudevents_source.is_some() {
+                    return Err(Error::Config(
+                        "--cloudevents-source (OUTBOX_CLOUDEVENTS_SOURCE) is given but --format is plain; add --format cloudevents-binary or cloudevents-structured, or drop the source".into(),
+                    ));
+                }
+                return Ok(Format::Plain);
+            }
+            FormatArg::CloudeventsBinary => CloudEventsMode::Binary,
+            FormatArg::CloudeventsStructured => CloudEventsMode::Structured,
+        };
+        let source = self.cloudevents_source.clone().unwrap_or_else(|| {
+            format!(
+                "/outbox-relay/{}/{}",
+                database.target().database,
+                database.schema()
+            )
+        });
+        Format::cloudevents(
+            mode,
+            &source,
+            "--cloudevents-source (OUTBOX_CLOUDEVENTS_SOURCE)",
+        )
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum NullPayloadArg {
     JsonNull,
@@ -379,6 +430,7 @@ impl RunArgs {
             "--topic-template (OUTBOX_TOPIC_TEMPLATE)",
         )?;
         config.null_payload = self.null_payload.into();
+        config.format = self.format.to_format(&config.database)?;
         config.on_poison = match self.on_poison {
             PoisonArg::DeadLetter => PoisonPolicy::DeadLetter,
             PoisonArg::BlockAggregate => PoisonPolicy::BlockAggregate,
@@ -451,6 +503,9 @@ pub struct ReplayArgs {
     #[arg(long, env = "OUTBOX_NULL_PAYLOAD", value_enum, default_value_t = NullPayloadArg::JsonNull)]
     pub null_payload: NullPayloadArg,
 
+    #[command(flatten)]
+    pub format: FormatArgs,
+
     /// Rows read and published together (also the in-flight bound).
     #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
@@ -498,6 +553,7 @@ impl ReplayArgs {
             "--topic-template (OUTBOX_TOPIC_TEMPLATE)",
         )?;
         config.null_payload = self.null_payload.into();
+        config.format = self.format.to_format(&config.database)?;
         config.batch_size =
             std::num::NonZeroUsize::new(self.batch_size as usize).unwrap_or(config.batch_size);
         config.metrics_address = None;

@@ -524,6 +524,47 @@ impl Default for TopicTemplate {
     }
 }
 
+/// How a row travels (README, "CloudEvents"): the plain mapping, or a
+/// CloudEvent in the broker's protocol binding.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Format {
+    /// The record mapping of the README (the default).
+    #[default]
+    Plain,
+    CloudEvents {
+        mode: CloudEventsMode,
+        /// The events' `source` attribute.
+        source: String,
+    },
+}
+
+/// Where a CloudEvent's attributes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloudEventsMode {
+    /// In headers (`ce_` on Kafka, `ce-` on NATS, `cloudEvents_` on
+    /// RabbitMQ); the value is the payload.
+    Binary,
+    /// The whole event as one JSON object in the value
+    /// (`application/cloudevents+json`).
+    Structured,
+}
+
+impl Format {
+    /// A CloudEvents format; `source` must be a non-empty URI reference
+    /// (no spaces or control characters).
+    pub fn cloudevents(mode: CloudEventsMode, source: &str, flag: &str) -> Result<Self, Error> {
+        if source.is_empty() || source.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(Error::Config(format!(
+                "{flag} {source:?} is not a URI reference (empty, or with spaces or control characters); give e.g. /billing/outbox or https://billing.example.com"
+            )));
+        }
+        Ok(Format::CloudEvents {
+            mode,
+            source: source.to_owned(),
+        })
+    }
+}
+
 /// What a row whose `payload` is SQL null becomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NullPayload {
@@ -735,6 +776,8 @@ pub struct RelayConfig {
     pub tail: TailConfig,
     pub topic_template: TopicTemplate,
     pub null_payload: NullPayload,
+    /// Plain records or CloudEvents.
+    pub format: Format,
     pub on_poison: PoisonPolicy,
     /// Rows read, published and confirmed together; also the bound on
     /// records in flight.
@@ -767,6 +810,7 @@ impl RelayConfig {
             tail: TailConfig::default(),
             topic_template: TopicTemplate::default(),
             null_payload: NullPayload::JsonNull,
+            format: Format::Plain,
             on_poison: PoisonPolicy::default(),
             batch_size: std::num::NonZeroUsize::new(1000).expect("1000 is not zero"),
             poll_interval: PollInterval::DEFAULT,

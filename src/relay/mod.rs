@@ -721,8 +721,14 @@ impl<S: Source, K: Sink> Relay<S, K> {
                 pending.push(None);
                 continue;
             }
-            let message =
+            let mut message =
                 message::from_row(row, &self.config.topic_template, self.config.null_payload);
+            message::apply_format(
+                &mut message,
+                row,
+                &self.config.format,
+                self.config.sink.kind(),
+            );
             let sent = self.sink.send(&message).await;
             if block && sent.refused() {
                 blocked.insert((row.aggregate_type.clone(), row.aggregate_id.clone()));

@@ -26,6 +26,7 @@ use tokio::process::{Child, Command};
 use uuid::Uuid;
 
 mod certificates;
+mod cloudevents;
 /// The throwaway Postgres, shared with the binary's demo and bench.
 #[path = "../../src/testkit/mod.rs"]
 pub mod testkit;
@@ -43,6 +44,8 @@ mod workload;
 
 #[allow(unused_imports)]
 pub use certificates::*;
+#[allow(unused_imports)]
+pub use cloudevents::*;
 #[allow(unused_imports)]
 pub use consume::*;
 #[cfg(feature = "consumer")]

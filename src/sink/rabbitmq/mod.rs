@@ -43,7 +43,7 @@ use tracing::debug;
 
 use crate::config::RabbitMqConfig;
 use crate::error::Error;
-use crate::message::{HEADER_EVENT_TYPE, HEADER_ID};
+use crate::message::{HEADER_CONTENT_TYPE, HEADER_EVENT_TYPE, HEADER_ID};
 use crate::sink::{LastAck, Message, Outcome, Sent, Sink, until_reachable};
 
 /// How long connecting may take.
@@ -179,7 +179,13 @@ pub fn properties(message: &Message) -> Result<BasicProperties, String> {
         ));
     }
     let mut headers = FieldTable::default();
+    let mut content_type = "application/json".to_owned();
     for (name, value) in &message.headers {
+        // The content type travels in its property (CloudEvents).
+        if name == HEADER_CONTENT_TYPE {
+            content_type = String::from_utf8_lossy(value).into_owned();
+            continue;
+        }
         if name.len() > SHORT_STRING_MAX {
             return Err(format!(
                 "header name {name:?} is longer than 255 bytes, the most an AMQP header name holds"
@@ -194,7 +200,7 @@ pub fn properties(message: &Message) -> Result<BasicProperties, String> {
         .with_message_id(ShortString::from(header(HEADER_ID)))
         .with_type(ShortString::from(event_type))
         .with_delivery_mode(2)
-        .with_content_type(ShortString::from("application/json"))
+        .with_content_type(ShortString::from(content_type))
         .with_headers(headers))
 }
 

@@ -42,6 +42,8 @@ pub mod inbox;
 pub mod message;
 pub mod outbox;
 pub mod target;
+#[cfg(feature = "trace-context")]
+pub mod trace_context;
 
 #[cfg(feature = "relay")]
 pub mod database;

@@ -46,6 +46,17 @@ fn main() -> ExitCode {
         _ => "info",
     };
     init_logging(cli.log_format, default_level);
+    // Made outside the async runtime: the exporter's HTTP client blocks.
+    let exporting = match &cli.command {
+        Command::Run(args) => match cmd::otlp::start(args.otlp_endpoint.as_deref()) {
+            Ok(exporting) => exporting,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -53,7 +64,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    let ended = runtime.block_on(dispatch(cli.command));
+    drop(runtime);
+    if let Some(exporting) = exporting {
+        exporting.shutdown();
+    }
+    match ended {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<Exceeded>().is_some() => {
             eprintln!("{e}");

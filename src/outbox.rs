@@ -121,9 +121,31 @@ pub async fn insert_all(conn: &mut PgConnection, events: &[Event]) -> Result<(),
     let event_types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
     let topics: Vec<Option<&str>> = events.iter().map(|e| e.topic.as_deref()).collect();
     let payloads: Vec<Option<&Value>> = events.iter().map(|e| e.payload.as_ref()).collect();
+    #[cfg(feature = "trace-context")]
+    let context = crate::trace_context::current();
     let headers: Vec<Value> = events
         .iter()
-        .map(|e| Value::Object(e.headers.clone()))
+        .map(|e| {
+            #[allow(unused_mut)]
+            let mut headers = e.headers.clone();
+            // The service's current span, unless the event names its own.
+            #[cfg(feature = "trace-context")]
+            if let Some((traceparent, tracestate)) = &context
+                && !headers.contains_key(crate::trace_context::TRACEPARENT)
+            {
+                headers.insert(
+                    crate::trace_context::TRACEPARENT.into(),
+                    Value::String(traceparent.clone()),
+                );
+                if let Some(tracestate) = tracestate {
+                    headers.insert(
+                        crate::trace_context::TRACESTATE.into(),
+                        Value::String(tracestate.clone()),
+                    );
+                }
+            }
+            Value::Object(headers)
+        })
         .collect();
     let keyed = events.iter().any(|e| e.partition_key.is_some());
     let query = sqlx::query(if keyed { INSERT_KEYED } else { INSERT })

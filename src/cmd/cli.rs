@@ -169,6 +169,10 @@ impl TailArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
+    /// Export a span per published batch, linked to each row's trace context, to this OTLP/HTTP collector (base URL, e.g. http://otel-collector:4318); OTEL_EXPORTER_OTLP_* are honoured as well.
+    #[arg(long, env = "OUTBOX_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
     /// Several outboxes from a TOML file: its top-level keys are these flags by their long names and apply to every outbox, each [[outbox]] table adds its own (see README, "Several outboxes in one process").
     #[arg(long, env = "OUTBOX_CONFIG")]
     pub config: Option<std::path::PathBuf>,

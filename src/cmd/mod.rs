@@ -5,4 +5,5 @@ pub mod bench;
 pub mod cli;
 pub mod config_file;
 pub mod demo;
+pub mod otlp;
 pub mod replay;

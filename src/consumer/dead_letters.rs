@@ -324,7 +324,12 @@ async fn redrive_one<H: Handler>(applier: &Applier<H>) -> Result<bool, sqlx::Err
         if inbox::claim(&mut attempt, &applier.group, id).await? == Claim::Duplicate {
             return Ok(false);
         }
-        applier.handler.handle(&mut attempt, &message).await?;
+        super::partition::traced(
+            &applier.group,
+            &message,
+            applier.handler.handle(&mut attempt, &message),
+        )
+        .await?;
         attempt.commit().await?;
         Ok::<_, super::HandlerError>(true)
     }

@@ -144,10 +144,13 @@ impl<H: Handler> Applier<H> {
             // The first copy of an id in the batch applies; later ones and
             // ids already in the inbox are duplicates.
             if new.remove(&delivery.message.id) {
-                self.handler
-                    .handle(&mut tx, &delivery.message)
-                    .await
-                    .map_err(|e| Failure::At(at, e))?;
+                traced(
+                    &self.group,
+                    &delivery.message,
+                    self.handler.handle(&mut tx, &delivery.message),
+                )
+                .await
+                .map_err(|e| Failure::At(at, e))?;
                 applied += 1;
             }
         }
@@ -236,7 +239,7 @@ impl<H: Handler> Applier<H> {
             return Ok(Outcome::Duplicate);
         }
         // Dropping `tx` on an error rolls the claim back with the effects.
-        self.handler.handle(&mut tx, message).await?;
+        traced(&self.group, message, self.handler.handle(&mut tx, message)).await?;
         tx.commit().await?;
         Ok(Outcome::Applied)
     }
@@ -328,6 +331,24 @@ pub(crate) async fn apply_queue<H: Handler>(
         if done < batch.len() {
             return;
         }
+    }
+}
+
+/// The handler's run, in a consumer span continuing the message's trace
+/// (feature `trace-context`).
+pub(crate) async fn traced<T>(
+    group: &str,
+    message: &Message,
+    handling: impl std::future::Future<Output = Result<T, HandlerError>>,
+) -> Result<T, HandlerError> {
+    #[cfg(feature = "trace-context")]
+    {
+        crate::trace_context::in_consumer_span(group, message, handling).await
+    }
+    #[cfg(not(feature = "trace-context"))]
+    {
+        let _ = (group, message);
+        handling.await
     }
 }
 

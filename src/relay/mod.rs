@@ -575,6 +575,11 @@ impl<S: Source, K: Sink> Relay<S, K> {
                 _ => HashSet::new(),
             };
             let publishing = Instant::now();
+            #[cfg(feature = "trace-context")]
+            let mut span = crate::trace_context::BatchSpan::start(
+                self.config.database.schema().as_str(),
+                &rows,
+            );
             let Published {
                 confirm,
                 failure,
@@ -597,6 +602,8 @@ impl<S: Source, K: Sink> Relay<S, K> {
                         confirm_ms = confirming.elapsed().as_secs_f64() * 1e3,
                         "batch"
                     );
+                    #[cfg(feature = "trace-context")]
+                    span.confirmed(confirm.published.len(), confirm.dead_letters.len());
                     self.stats.published += confirm.published.len() as u64;
                     self.stats.dead_lettered += confirm.dead_letters.len() as u64;
                     if !confirm.published.is_empty() {
@@ -621,6 +628,8 @@ impl<S: Source, K: Sink> Relay<S, K> {
             match failure {
                 None => health.ok(),
                 Some(cause) => {
+                    #[cfg(feature = "trace-context")]
+                    span.failed(&cause);
                     let doing = format!("publishing to {}", self.sink.name());
                     health.failed(Dependency::Broker, &doing, &cause);
                     if self.sink.is_broken() {

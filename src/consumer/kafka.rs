@@ -134,15 +134,8 @@ impl<H: Handler> KafkaConsumer<H> {
     ) -> Result<Self, ConsumerError> {
         config.validate()?;
         let client = kafka.client_config(&config)?;
-        let stats = ConsumerStats::new(&config.group);
         let shared = Arc::new(Shared {
-            applier: Arc::new(Applier {
-                pool,
-                group: config.group.clone(),
-                handler: Arc::new(handler),
-                retry: config.retry,
-                stats,
-            }),
+            applier: Applier::new(pool, &config, handler),
             gate: Arc::new(Semaphore::new(config.max_in_flight)),
             partitions: Mutex::new(HashMap::new()),
             done: Arc::new(Mutex::new(HashMap::new())),

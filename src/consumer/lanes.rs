@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::partition::{Applier, Delivery, apply_queue};
-use super::{ConsumerConfig, Handler};
+use super::{ConsumerConfig, ConsumerError, Handler};
 
 /// The lanes of one member while it receives messages.
 pub(crate) struct Lanes {
@@ -73,15 +73,27 @@ impl Lanes {
         let _ = self.queues[lane].send(delivery);
     }
 
-    /// Whether a lane ended without being stopped: its handler panicked.
-    pub fn panicked(&self) -> bool {
-        !self.stop.is_cancelled() && self.tasks.iter().any(JoinHandle::is_finished)
+    /// An error when a lane ended without being stopped: its handler
+    /// panicked, and its aggregates cannot go on in order.
+    pub fn check(&self) -> Result<(), ConsumerError> {
+        if self.stop.is_cancelled() || !self.tasks.iter().any(JoinHandle::is_finished) {
+            return Ok(());
+        }
+        let error = "the handler panicked; the consumer stopped, and the messages not applied \
+                     will be delivered again"
+            .to_string();
+        tracing::error!("{error}");
+        Err(ConsumerError::Handler(error))
     }
 
     /// Stops every lane after the message in hand and waits for them (up to
     /// `timeout`, then abandons what still runs: rolled back, delivered
-    /// again).
-    pub async fn stop(self, timeout: Duration) {
+    /// again); returns the tokens settled meanwhile, still to acknowledge.
+    pub async fn stop(
+        self,
+        timeout: Duration,
+        settled: &mut mpsc::UnboundedReceiver<i64>,
+    ) -> Vec<i64> {
         self.stop.cancel();
         drop(self.queues);
         let deadline = tokio::time::Instant::now() + timeout;
@@ -101,5 +113,10 @@ impl Lanes {
                  their messages are rolled back and delivered again"
             );
         }
+        let mut left = Vec::new();
+        while let Ok(token) = settled.try_recv() {
+            left.push(token);
+        }
+        left
     }
 }

@@ -430,6 +430,43 @@ pub enum ConsumerError {
     Handler(String),
 }
 
+/// Runs a member of a broker without partitions: the tables checked, the
+/// background tasks started, `receive` until it ends or `shutdown` resolves
+/// (then `receive` is told to stop, and awaited: it finishes the messages
+/// in hand), the background tasks stopped.
+#[cfg(any(feature = "nats", feature = "rabbitmq"))]
+pub(crate) async fn run_member<H: Handler, R>(
+    applier: &std::sync::Arc<partition::Applier<H>>,
+    config: &ConsumerConfig,
+    shutdown: impl Future<Output = ()>,
+    receive: impl FnOnce(tokio_util::sync::CancellationToken) -> R,
+) -> Result<(), ConsumerError>
+where
+    R: Future<Output = Result<(), ConsumerError>>,
+{
+    check_tables(&applier.pool).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let background = start_background(applier, config, &stop).await?;
+    let _stop_on_drop = stop.clone().drop_guard();
+    let receiving = receive(stop.clone());
+    tokio::pin!(receiving);
+    let ended = tokio::select! {
+        ended = &mut receiving => ended,
+        () = shutdown => {
+            stop.cancel();
+            receiving.await
+        }
+    };
+    stop.cancel();
+    for task in background {
+        let _ = task.await;
+    }
+    if ended.is_ok() {
+        tracing::info!("consumer stopped");
+    }
+    ended
+}
+
 /// The tasks every member runs beside its broker's loop until `stop`:
 /// `/metrics` when asked for, and the dead-letter redrive.
 pub(crate) async fn start_background<H: Handler>(

@@ -156,15 +156,8 @@ impl<H: Handler> NatsConsumer<H> {
         if settings.lease < Duration::from_millis(300) {
             return bad("the NATS member lease is under 300 ms; use a second or more".into());
         }
-        let stats = ConsumerStats::new(&config.group);
         Ok(NatsConsumer {
-            applier: Arc::new(Applier {
-                pool,
-                group: config.group.clone(),
-                handler: Arc::new(handler),
-                retry: config.retry,
-                stats,
-            }),
+            applier: Applier::new(pool, &config, handler),
             config,
             settings,
         })
@@ -178,27 +171,10 @@ impl<H: Handler> NatsConsumer<H> {
     /// receives, and, at the end, finishes the messages in hand,
     /// acknowledges them and hands the group over.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ConsumerError> {
-        super::check_tables(&self.applier.pool).await?;
-        let stop = CancellationToken::new();
-        let background = super::start_background(&self.applier, &self.config, &stop).await?;
-        let _stop_on_drop = stop.clone().drop_guard();
-        let members = self.members(stop.clone());
-        tokio::pin!(members);
-        let ended = tokio::select! {
-            ended = &mut members => ended,
-            () = shutdown => {
-                stop.cancel();
-                members.await
-            }
-        };
-        stop.cancel();
-        for task in background {
-            let _ = task.await;
-        }
-        if ended.is_ok() {
-            info!("consumer stopped");
-        }
-        ended
+        super::run_member(&self.applier, &self.config, shutdown, |stop| {
+            self.members(stop)
+        })
+        .await
     }
 
     /// Waits for the group's row, receives while it holds it, again.
@@ -386,19 +362,16 @@ impl<H: Handler> NatsConsumer<H> {
                     }
                 },
                 _ = check.tick() => {
-                    if lanes.panicked() {
-                        let error = "the handler panicked; the consumer stopped, and the messages \
-                                     not applied will be delivered again".to_string();
-                        tracing::error!("{error}");
-                        break Err(ConsumerError::Handler(error));
+                    if let Err(e) = lanes.check() {
+                        break Err(e);
                     }
                 }
             }
         };
-        lanes.stop(self.config.revoke_timeout).await;
+        let left = lanes.stop(self.config.revoke_timeout, &mut settled).await;
         stats.set_partitions(0);
         stats.forget_partition(subject, -1);
-        while let Ok(sequence) = settled.try_recv() {
+        for sequence in left {
             if let Some(message) = in_hand.remove(&sequence) {
                 acknowledge(&message).await;
             }

@@ -55,6 +55,17 @@ enum Outcome {
 }
 
 impl<H: Handler> Applier<H> {
+    /// The applier of `config.group`, with its own statistics.
+    pub fn new(pool: PgPool, config: &super::ConsumerConfig, handler: H) -> Arc<Self> {
+        Arc::new(Applier {
+            pool,
+            group: config.group.clone(),
+            handler: Arc::new(handler),
+            retry: config.retry,
+            stats: ConsumerStats::new(&config.group),
+        })
+    }
+
     /// Applies `batch` (messages of one partition, in offset order) and
     /// returns how many of them, from the front, are settled: applied,
     /// skipped as already applied, or dead-lettered. Fewer than all only when

@@ -130,15 +130,8 @@ impl<H: Handler> RabbitMqConsumer<H> {
                  name the queue (RabbitMqSettings::queue) or the group differently"
             )));
         }
-        let stats = ConsumerStats::new(&config.group);
         Ok(RabbitMqConsumer {
-            applier: Arc::new(Applier {
-                pool,
-                group: config.group.clone(),
-                handler: Arc::new(handler),
-                retry: config.retry,
-                stats,
-            }),
+            applier: Applier::new(pool, &config, handler),
             config,
             settings,
             queue,
@@ -153,27 +146,10 @@ impl<H: Handler> RabbitMqConsumer<H> {
     /// acknowledges them and closes the connection (the next member takes
     /// over).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ConsumerError> {
-        super::check_tables(&self.applier.pool).await?;
-        let stop = CancellationToken::new();
-        let background = super::start_background(&self.applier, &self.config, &stop).await?;
-        let _stop_on_drop = stop.clone().drop_guard();
-        let connections = self.connections(stop.clone());
-        tokio::pin!(connections);
-        let ended = tokio::select! {
-            ended = &mut connections => ended,
-            () = shutdown => {
-                stop.cancel();
-                connections.await
-            }
-        };
-        stop.cancel();
-        for task in background {
-            let _ = task.await;
-        }
-        if ended.is_ok() {
-            info!("consumer stopped");
-        }
-        ended
+        super::run_member(&self.applier, &self.config, shutdown, |stop| {
+            self.connections(stop)
+        })
+        .await
     }
 
     async fn connections(&self, stop: CancellationToken) -> Result<(), ConsumerError> {
@@ -328,19 +304,16 @@ impl<H: Handler> RabbitMqConsumer<H> {
                     }
                 }
                 _ = check.tick() => {
-                    if lanes.panicked() {
-                        let error = "the handler panicked; the consumer stopped, and the messages \
-                                     not applied will be delivered again".to_string();
-                        tracing::error!("{error}");
-                        break Err(ConsumerError::Handler(error));
+                    if let Err(e) = lanes.check() {
+                        break Err(e);
                     }
                 }
             }
         };
-        lanes.stop(self.config.revoke_timeout).await;
+        let left = lanes.stop(self.config.revoke_timeout, &mut settled).await;
         stats.set_partitions(0);
         stats.forget_partition(&self.queue, -1);
-        while let Ok(tag) = settled.try_recv() {
+        for tag in left {
             if let Some(acker) = in_hand.remove(&tag) {
                 acknowledge(&acker).await;
             }

@@ -640,7 +640,7 @@ impl<'a> ModeBench<'a> {
         let limit = i64::try_from(self.options.rows.min(PRODUCER_SAMPLE)).unwrap_or(i64::MAX);
         let rows: Vec<OutboxRow> = sqlx::query_as(
             "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
-             payload::text as payload, headers, created_at from outbox order by seq limit $1",
+             payload::text as payload, headers, created_at, partition_key from outbox order by seq limit $1",
         )
         .bind(limit)
         .fetch_all(&self.pool)

@@ -110,7 +110,9 @@ impl ModeBench<'_> {
         // slows the broker, the walsender and the relay it measures. Each
         // row is read back once afterwards, off the clock.
         let reader = match self.kafka {
-            BenchKafka::External(brokers) => Some(Tail::new(brokers, &self.topic, self.options.partitions)?),
+            BenchKafka::External(brokers) => {
+                Some(Tail::new(brokers, &self.topic, self.options.partitions)?)
+            }
             BenchKafka::Mock(_) => None,
         };
         let mut relay = self.start_relay("run")?;
@@ -226,7 +228,10 @@ impl Tail {
                 break ends;
             }
             if Instant::now() > deadline {
-                return Err(bench(format!("the topic {} never held {rows} records", self.topic)));
+                return Err(bench(format!(
+                    "the topic {} never held {rows} records",
+                    self.topic
+                )));
             }
             std::thread::sleep(Duration::from_millis(2));
         };
@@ -239,8 +244,11 @@ impl Tail {
         self.consumer
             .assign(&assignment)
             .map_err(Error::kafka("assigning the bench topic"))?;
-        let mut left: std::collections::BTreeSet<i32> =
-            ends.iter().filter(|(_, high)| *high > 0).map(|(p, _)| *p).collect();
+        let mut left: std::collections::BTreeSet<i32> = ends
+            .iter()
+            .filter(|(_, high)| *high > 0)
+            .map(|(p, _)| *p)
+            .collect();
         while !left.is_empty() {
             if Instant::now() > deadline {
                 return Err(bench("the last records never came back".into()));
@@ -260,13 +268,18 @@ impl Tail {
     fn each_row_once(self, rows: u64) -> Result<(), Error> {
         let mut seen = vec![false; rows as usize];
         let (mut records, mut missing_k) = (0u64, 0u64);
-        super::reread_each(&self.brokers, &self.topic, self.partitions, |payload, _, _| {
-            records += 1;
-            match backlog_k(payload).and_then(|k| seen.get_mut(k as usize)) {
-                Some(slot) => *slot = true,
-                None => missing_k += 1,
-            }
-        })?;
+        super::reread_each(
+            &self.brokers,
+            &self.topic,
+            self.partitions,
+            |payload, _, _| {
+                records += 1;
+                match backlog_k(payload).and_then(|k| seen.get_mut(k as usize)) {
+                    Some(slot) => *slot = true,
+                    None => missing_k += 1,
+                }
+            },
+        )?;
         let absent = seen.iter().filter(|s| !**s).count();
         if records != rows || absent > 0 || missing_k > 0 {
             return Err(bench(format!(

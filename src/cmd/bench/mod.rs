@@ -1254,28 +1254,6 @@ fn reread(
     partitions: i32,
     wanted: &[u64],
 ) -> Result<Vec<(u64, i32, i64)>, Error> {
-    let wanted: std::collections::HashSet<u64> = wanted.iter().copied().collect();
-    let mut found = Vec::new();
-    reread_each(brokers, topic, partitions, |payload, partition, offset| {
-        let k = serde_json::from_slice::<Value>(payload)
-            .ok()
-            .and_then(|v| v.get("k").and_then(Value::as_u64));
-        if let Some(k) = k.filter(|k| wanted.contains(k)) {
-            found.push((k, partition, offset));
-        }
-    })?;
-    Ok(found)
-}
-
-/// Reads every partition of `topic` from the start up to its high
-/// watermark with a fresh consumer, giving `visit` each record's payload,
-/// partition and offset.
-fn reread_each(
-    brokers: &str,
-    topic: &str,
-    partitions: i32,
-    mut visit: impl FnMut(&[u8], i32, i64),
-) -> Result<(), Error> {
     use rdkafka::consumer::BaseConsumer;
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -1297,12 +1275,13 @@ fn reread_each(
     consumer
         .assign(&assignment)
         .map_err(Error::kafka("assigning the live topic"))?;
+    let mut found = Vec::new();
     let mut done: std::collections::BTreeSet<i32> = ends
         .iter()
         .filter(|(_, high)| **high == 0)
         .map(|(partition, _)| *partition)
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let deadline = Instant::now() + Duration::from_secs(120);
     while done.len() < ends.len() && Instant::now() < deadline {
         let Some(message) = consumer.poll(Duration::from_millis(100)) else {
             continue;
@@ -1311,9 +1290,15 @@ fn reread_each(
         if m.offset() + 1 >= ends[&m.partition()] {
             done.insert(m.partition());
         }
-        visit(m.payload().unwrap_or_default(), m.partition(), m.offset());
+        let k = m
+            .payload()
+            .and_then(|p| serde_json::from_slice::<Value>(p).ok())
+            .and_then(|v| v.get("k").and_then(Value::as_u64));
+        if let Some(k) = k.filter(|k| wanted.contains(k)) {
+            found.push((k, m.partition(), m.offset()));
+        }
     }
-    Ok(())
+    Ok(found)
 }
 
 /// The relay under measurement.

@@ -103,26 +103,18 @@ impl ModeBench<'_> {
 
         let wal_before = self.wal_lsn().await?;
         let cpu_before = self.pg.cpu_seconds();
-        // Made before the relay starts: the clock stops when every row is
-        // readable (the partitions' high watermarks hold them all) and the
-        // last record of each partition came back to this consumer. It
-        // does not read everything as it arrives: on two cores that reader
-        // slows the broker, the walsender and the relay it measures. Each
-        // row is read back once afterwards, off the clock.
-        let reader = match self.kafka {
-            BenchKafka::External(brokers) => {
-                Some(Tail::new(brokers, &self.topic, self.options.partitions)?)
-            }
+        // Connected before the relay starts, reading from the beginning.
+        let consumer = match self.kafka {
+            BenchKafka::External(brokers) => Some(live_consumer(
+                brokers,
+                &self.topic,
+                self.options.partitions,
+            )?),
             BenchKafka::Mock(_) => None,
         };
         let mut relay = self.start_relay("run")?;
         let started = Instant::now();
-        let reader = reader.map(|reader| {
-            tokio::task::spawn_blocking(move || {
-                let read_back = reader.last_records_read_back(rows, started);
-                (reader, read_back)
-            })
-        });
+        let reader = consumer.map(|c| tokio::spawn(read_back(c, rows, started)));
         while relay.published_total().await < rows {
             relay.check_running()?;
             if shutdown.is_cancelled() {
@@ -140,18 +132,14 @@ impl ModeBench<'_> {
         let usage = relay.usage()?;
         let read_back_seconds = match reader {
             None => None,
-            Some(reader) => {
-                let (reader, read_back) = tokio::time::timeout(Duration::from_secs(180), reader)
+            Some(reader) => Some(
+                tokio::time::timeout(Duration::from_secs(120), reader)
                     .await
-                    .map_err(|_| relay.failed("confirmed every row, but the bench's consumer could not read them back within 180 s"))?
-                    .map_err(|e| bench(format!("the read-back thread: {e}")))?;
-                let seconds = read_back?;
-                let check = tokio::task::spawn_blocking(move || reader.each_row_once(rows))
-                    .await
-                    .map_err(|e| bench(format!("the read-back check: {e}")))?;
-                check?;
-                Some(seconds)
-            }
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten()
+                    .ok_or_else(|| relay.failed("confirmed every row, but the bench's consumer did not read them all back within 120 s"))?,
+            ),
         };
         relay.stop().await?;
         self.pool.close().await;
@@ -179,115 +167,23 @@ impl ModeBench<'_> {
     }
 }
 
-/// Reading the bench's topic back at the end of a drain.
-struct Tail {
-    consumer: rdkafka::consumer::BaseConsumer,
-    brokers: String,
-    topic: String,
-    partitions: i32,
-}
-
-impl Tail {
-    /// Connected (its metadata fetched) before the clock starts.
-    fn new(brokers: &str, topic: &str, partitions: i32) -> Result<Self, Error> {
-        let consumer: rdkafka::consumer::BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("group.id", "outbox-relay-bench-tail")
-            .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "5")
-            .create()
-            .map_err(Error::kafka("creating the read-back consumer"))?;
-        for partition in 0..partitions {
-            consumer
-                .fetch_watermarks(topic, partition, Duration::from_secs(10))
-                .map_err(Error::kafka("reading the bench topic's watermarks"))?;
-        }
-        Ok(Tail {
-            consumer,
-            brokers: brokers.to_owned(),
-            topic: topic.to_owned(),
-            partitions,
-        })
-    }
-
-    /// Waits until the partitions' high watermarks hold `rows` records,
-    /// then reads the last record of each partition back; the seconds from
-    /// `started` to the last of them.
-    fn last_records_read_back(&self, rows: u64, started: Instant) -> Result<f64, Error> {
-        let deadline = started + Duration::from_secs(600);
-        let ends = loop {
-            let mut ends = Vec::new();
-            for partition in 0..self.partitions {
-                let (_, high) = self
-                    .consumer
-                    .fetch_watermarks(&self.topic, partition, Duration::from_secs(10))
-                    .map_err(Error::kafka("reading the bench topic's watermarks"))?;
-                ends.push((partition, high));
-            }
-            if ends.iter().map(|(_, high)| *high as u64).sum::<u64>() >= rows {
-                break ends;
-            }
-            if Instant::now() > deadline {
-                return Err(bench(format!(
-                    "the topic {} never held {rows} records",
-                    self.topic
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(2));
+/// Reads `topic` until every backlog row `k` in `0..rows` arrived once;
+/// returns the seconds since `started`, or `None` if the consumer failed.
+async fn read_back(consumer: StreamConsumer, rows: u64, started: Instant) -> Option<f64> {
+    let mut seen = vec![false; rows as usize];
+    let mut count = 0;
+    while count < rows {
+        let message = consumer.recv().await.ok()?;
+        let Some(k) = message.payload().and_then(backlog_k) else {
+            continue;
         };
-        let mut assignment = TopicPartitionList::new();
-        for (partition, high) in ends.iter().filter(|(_, high)| *high > 0) {
-            assignment
-                .add_partition_offset(&self.topic, *partition, Offset::Offset(high - 1))
-                .map_err(Error::kafka("assigning the bench topic"))?;
+        if let Some(slot) = seen.get_mut(k as usize)
+            && !std::mem::replace(slot, true)
+        {
+            count += 1;
         }
-        self.consumer
-            .assign(&assignment)
-            .map_err(Error::kafka("assigning the bench topic"))?;
-        let mut left: std::collections::BTreeSet<i32> = ends
-            .iter()
-            .filter(|(_, high)| *high > 0)
-            .map(|(p, _)| *p)
-            .collect();
-        while !left.is_empty() {
-            if Instant::now() > deadline {
-                return Err(bench("the last records never came back".into()));
-            }
-            if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(100)) {
-                let (_, high) = ends[m.partition() as usize];
-                if m.offset() + 1 >= high {
-                    left.remove(&m.partition());
-                }
-            }
-        }
-        Ok(started.elapsed().as_secs_f64())
     }
-
-    /// Reads the whole topic back: each backlog row `k` in `0..rows` once,
-    /// no more records (a copy would have made the watermarks early).
-    fn each_row_once(self, rows: u64) -> Result<(), Error> {
-        let mut seen = vec![false; rows as usize];
-        let (mut records, mut missing_k) = (0u64, 0u64);
-        super::reread_each(
-            &self.brokers,
-            &self.topic,
-            self.partitions,
-            |payload, _, _| {
-                records += 1;
-                match backlog_k(payload).and_then(|k| seen.get_mut(k as usize)) {
-                    Some(slot) => *slot = true,
-                    None => missing_k += 1,
-                }
-            },
-        )?;
-        let absent = seen.iter().filter(|s| !**s).count();
-        if records != rows || absent > 0 || missing_k > 0 {
-            return Err(bench(format!(
-                "read back {records} records for {rows} rows ({absent} rows absent, {missing_k} records not of the backlog): the timing is not valid"
-            )));
-        }
-        Ok(())
-    }
+    Some(started.elapsed().as_secs_f64())
 }
 
 /// The `k` of a backlog row's payload. Postgres prints `jsonb` keys shortest
@@ -363,7 +259,7 @@ pub(super) fn describe(report: &BenchReport, f: &mut fmt::Formatter<'_>) -> fmt:
         writeln!(f)?;
         writeln!(
             f,
-            "tail drains deleting and keeping (--retention) published rows, from the relay's start to its last confirm (and, with --brokers, to every row readable and the last record of each partition read back by a consumer here; then each row read back once, off the clock), beside pg_recvlogical on the same WAL:"
+            "tail drains deleting and keeping (--retention) published rows, from the relay's start to its last confirm (and, with --brokers, to the last row read back by a consumer here), beside pg_recvlogical on the same WAL:"
         )?;
         for r in &report.retention {
             let read_back = match (

@@ -307,7 +307,10 @@ async fn copy_kafka(
         });
         let key = record.key().unwrap_or_default();
         let payload = record.payload().unwrap_or_default();
+        // Into the original's own partition, after it: a copy keyed alike
+        // but placed by another partitioner could overtake the original.
         let copy = FutureRecord::to(&topic)
+            .partition(record.partition())
             .key(key)
             .payload(payload)
             .headers(headers);

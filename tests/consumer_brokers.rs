@@ -244,31 +244,6 @@ impl Bus {
     }
 }
 
-fn example_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("inbox_consumer");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --example inbox_consumer` first, or plain `cargo test`",
-        path.display()
-    );
-    path
-}
-
-async fn balances(pool: &PgPool) -> HashMap<String, i64> {
-    sqlx::query_as::<_, (String, i64)>("select account, amount from balances")
-        .fetch_all(pool)
-        .await
-        .map(|rows| rows.into_iter().collect())
-        .unwrap_or_default()
-}
-
 /// Members of one group (the example consumer) killed five times while
 /// 1,200 payments arrive two or three times each: balances exact, each
 /// payment applied once, an account's payments in the order of their first
@@ -294,7 +269,7 @@ async fn members_killed_repeatedly_apply_each_payment_once_in_order(bus: Bus) {
     bus.prepare(&group).await;
 
     let consumer = || {
-        let mut cmd = Command::new(example_binary());
+        let mut cmd = Command::new(example_binary("inbox_consumer"));
         cmd.args(bus.example_args())
             .args(["--database-url", &url, "--group", &group])
             .args(["--max-in-flight", "3", "--work-ms", "2"])
@@ -378,7 +353,7 @@ async fn members_killed_repeatedly_apply_each_payment_once_in_order(bus: Bus) {
     let mut seen = HashMap::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
     while std::time::Instant::now() < deadline {
-        seen = balances(&pool).await;
+        seen = balances_if_any(&pool).await;
         if seen == expected {
             break;
         }

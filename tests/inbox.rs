@@ -80,7 +80,6 @@ async fn produce(brokers: &str, topic: &str, deliveries: &[&Payment]) {
     }
 }
 
-/// The balances, or none while the table does not exist yet.
 /// A consumer of partition 0 of `topic` that resumes at `group`'s committed
 /// offset and commits only by hand.
 fn stored_offset_consumer(brokers: &str, group: &str, topic: &str) -> BaseConsumer {
@@ -97,14 +96,6 @@ fn stored_offset_consumer(brokers: &str, group: &str, topic: &str) -> BaseConsum
     c
 }
 
-async fn balances_if_any(pool: &PgPool) -> HashMap<String, i64> {
-    sqlx::query_as::<_, (String, i64)>("select account, amount from balances")
-        .fetch_all(pool)
-        .await
-        .map(|rows| rows.into_iter().collect())
-        .unwrap_or_default()
-}
-
 async fn balances(pool: &PgPool) -> HashMap<String, i64> {
     sqlx::query_as::<_, (String, i64)>("select account, amount from balances")
         .fetch_all(pool)
@@ -112,25 +103,6 @@ async fn balances(pool: &PgPool) -> HashMap<String, i64> {
         .unwrap()
         .into_iter()
         .collect()
-}
-
-fn example_binary(name: &str) -> std::path::PathBuf {
-    // tests/../examples/<name>, built by `cargo test` alongside the tests.
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: `cargo test --test inbox` does not build examples; \
-         run `cargo build --example {name}` first, or plain `cargo test`",
-        path.display()
-    );
-    path
 }
 
 /// Where the payments that never reached the inbox are in `topic`, and the

@@ -78,3 +78,32 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `examples/NAME`, built by `cargo test` alongside the tests.
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: `cargo test --test ...` does not build examples; \
+         run `cargo build --example {name}` first, or plain `cargo test`",
+        path.display()
+    );
+    path
+}
+
+/// The example consumer's balances, or none while its table does not
+/// exist yet.
+pub async fn balances_if_any(pool: &PgPool) -> HashMap<String, i64> {
+    sqlx::query_as::<_, (String, i64)>("select account, amount from balances")
+        .fetch_all(pool)
+        .await
+        .map(|rows| rows.into_iter().collect())
+        .unwrap_or_default()
+}

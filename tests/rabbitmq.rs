@@ -291,6 +291,54 @@ async fn bad_url_wrong_password_and_no_broker() {
     relay.kill().await.unwrap();
 }
 
+/// `amqps://` with `tls_ca_file`: every row delivered through the node's TLS
+/// listener; a relay that trusts another CA publishes nothing and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_with_the_servers_ca_delivers_and_another_ca_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certificates(dir.path(), "outbox-relay rabbitmq test CA");
+    let other = tempfile::tempdir().unwrap();
+    make_certificates(other.path(), "another CA");
+    let (server, tls_port) = TempRabbitMq::start_with_tls(
+        &dir.path().join("server.pem"),
+        &dir.path().join("server.key"),
+    )
+    .await
+    .expect("start rabbitmq-server with TLS");
+    let tls_url = format!("amqps://guest:guest@127.0.0.1:{tls_port}/%2f");
+    let t = SinkWorld::new("poll", rabbitmq_args(&tls_url)).await;
+    let queue = rabbitmq_queue(&server.url(), &format!("{}.acct", t.prefix)).await;
+    create_aggregates(&t.pool, 5).await;
+    let written = write(&t.pool, 50, 5, 0.0).await;
+    let ca = dir.path().join("ca.pem");
+    let (mut relay, log) = t.relay(&["--sink-config", &format!("tls_ca_file={}", ca.display())]);
+    let records =
+        read_rabbitmq_and_drain(&t.pool, &server.url(), &queue, &written.committed, DEADLINE).await;
+    relay.kill().await.unwrap();
+    assert_delivered(&records, &written);
+    assert!(!log.text().contains("guest:guest"), "{}", log.text());
+
+    // More rows, for a relay that trusts another CA only.
+    write(&t.pool, 10, 5, 0.0).await;
+    let (mut relay, log) = t.relay(&[
+        "--sink-config",
+        &format!("tls_ca_file={}", other.path().join("ca.pem").display()),
+    ]);
+    let line = log
+        .wait_for_line("cannot publish to RabbitMQ", DEADLINE)
+        .await;
+    assert!(
+        line.to_lowercase().contains("certificate") || line.to_lowercase().contains("tls"),
+        "{line}"
+    );
+    assert!(line.contains("guest:***@"), "{line}");
+    relay.kill().await.unwrap();
+    assert!(
+        outbox_count(&t.pool).await > 0,
+        "nothing may leave without a trusted server"
+    );
+}
+
 /// `--format cloudevents-binary|cloudevents-structured`, read back by pika
 /// and the CloudEvents Python SDK's RabbitMQ binding (`ce-` headers and the
 /// `content_type` property, or one JSON event in the body).

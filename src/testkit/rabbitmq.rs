@@ -96,6 +96,27 @@ impl TempRabbitMq {
         Ok(rabbit)
     }
 
+    /// Creates and starts a node that also takes AMQP over TLS (`amqps://`)
+    /// on a port of its own, with `cert` and `key` (PEM) as its identity;
+    /// clients need no certificate. Returns the node and that port.
+    pub async fn start_with_tls(cert: &Path, key: &Path) -> Result<(Self, u16), Error> {
+        let [tls_port] = free_ports()?;
+        let (tls_port_text, cert, key) = (
+            tls_port.to_string(),
+            cert.display().to_string(),
+            key.display().to_string(),
+        );
+        let node = Self::start_with_config(&[
+            ("listeners.ssl.default", tls_port_text.as_str()),
+            ("ssl_options.certfile", cert.as_str()),
+            ("ssl_options.keyfile", key.as_str()),
+            ("ssl_options.verify", "verify_none"),
+            ("ssl_options.fail_if_no_peer_cert", "false"),
+        ])
+        .await?;
+        Ok((node, tls_port))
+    }
+
     /// The loopback port of AMQP.
     pub fn port(&self) -> u16 {
         self.port

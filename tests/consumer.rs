@@ -18,8 +18,8 @@ use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
-use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgPool};
 use support::*;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -71,6 +71,7 @@ async fn send(producer: &FutureProducer, topic: &str, message: &Sent) {
 }
 
 struct World {
+    url: String,
     pool: PgPool,
     kafka: Kafka,
     topic: String,
@@ -89,7 +90,12 @@ impl World {
         let kafka = Kafka::start();
         let topic = format!("{}.counted", topic_prefix());
         kafka.create_topic(&topic, partitions).await;
-        World { pool, kafka, topic }
+        World {
+            url,
+            pool,
+            kafka,
+            topic,
+        }
     }
 
     /// A group name of this test's own: a broker shared by test runs keeps
@@ -403,6 +409,65 @@ async fn a_handler_failing_transiently_then_succeeding_applies_the_message_once_
     .await;
     stop.cancel();
     task.await.unwrap().unwrap();
+}
+
+/// The probes beside `/metrics`: `/healthz` while the process runs, and
+/// `/readyz` following the consumer's database: 503 with the reason while
+/// it takes no connections, 200 again once it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readiness_follows_the_consumers_database() {
+    let w = World::new(1).await;
+    let script = Arc::new(Script::default());
+    let stop = CancellationToken::new();
+    let mut config = w.config("probed");
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = metrics.local_addr().unwrap().to_string();
+    drop(metrics);
+    config.metrics_address = Some(address.parse().unwrap());
+    let (_, task) = w.start(config, &script, &stop);
+    wait_for("/readyz 200", Duration::from_secs(30), || async {
+        try_get(&address, "/readyz")
+            .await
+            .is_ok_and(|(status, _)| status == 200)
+    })
+    .await;
+    assert_eq!(get(&address, "/healthz").await, (200, "ok\n".to_string()));
+
+    // The database refuses connections and drops the consumer's sessions.
+    let database: String = sqlx::query_scalar("select current_database()")
+        .fetch_one(&w.pool)
+        .await
+        .unwrap();
+    let (server, _) = w.url.rsplit_once('/').unwrap();
+    let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres"))
+        .await
+        .unwrap();
+    let refuse = format!("alter database \"{database}\" allow_connections false");
+    sqlx::query(&refuse).execute(&mut admin).await.unwrap();
+    sqlx::query("select pg_terminate_backend(pid) from pg_stat_activity where datname = $1")
+        .bind(&database)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    wait_for("/readyz 503", Duration::from_secs(30), || async {
+        let (status, body) = get(&address, "/readyz").await;
+        status == 503 && body.starts_with("not ready: the consumer's database")
+    })
+    .await;
+    assert_eq!(get(&address, "/healthz").await.0, 200);
+
+    let allow = format!("alter database \"{database}\" allow_connections true");
+    sqlx::query(&allow).execute(&mut admin).await.unwrap();
+    wait_for("/readyz 200 again", Duration::from_secs(30), || async {
+        get(&address, "/readyz").await.0 == 200
+    })
+    .await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("the consumer to stop")
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

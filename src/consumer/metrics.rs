@@ -1,10 +1,15 @@
 //! The consumer runtime's counters, readable in code and, when
-//! [`super::ConsumerConfig::metrics_address`] is set, served at `/metrics`.
+//! [`super::ConsumerConfig::metrics_address`] is set, served at `/metrics`
+//! beside the probes: `/healthz` (the process answers) and `/readyz` (200
+//! while the consumer's database answers a query within two seconds, else
+//! 503 with the reason: without it nothing can be applied).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
+use axum::http::StatusCode;
 use axum::http::header;
 use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -13,6 +18,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -192,30 +198,61 @@ pub(crate) async fn bind(address: SocketAddr) -> Result<TcpListener, ConsumerErr
     })
 }
 
-/// Serves `/metrics` until `stop`.
-pub(crate) async fn serve(listener: TcpListener, stats: ConsumerStats, stop: CancellationToken) {
+/// How long `/readyz` waits for the database.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `stop`.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    stats: ConsumerStats,
+    pool: PgPool,
+    stop: CancellationToken,
+) {
     if let Ok(address) = listener.local_addr() {
         info!(address = %address, "consumer metrics listening");
     }
-    let app = Router::new().route(
-        "/metrics",
-        get(move || {
-            let stats = stats.clone();
-            async move {
-                (
-                    [(
-                        header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    stats.render(),
-                )
-            }
-        }),
-    );
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let stats = stats.clone();
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        stats.render(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(move || ready(pool.clone())));
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await;
     if let Err(e) = served {
         debug!(error = %e, "the consumer metrics endpoint stopped");
+    }
+}
+
+/// 200 while the database answers, else 503 and why.
+async fn ready(pool: PgPool) -> (StatusCode, String) {
+    let answer = tokio::time::timeout(
+        READY_TIMEOUT,
+        sqlx::query_scalar::<_, i32>("select 1").fetch_one(&pool),
+    )
+    .await;
+    match answer {
+        Ok(Ok(_)) => (StatusCode::OK, "ready\n".into()),
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: the consumer's database does not answer: {e}\n"),
+        ),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: the consumer's database did not answer within {READY_TIMEOUT:?}\n"),
+        ),
     }
 }

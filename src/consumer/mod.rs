@@ -308,7 +308,8 @@ pub struct ConsumerConfig {
     pub revoke_timeout: Duration,
     /// How often dead letters marked for retry are looked for; default 5 s.
     pub redrive_interval: Duration,
-    /// Serve `/metrics` (OpenMetrics) here; default none.
+    /// Serve `/metrics` (OpenMetrics), `/healthz` and `/readyz` (the
+    /// database answers) here; default none.
     pub metrics_address: Option<SocketAddr>,
 }
 
@@ -468,7 +469,7 @@ where
 }
 
 /// The tasks every member runs beside its broker's loop until `stop`:
-/// `/metrics` when asked for, and the dead-letter redrive.
+/// `/metrics` and the probes when asked for, and the dead-letter redrive.
 pub(crate) async fn start_background<H: Handler>(
     applier: &std::sync::Arc<partition::Applier<H>>,
     config: &ConsumerConfig,
@@ -480,6 +481,7 @@ pub(crate) async fn start_background<H: Handler>(
         background.push(tokio::spawn(metrics::serve(
             listener,
             applier.stats.clone(),
+            applier.pool.clone(),
             stop.clone(),
         )));
     }

@@ -9,11 +9,18 @@ use super::RelayLog;
 
 /// One HTTP/1.1 GET; returns (status, body).
 pub async fn get(address: &str, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(address).await.unwrap();
+    try_get(address, path)
+        .await
+        .unwrap_or_else(|e| panic!("GET http://{address}{path}: {e}"))
+}
+
+/// One HTTP/1.1 GET, or why it got no answer (e.g. nothing listens yet).
+pub async fn try_get(address: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(address).await?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(request.as_bytes()).await?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
+    stream.read_to_string(&mut response).await?;
     let status = response
         .split(' ')
         .nth(1)
@@ -23,7 +30,7 @@ pub async fn get(address: &str, path: &str) -> (u16, String) {
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
-    (status, body)
+    Ok((status, body))
 }
 
 /// Where the relay's endpoints listen, from its log line.

@@ -96,7 +96,8 @@ impl TailSource {
                 "importing the replication slot's snapshot",
                 sqlx::query(&statement).execute(&mut copy),
             )
-            .await?;
+            .await
+            .map_err(|e| snapshot_gone(e, target))?;
         }
         drop(session);
         let snapshot_text: String = within(
@@ -118,6 +119,34 @@ impl TailSource {
         Ok(true)
     }
 }
+
+/// An exported snapshot can be imported only while the session that
+/// exported it lives. Postgres says "invalid snapshot identifier" (22023)
+/// once that session has ended: another instance fenced this one while it
+/// was frozen between the two steps, or the connection dropped. That is a
+/// lost session, not a fault: the next attempt finds the lane gone, or
+/// starts the copy over with a new slot (its first copy never finished).
+fn snapshot_gone(error: Error, target: &crate::target::DatabaseTarget) -> Error {
+    match &error {
+        Error::Database {
+            source: sqlx::Error::Database(db),
+            ..
+        } if db.code().as_deref() == Some(INVALID_SNAPSHOT) => Error::Replication {
+            target: Box::new(target.clone()),
+            doing: "importing the replication slot's snapshot",
+            cause: format!(
+                "the session that created the slot ended before its snapshot was imported (fenced by another instance, or its connection was lost): {}",
+                db.message()
+            ),
+            transient: true,
+        },
+        _ => error,
+    }
+}
+
+/// Postgres' SQLSTATE for an unknown snapshot in `set transaction snapshot`
+/// (invalid_parameter_value).
+const INVALID_SNAPSHOT: &str = "22023";
 
 /// What `wal_level`, the role and the publication must be for tail mode.
 pub(crate) async fn check_prerequisites(
@@ -221,4 +250,81 @@ pub(super) fn slot_invalidated(db: &DatabaseConfig, tail: &TailConfig) -> Error 
         tail.slot,
         db.target()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+    use crate::config::{DatabaseConfig, Identifier};
+
+    /// A server error with a SQLSTATE, as sqlx hands it over.
+    #[derive(Debug)]
+    struct ServerError(&'static str, &'static str);
+
+    impl std::fmt::Display for ServerError {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.1)
+        }
+    }
+
+    impl std::error::Error for ServerError {}
+
+    impl sqlx::error::DatabaseError for ServerError {
+        fn message(&self) -> &str {
+            self.1
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn importing(code: &'static str, message: &'static str) -> Error {
+        Error::db_error("importing the replication slot's snapshot")(sqlx::Error::Database(
+            Box::new(ServerError(code, message)),
+        ))
+    }
+
+    /// Postgres 15 answers `set transaction snapshot` for a snapshot whose
+    /// exporting session has ended with `22023 invalid snapshot identifier`.
+    #[test]
+    fn a_snapshot_whose_exporter_ended_is_a_lost_session_not_a_fault() {
+        let db = DatabaseConfig::from_url(
+            "postgres://relay:secret@db:5432/shop",
+            Identifier::parse("public", "--schema").unwrap(),
+            "--database-url",
+        )
+        .unwrap();
+        let gone = snapshot_gone(
+            importing(
+                "22023",
+                "invalid snapshot identifier: \"0000002A-0000003B-1\"",
+            ),
+            db.target(),
+        );
+        assert!(gone.is_transient(), "{gone}");
+        let text = gone.to_string();
+        assert!(
+            text.contains("ended before its snapshot was imported"),
+            "{text}"
+        );
+        assert!(!text.contains("secret"), "{text}");
+
+        // Anything else keeps its own classification.
+        let other = snapshot_gone(importing("42501", "permission denied"), db.target());
+        assert!(!other.is_transient(), "{other}");
+    }
 }

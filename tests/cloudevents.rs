@@ -21,10 +21,7 @@ async fn kafka_records_are_cloudevents_the_sdk_reads_in_both_modes() {
         let topic = t.topic("acct", 2).await;
         let expected = insert_cloudevents_rows(&t.pool).await;
         let mut relay = t.relay(&["--format", mode, "--cloudevents-source", CE_SOURCE]);
-        wait_for("the relay to confirm every row", DEADLINE, || async {
-            outbox_count(&t.pool).await == 0
-        })
-        .await;
+        wait_until_drained(&t.pool, DEADLINE).await;
         relay.kill().await.unwrap();
         let dead: i64 = sqlx::query_scalar("select count(*) from dead_letter")
             .fetch_one(&t.pool)

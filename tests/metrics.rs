@@ -127,10 +127,7 @@ async fn a_standby_is_ready_and_only_the_active_relay_counts_as_active() {
     let (mut second, second_log) = t.logged_relay(&[]);
     let second_address = endpoint_address(&second_log, DEADLINE).await;
     insert_events(&t.pool, 5, 10).await;
-    wait_for("the outbox to drain", DEADLINE, || async {
-        outbox_count(&t.pool).await == 0
-    })
-    .await;
+    wait_until_drained(&t.pool, DEADLINE).await;
     assert_eq!(metric(&second_address, "outbox_relay_active").await, 0.0);
     let (status, body) = get(&second_address, "/readyz").await;
     assert_eq!((status, body.as_str()), (200, "ready\n"), "the standby");

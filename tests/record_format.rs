@@ -11,13 +11,11 @@
 
 mod support;
 
-use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::*;
-use tokio::process::Command;
 use uuid::Uuid;
 
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -27,21 +25,15 @@ async fn check_records(brokers: &str, template: &str, rows: &Value) -> Output {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rows.json");
     std::fs::write(&path, serde_json::to_vec(rows).unwrap()).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/check_records.py");
-    let python = std::env::var("OUTBOX_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let output = tokio::time::timeout(
-        Duration::from_secs(120),
-        Command::new(&python)
-            .arg(&script)
-            .args(["--brokers", brokers, "--template", template])
-            .arg("--rows")
-            .arg(&path)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("check_records.py finishes")
-    .unwrap_or_else(|e| panic!("cannot run {python}: {e}; install Python 3 with confluent-kafka"));
+    let args = [
+        "--brokers".as_ref(),
+        brokers.as_ref(),
+        "--template".as_ref(),
+        template.as_ref(),
+        "--rows".as_ref(),
+        path.as_os_str(),
+    ];
+    let output = run_python_check("check_records.py", &args, "confluent-kafka").await;
     assert_ne!(
         output.status.code(),
         Some(3),

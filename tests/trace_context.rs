@@ -202,12 +202,7 @@ fn a_trace_follows_an_event_from_the_service_through_the_relay_to_the_consumer()
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        wait_for(
-            "the relay to publish both rows",
-            Duration::from_secs(90),
-            || async { outbox_count(&t.pool).await == 0 },
-        )
-        .await;
+        wait_until_drained(&t.pool, Duration::from_secs(90)).await;
         // SIGTERM: it flushes its spans before it exits.
         kill(Pid::from_raw(relay.id().unwrap() as i32), Signal::SIGTERM).unwrap();
         let status = tokio::time::timeout(Duration::from_secs(30), relay.wait())

@@ -1,8 +1,6 @@
 //! CloudEvents checks shared by the brokers' suites: rows that exercise
 //! every attribute, and the comparison of what a reader parsed with them.
 
-use std::path::Path;
-
 use serde_json::{Value, json};
 
 use super::*;
@@ -130,19 +128,13 @@ pub fn assert_cloudevents(events: &[Value], expected: &[ExpectedEvent], what: &s
 /// Runs `tests/python/check_cloudevents.py` with `args`: the CloudEvents
 /// Python SDK's bindings parse what the broker holds.
 pub async fn read_cloudevents_with_python(args: &[&str]) -> Vec<Value> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/check_cloudevents.py");
-    let python = std::env::var("OUTBOX_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let output = tokio::time::timeout(
-        Duration::from_secs(120),
-        Command::new(&python)
-            .arg(&script)
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    let output = run_python_check(
+        "check_cloudevents.py",
+        &args,
+        "confluent-kafka, pika and cloudevents",
     )
-    .await
-    .expect("check_cloudevents.py finishes")
-    .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+    .await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),

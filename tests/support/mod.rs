@@ -37,6 +37,7 @@ mod handler;
 mod http;
 mod kafka;
 mod postgres;
+mod python;
 mod relay;
 mod sinks;
 mod tansu;
@@ -57,6 +58,8 @@ pub use http::*;
 pub use kafka::*;
 #[allow(unused_imports)]
 pub use postgres::*;
+#[allow(unused_imports)]
+pub use python::*;
 #[allow(unused_imports)]
 pub use relay::*;
 #[allow(unused_imports)]

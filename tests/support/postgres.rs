@@ -69,6 +69,14 @@ pub async fn outbox_count(pool: &PgPool) -> i64 {
         .unwrap()
 }
 
+/// Waits until the relay confirmed every row (the outbox is empty).
+pub async fn wait_until_drained(pool: &PgPool, deadline: Duration) {
+    wait_for("the outbox to drain", deadline, || async {
+        outbox_count(pool).await == 0
+    })
+    .await;
+}
+
 /// With `--retention`: a row is known to be published when a slot whose
 /// lane covers its bucket recorded a published-before newer than the row's
 /// transaction.

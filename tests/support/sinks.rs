@@ -160,12 +160,29 @@ fn saw_all(expected: &[Uuid]) -> impl Fn(&[Consumed]) -> bool {
     }
 }
 
-/// Waits until the relay confirmed every row (the outbox is empty).
-async fn wait_until_drained(pool: &PgPool, deadline: Duration) {
-    wait_for("the outbox to drain", deadline, || async {
-        outbox_count(pool).await == 0
-    })
-    .await;
+/// With more rows written, a relay that trusts only the CA in `ca` (not the
+/// one that signed the broker's certificate) publishes nothing and warns in
+/// a line containing `warning` that names the certificate or TLS; returns
+/// that line.
+pub async fn another_ca_publishes_nothing(
+    t: &SinkWorld,
+    ca: &std::path::Path,
+    warning: &str,
+    deadline: Duration,
+) -> String {
+    write(&t.pool, 10, 5, 0.0).await;
+    let (mut relay, log) = t.relay(&["--sink-config", &format!("tls_ca_file={}", ca.display())]);
+    let line = log.wait_for_line(warning, deadline).await;
+    assert!(
+        line.to_lowercase().contains("certificate") || line.to_lowercase().contains("tls"),
+        "{line}"
+    );
+    relay.kill().await.unwrap();
+    assert!(
+        outbox_count(&t.pool).await > 0,
+        "nothing may leave without a trusted server"
+    );
+    line
 }
 
 /// The RabbitMQ flags of a world: exchange `PREFIX.AGGREGATE_TYPE`.

@@ -119,8 +119,7 @@ pub fn apply_format(message: &mut Message, row: &OutboxRow, format: &Format, bro
         CloudEventsMode::Binary => {
             let prefix = match broker {
                 SinkKind::Kafka => "ce_",
-                SinkKind::Nats => "ce-",
-                SinkKind::RabbitMq => "ce-",
+                SinkKind::Nats | SinkKind::RabbitMq => "ce-",
             };
             for (name, value) in attributes {
                 message

@@ -541,8 +541,8 @@ pub enum Format {
 /// Where a CloudEvent's attributes go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloudEventsMode {
-    /// In headers (`ce_` on Kafka, `ce-` on NATS, `cloudEvents_` on
-    /// RabbitMQ); the value is the payload.
+    /// In headers (`ce_` on Kafka, `ce-` on NATS and RabbitMQ); the value
+    /// is the payload.
     Binary,
     /// The whole event as one JSON object in the value
     /// (`application/cloudevents+json`).

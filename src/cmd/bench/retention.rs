@@ -147,16 +147,11 @@ impl ModeBench<'_> {
         if let BenchKafka::External(brokers) = self.kafka {
             // Untimed: every row is on the broker.
             let consumer = live_consumer(brokers, &self.topic, self.options.partitions)?;
-            tokio::time::timeout(
-                Duration::from_secs(120),
-                read_back(consumer, rows, Instant::now()),
-            )
-            .await
-            .ok()
-            .flatten()
-            .ok_or_else(|| {
-                relay.failed("confirmed every row, but a consumer reading the topic from its start did not find them all within 120 s")
-            })?;
+            let arrived =
+                tokio::time::timeout(Duration::from_secs(120), every_row_arrives(consumer, rows));
+            if !matches!(arrived.await, Ok(true)) {
+                return Err(relay.failed("confirmed every row, but a consumer reading the topic from its start did not find them all within 120 s"));
+            }
         }
         relay.stop().await?;
         self.pool.close().await;
@@ -207,13 +202,15 @@ fn fetched_high_watermark(
         .then_some(high)
 }
 
-/// Reads `topic` until every backlog row `k` in `0..rows` arrived once;
-/// returns the seconds since `started`, or `None` if the consumer failed.
-async fn read_back(consumer: StreamConsumer, rows: u64, started: Instant) -> Option<f64> {
+/// Reads the consumer's topic until every backlog row `k` in `0..rows`
+/// arrived; false if the consumer failed first.
+async fn every_row_arrives(consumer: StreamConsumer, rows: u64) -> bool {
     let mut seen = vec![false; rows as usize];
     let mut count = 0;
     while count < rows {
-        let message = consumer.recv().await.ok()?;
+        let Ok(message) = consumer.recv().await else {
+            return false;
+        };
         let Some(k) = message.payload().and_then(backlog_k) else {
             continue;
         };
@@ -223,7 +220,7 @@ async fn read_back(consumer: StreamConsumer, rows: u64, started: Instant) -> Opt
             count += 1;
         }
     }
-    Some(started.elapsed().as_secs_f64())
+    true
 }
 
 /// Reads back, with a consumer that starts now, the newest record of every

@@ -6,7 +6,10 @@
 //! the relay's start-up time, from process start to the first row confirmed.
 
 use super::*;
-use rdkafka::consumer::BaseConsumer;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
 
 /// Drains of one backlog size, deleting and keeping published rows.
 #[derive(Debug, Clone, Serialize)]
@@ -182,7 +185,7 @@ impl ModeBench<'_> {
 /// The high watermark that the last fetch from `partition` reported, as
 /// librdkafka keeps it (`rdkafka` wraps only the `ListOffsets` query).
 fn fetched_high_watermark(
-    consumer: &BaseConsumer,
+    consumer: &NewestReader,
     topic: &std::ffi::CStr,
     partition: i32,
 ) -> Option<i64> {
@@ -230,9 +233,28 @@ async fn every_row_arrives(consumer: StreamConsumer, rows: u64) -> bool {
 /// then reads from `batch` records before it (no stored batch holds more
 /// than the relay has in flight, so the newest starts there or after: tansu
 /// skips the rest of a batch that a fetch starts inside) to the end.
+/// The read-back consumer's context: reaching the end of a partition is
+/// what it reads for, not an error to log.
+struct EndsExpected;
+
+impl ClientContext for EndsExpected {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        ) {
+            tracing::error!("librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl ConsumerContext for EndsExpected {}
+
+type NewestReader = BaseConsumer<EndsExpected>;
+
 /// A consumer for [`read_newest`], connected to the brokers already.
-fn newest_reader(brokers: &str, topic: &str) -> Result<BaseConsumer, Error> {
-    let consumer: BaseConsumer = ClientConfig::new()
+fn newest_reader(brokers: &str, topic: &str) -> Result<NewestReader, Error> {
+    let consumer: NewestReader = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "outbox-relay-bench-newest")
         .set("enable.auto.commit", "false")
@@ -241,7 +263,7 @@ fn newest_reader(brokers: &str, topic: &str) -> Result<BaseConsumer, Error> {
         .set("fetch.error.backoff.ms", "5")
         // The first fetch is only for the high watermark.
         .set("max.partition.fetch.bytes", "16384")
-        .create()
+        .create_with_context(EndsExpected)
         .map_err(Error::kafka("creating the read-back consumer"))?;
     consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
@@ -250,12 +272,11 @@ fn newest_reader(brokers: &str, topic: &str) -> Result<BaseConsumer, Error> {
 }
 
 fn read_newest(
-    consumer: BaseConsumer,
+    consumer: NewestReader,
     topic: &str,
     partitions: i32,
     batch: i64,
-) -> Result<BaseConsumer, String> {
-    use rdkafka::error::KafkaError;
+) -> Result<NewestReader, String> {
     let assign = |offsets: &BTreeMap<i32, i64>| {
         let mut list = TopicPartitionList::new();
         for (&partition, &offset) in offsets {

@@ -170,6 +170,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 retention_rows: args.retention_rows.clone(),
                 startup_runs: args.startup_runs,
                 consumer_messages: args.consumer_messages,
+                rabbitmq_queue: args.rabbitmq_queue,
                 sinks: args.sinks.clone(),
             };
             let report = bench::run(&options, shutdown_on_signal()).await?;

@@ -9,6 +9,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::testkit::rabbitmq::{QueueType, declare_topic_queue_of};
 use support::testkit::{TempNats, TempRabbitMq};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -295,4 +296,23 @@ async fn two_rabbitmq_nodes_run_side_by_side() {
     };
     assert_eq!(limit(&second).trim(), "{ok,1048576}");
     eprintln!("default max_message_size: {}", limit(&first).trim());
+
+    // Destinations of each queue type (the bench's --rabbitmq-queue).
+    for kind in [QueueType::Classic, QueueType::Quorum, QueueType::Stream] {
+        let name = format!("typed.{kind}");
+        declare_topic_queue_of(kind, &first.url(), &name, &name, false)
+            .await
+            .expect("declare");
+    }
+    let queues = first
+        .ctl(&["-q", "list_queues", "name", "type"])
+        .expect("list queues");
+    for kind in ["classic", "quorum", "stream"] {
+        assert!(
+            queues.lines().any(|line| line
+                .split_whitespace()
+                .eq([format!("typed.{kind}").as_str(), kind])),
+            "no {kind} queue: {queues}"
+        );
+    }
 }

@@ -13,6 +13,8 @@ use outbox_relay::config::{
 };
 use outbox_relay::error::Error;
 
+use crate::testkit::rabbitmq::QueueType;
+
 /// Publishes a Postgres transactional outbox to Kafka.
 #[derive(Debug, Parser)]
 #[command(name = "outbox-relay", version, about)]
@@ -773,11 +775,15 @@ pub struct DemoArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// Modes to measure, in order.
-    /// Brokers to drain to (comma-separated): kafka runs the modes above; nats and rabbitmq drain to a throwaway server beside a plain publisher of their client.
+    /// Brokers to drain to (comma-separated): kafka runs the modes below; nats and rabbitmq drain to a throwaway server beside a plain publisher of their client.
     #[arg(long = "sink", value_delimiter = ',', value_parser = parse_sink, default_values = ["kafka"])]
     pub sinks: Vec<SinkKind>,
 
+    /// The type of the RabbitMQ drains' destination queue (classic, quorum or stream).
+    #[arg(long, default_value = "quorum", value_parser = parse_queue_type)]
+    pub rabbitmq_queue: QueueType,
+
+    /// Modes to measure, in order.
     #[arg(long = "mode", value_parser = parse_mode, default_values = ["poll", "tail"])]
     pub modes: Vec<Mode>,
 
@@ -859,6 +865,10 @@ fn parse_mode(s: &str) -> Result<Mode, String> {
 }
 
 fn parse_sink(s: &str) -> Result<SinkKind, String> {
+    s.parse()
+}
+
+fn parse_queue_type(s: &str) -> Result<QueueType, String> {
     s.parse()
 }
 

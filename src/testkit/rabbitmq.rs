@@ -460,12 +460,68 @@ fn write_cookie(home: &Path) -> Result<(), Error> {
         .map_err(|e| embedded(format!("cannot write {}: {e}", path.display())))
 }
 
+/// A queue's type, RabbitMQ's `x-queue-type`: what a persistent message
+/// costs the broker before it confirms it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    /// The default type: one node's message store.
+    Classic,
+    /// A Raft log (replicated where there are several nodes), which RabbitMQ
+    /// recommends for data that must not be lost.
+    Quorum,
+    /// An append-only log that consumers read by offset.
+    Stream,
+}
+
+impl QueueType {
+    /// Its `x-queue-type` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+            QueueType::Stream => "stream",
+        }
+    }
+}
+
+impl std::fmt::Display for QueueType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for QueueType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "classic" => Ok(QueueType::Classic),
+            "quorum" => Ok(QueueType::Quorum),
+            "stream" => Ok(QueueType::Stream),
+            other => Err(format!(
+                "unknown RabbitMQ queue type {other:?}; use classic, quorum or stream"
+            )),
+        }
+    }
+}
+
 /// Declares, on the broker at `url`, a durable topic exchange and a durable
-/// queue bound to it for every routing key: a destination the relay can
-/// publish to and a reader can drain. `single_active`: the queue is a
+/// classic queue bound to it for every routing key: a destination the relay
+/// can publish to and a reader can drain. `single_active`: the queue is a
 /// consumer group's, declared as the consumer runtime does
 /// (`x-single-active-consumer`).
 pub async fn declare_topic_queue(
+    url: &str,
+    exchange: &str,
+    queue: &str,
+    single_active: bool,
+) -> Result<(), Error> {
+    declare_topic_queue_of(QueueType::Classic, url, exchange, queue, single_active).await
+}
+
+/// [`declare_topic_queue`] with a queue of the given type.
+pub async fn declare_topic_queue_of(
+    queue_type: QueueType,
     url: &str,
     exchange: &str,
     queue: &str,
@@ -500,6 +556,12 @@ pub async fn declare_topic_queue(
         ..Default::default()
     };
     let mut arguments = FieldTable::default();
+    if queue_type != QueueType::Classic {
+        arguments.insert(
+            "x-queue-type".into(),
+            lapin::types::AMQPValue::LongString(queue_type.as_str().into()),
+        );
+    }
     if single_active {
         arguments.insert(
             "x-single-active-consumer".into(),

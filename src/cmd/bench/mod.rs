@@ -99,6 +99,8 @@ pub struct BenchOptions {
     /// Messages through the consumer runtime beside a plain consumer; 0
     /// skips it.
     pub consumer_messages: u64,
+    /// The type of the RabbitMQ drains' destination queues.
+    pub rabbitmq_queue: crate::testkit::rabbitmq::QueueType,
 }
 
 /// The figures of one run, as printed and as written with `--json`.
@@ -1732,6 +1734,7 @@ mod tests {
             retention_rows: Vec::new(),
             startup_runs: 0,
             consumer_messages: 0,
+            rabbitmq_queue: crate::testkit::rabbitmq::QueueType::Quorum,
             sinks: vec![outbox_relay::config::SinkKind::Kafka],
             lanes_batch_size: 100,
         };

@@ -7,6 +7,8 @@ use super::*;
 
 use outbox_relay::config::{NatsConfig, RabbitMqConfig, SinkKind};
 
+use crate::testkit::rabbitmq::QueueType;
+
 /// One mode's drain to one broker.
 #[derive(Debug, Clone, Serialize)]
 pub struct SinkDrain {
@@ -19,6 +21,8 @@ pub struct SinkDrain {
     pub ratio_to_publisher: f64,
     pub relay_cpu_seconds_per_1k_rows: f64,
     pub relay_peak_rss_mb: f64,
+    /// RabbitMQ: the destination queues' type.
+    pub queue_type: Option<String>,
 }
 
 /// The drain's target against the plain publisher, and in rows per second.
@@ -47,9 +51,10 @@ impl Server {
     }
 
     /// Makes `prefix` a destination: a stream for `PREFIX.>` (NATS), or a
-    /// durable topic exchange `PREFIX.bench` with a durable queue bound for
-    /// every key (RabbitMQ). Returns the relay's topic template for it.
-    async fn destination(&self, prefix: &str) -> Result<String, Error> {
+    /// durable topic exchange `PREFIX.bench` with a durable queue of
+    /// `queue_type` bound for every key (RabbitMQ). Returns the relay's
+    /// topic template for it.
+    async fn destination(&self, prefix: &str, queue_type: QueueType) -> Result<String, Error> {
         match self {
             Server::Nats(server) => {
                 let name = prefix.replace(['.', '-'], "_");
@@ -59,7 +64,8 @@ impl Server {
             }
             Server::RabbitMq(server) => {
                 let exchange = format!("{prefix}.bench");
-                crate::testkit::rabbitmq::declare_topic_queue(
+                crate::testkit::rabbitmq::declare_topic_queue_of(
+                    queue_type,
                     &server.url(),
                     &exchange,
                     &exchange,
@@ -68,6 +74,23 @@ impl Server {
                 .await?;
                 Ok(format!("{prefix}.{{aggregate_type}}"))
             }
+        }
+    }
+
+    /// Empties what [`Server::destination`] made for `prefix` once a
+    /// measure is done (RabbitMQ), so that each one starts on empty
+    /// queues, as a relay's destination with consumers stays: a quorum
+    /// queue keeps its messages in memory and slows as it fills with
+    /// messages nobody reads. A RabbitMQ stream (which cannot be purged)
+    /// and a JetStream file stream append at the same cost however long
+    /// they are, and are left as they are.
+    fn empty(&self, prefix: &str, queue_type: QueueType) -> Result<(), Error> {
+        match self {
+            Server::Nats(_) => Ok(()),
+            Server::RabbitMq(_) if queue_type == QueueType::Stream => Ok(()),
+            Server::RabbitMq(server) => server
+                .ctl(&["purge_queue", &format!("{prefix}.bench")])
+                .map(drop),
         }
     }
 }
@@ -91,7 +114,7 @@ pub(super) async fn sinks(
             let name = format!("bench_{kind}_{mode}");
             let mut bench = ModeBench::prepare_as(pg, kafka, options, mode, &name, run_id).await?;
             let prefix = format!("b{run_id}-{kind}-{mode}");
-            let template = server.destination(&prefix).await?;
+            let template = server.destination(&prefix, options.rabbitmq_queue).await?;
             bench.sink_args = Some(vec![
                 "--sink".into(),
                 kind.to_string(),
@@ -126,7 +149,7 @@ async fn drain(
     // The plain publisher sends the same records to a destination of its
     // own, so that deduplication by id never favours either.
     let plain = format!("{prefix}-plain");
-    let plain_template = server.destination(&plain).await?;
+    let plain_template = server.destination(&plain, options.rabbitmq_queue).await?;
     let records = records(bench, &plain_template).await?;
     let publisher_rate = match server {
         Server::Nats(_) => {
@@ -139,6 +162,7 @@ async fn drain(
         }
     };
     drop(records);
+    server.empty(&plain, options.rabbitmq_queue)?;
 
     let mut relay = bench.start_relay("run")?;
     let started = Instant::now();
@@ -146,6 +170,7 @@ async fn drain(
     let seconds = started.elapsed().as_secs_f64();
     let usage = relay.usage()?;
     relay.stop().await?;
+    server.empty(prefix, options.rabbitmq_queue)?;
     let rows_per_sec = options.rows as f64 / seconds;
     let _ = template;
     Ok(SinkDrain {
@@ -157,6 +182,7 @@ async fn drain(
         ratio_to_publisher: rows_per_sec / publisher_rate,
         relay_cpu_seconds_per_1k_rows: usage.cpu_seconds / options.rows as f64 * 1000.0,
         relay_peak_rss_mb: usage.peak_rss_mb,
+        queue_type: (kind == SinkKind::RabbitMq).then(|| options.rabbitmq_queue.to_string()),
     })
 }
 
@@ -287,7 +313,7 @@ pub(super) fn describe(report: &BenchReport, f: &mut fmt::Formatter<'_>) -> fmt:
     for s in &report.sinks {
         writeln!(
             f,
-            "  {:<8} {:<4} {:>8} rows {:>9.0} rows/s {:>5.2} x publisher ({:.0}/s)  relay CPU {:.4} s/1k rows  peak RSS {:.1} MB",
+            "  {:<8} {:<4} {:>8} rows {:>9.0} rows/s {:>5.2} x publisher ({:.0}/s)  relay CPU {:.4} s/1k rows  peak RSS {:.1} MB{}",
             s.sink,
             s.mode,
             s.rows,
@@ -295,7 +321,11 @@ pub(super) fn describe(report: &BenchReport, f: &mut fmt::Formatter<'_>) -> fmt:
             s.ratio_to_publisher,
             s.publisher_rows_per_sec,
             s.relay_cpu_seconds_per_1k_rows,
-            s.relay_peak_rss_mb
+            s.relay_peak_rss_mb,
+            s.queue_type
+                .as_ref()
+                .map(|kind| format!("  ({kind} queue)"))
+                .unwrap_or_default()
         )?;
     }
     Ok(())

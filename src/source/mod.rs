@@ -117,6 +117,34 @@ macro_rules! unseen {
 }
 pub(crate) use unseen;
 
+/// A condition: the outbox row `$row` (a table alias) is in the lane of the
+/// buckets `[$from, $to)`.
+///
+/// Wrapped in `coalesce(.., false)` (the same rows: `bucket` is never null)
+/// so that the planner, which cannot estimate that expression, takes half
+/// the rows to match, and reads a lane oldest first along the `seq` index.
+/// Written plainly, a range on `bucket` without statistics (an outbox
+/// analyzed while nearly empty, as an outbox mostly is, then a backlog)
+/// is estimated at 0.5% of the rows, and the planner sorts the whole table
+/// instead: here 36 ms against 1 ms per 1,000-row read of a 175,000-row
+/// backlog, growing with the backlog.
+macro_rules! in_lane {
+    ($row:literal, $from:literal, $to:literal) => {
+        concat!(
+            "coalesce(",
+            $row,
+            ".bucket >= ",
+            $from,
+            " and ",
+            $row,
+            ".bucket < ",
+            $to,
+            ", false)"
+        )
+    };
+}
+pub(crate) use in_lane;
+
 /// A condition: the outbox row `$row` (a table alias) is known to be
 /// published, with tail mode's `--retention`: a slot whose lane covers the
 /// row's bucket recorded a published-before newer than the row's

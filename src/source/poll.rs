@@ -26,16 +26,21 @@ use crate::outbox::OutboxRow;
 use crate::ownership::{Candidate, Leader, Share};
 use crate::source::{
     Aggregate, Confirm, Source, apply_confirm, blocked_aggregates, drop_leader,
-    hand_over_beyond_share, leader_connection,
+    hand_over_beyond_share, in_lane, leader_connection,
 };
 
 const SELECT_BATCH: &str = "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
      payload::text as payload, headers, created_at, partition_key from outbox order by seq limit $1";
 
-/// One lane's rows: those of its buckets, oldest `seq` first.
-const SELECT_LANE_BATCH: &str = "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
+/// One lane's rows: those of its buckets (`[$2, $3)`), oldest `seq` first,
+/// at most `$1`. Public for the test of its plan.
+pub const SELECT_LANE_BATCH: &str = concat!(
+    "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
      payload::text as payload, headers, created_at, partition_key from outbox \
-     where bucket >= $2 and bucket < $3 order by seq limit $1";
+     where ",
+    in_lane!("outbox", "$2", "$3"),
+    " order by seq limit $1"
+);
 
 /// Reads the outbox table with SQL.
 pub struct PollSource {

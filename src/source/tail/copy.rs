@@ -16,8 +16,9 @@ pub(super) const SELECT_COPY_BATCH: &str = concat!(
     "select seq, id, aggregate_type, aggregate_id, event_type, topic, \
      payload::text as payload, headers, created_at, partition_key from outbox, \
      (select pg_snapshot_xmax($6::text::pg_snapshot)::text::bigint as xmax) x \
-     where seq > $1 and bucket >= $3 and bucket < $4 \
-     and ($5::bigint is null or seq > $5 or not pg_visible_in_snapshot( \
+     where seq > $1 and ",
+    crate::source::in_lane!("outbox", "$3", "$4"),
+    " and ($5::bigint is null or seq > $5 or not pg_visible_in_snapshot( \
        (x.xmax - (x.xmax % 4294967296 - xmin::text::bigint + 6442450944) % 4294967296 + 2147483648)::text::xid8, \
        $6::text::pg_snapshot)) \
      and not ",
@@ -32,8 +33,9 @@ pub(super) const SLOT_COPY_DONE: &str = "update relay_slot set copied_at = now()
 /// published. One scan, so the copy's keyset reads do not skip the
 /// published rows again and again.
 const FIRST_UNPUBLISHED: &str = concat!(
-    "select coalesce(min(seq) - 1, 9223372036854775806) from outbox \
-     where bucket >= $1 and bucket < $2 and not ",
+    "select coalesce(min(seq) - 1, 9223372036854775806) from outbox where ",
+    crate::source::in_lane!("outbox", "$1", "$2"),
+    " and not ",
     crate::source::published!("outbox")
 );
 

@@ -74,15 +74,19 @@ const RESUME_POINT: &str =
 /// retention (`$3` seconds) and published (their transaction older than
 /// `$4`), oldest `seq` first. The scan stops at the lane's first row younger
 /// than the retention, so a large retained table is not read every round.
-const PURGE: &str = "with young as (select coalesce((select seq from outbox \
-       where bucket >= $1 and bucket < $2 and created_at >= now() - make_interval(secs => $3) \
+const PURGE: &str = concat!(
+    "with young as (select coalesce((select seq from outbox where ",
+    crate::source::in_lane!("outbox", "$1", "$2"),
+    " and created_at >= now() - make_interval(secs => $3) \
        order by seq limit 1), 9223372036854775807) as seq), \
      doomed as (select o.seq from outbox o, young \
-       where o.seq < young.seq and o.bucket >= $1 and o.bucket < $2 \
-       and o.created_at < now() - make_interval(secs => $3) \
+       where o.seq < young.seq and ",
+    crate::source::in_lane!("o", "$1", "$2"),
+    " and o.created_at < now() - make_interval(secs => $3) \
        and age(o.xmin) > age(($4::bigint % 4294967296)::text::xid) \
        order by o.seq limit $5) \
-     delete from outbox o using doomed d where o.seq = d.seq";
+     delete from outbox o using doomed d where o.seq = d.seq"
+);
 
 /// Rows removed per purge statement.
 const PURGE_CHUNK: i64 = 5_000;

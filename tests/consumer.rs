@@ -79,11 +79,16 @@ struct World {
 
 impl World {
     async fn new(partitions: i32) -> World {
+        World::with_pool(partitions, 8).await
+    }
+
+    /// A world whose consumers share a pool of `connections`.
+    async fn with_pool(partitions: i32, connections: u32) -> World {
         let url = fresh_database().await;
         let migrated = migrated_pool(&url).await;
         create_effects_table(&migrated).await;
         let pool = PgPoolOptions::new()
-            .max_connections(8)
+            .max_connections(connections)
             .connect(&url)
             .await
             .unwrap();
@@ -468,6 +473,44 @@ async fn readiness_follows_the_consumers_database() {
         .expect("the consumer to stop")
         .unwrap()
         .unwrap();
+}
+
+/// `/readyz` asks the database on a session of its own: a handler holding
+/// the pool's every connection (slow, not failing) leaves the consumer
+/// ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readiness_does_not_wait_for_a_connection_a_handler_holds() {
+    let w = World::with_pool(1, 1).await;
+    let sent = produce(&w.kafka.brokers(), &w.topic, 1, 1, 0).await;
+    let script = Arc::new(Script::default());
+    *script.hold.lock().unwrap() = Some(sent[0].id);
+    let stop = CancellationToken::new();
+    let mut config = w.config("held");
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = metrics.local_addr().unwrap().to_string();
+    drop(metrics);
+    config.metrics_address = Some(address.parse().unwrap());
+    let (_, task) = w.start(config, &script, &stop);
+    tokio::time::timeout(Duration::from_secs(60), script.entered.notified())
+        .await
+        .expect("the handler to start");
+    // The handler's transaction holds the pool's only connection.
+    assert_eq!(w.pool.num_idle(), 0);
+    assert_eq!(get(&address, "/readyz").await, (200, "ready\n".to_string()));
+    script.release.notify_one();
+    wait_for(
+        "the held message to be applied",
+        Duration::from_secs(30),
+        || async { w.effect_count().await == 1 },
+    )
+    .await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("the consumer to stop")
+        .unwrap()
+        .unwrap();
+    assert_once_in_order(&w.effects().await, &sent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,8 +1,9 @@
 //! The consumer runtime's counters, readable in code and, when
 //! [`super::ConsumerConfig::metrics_address`] is set, served at `/metrics`
 //! beside the probes: `/healthz` (the process answers) and `/readyz` (200
-//! while the consumer's database answers a query within two seconds, else
-//! 503 with the reason: without it nothing can be applied).
+//! while the consumer's database answers a query within two seconds, on a
+//! session of the probe's own, else 503 with the reason: without it nothing
+//! can be applied).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,8 +19,10 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use sqlx::PgPool;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection, PgPool};
 use tokio::net::TcpListener;
+use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
@@ -211,6 +214,10 @@ pub(crate) async fn serve(
     if let Ok(address) = listener.local_addr() {
         info!(address = %address, "consumer metrics listening");
     }
+    let probe = Arc::new(Probe {
+        options: pool.connect_options(),
+        session: Mutex::new(None),
+    });
     let app = Router::new()
         .route(
             "/metrics",
@@ -228,7 +235,7 @@ pub(crate) async fn serve(
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(move || ready(pool.clone())));
+        .route("/readyz", get(move || ready(probe.clone())));
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await;
@@ -237,13 +244,32 @@ pub(crate) async fn serve(
     }
 }
 
+/// `/readyz`'s session with the consumer's database, apart from the pool:
+/// handlers may hold every pooled connection while the database is fine,
+/// and a probe that waited for one of them would report an outage.
+struct Probe {
+    options: Arc<PgConnectOptions>,
+    /// Connected when first asked, and again after a failure.
+    session: Mutex<Option<PgConnection>>,
+}
+
 /// 200 while the database answers, else 503 and why.
-async fn ready(pool: PgPool) -> (StatusCode, String) {
-    let answer = tokio::time::timeout(
-        READY_TIMEOUT,
-        sqlx::query_scalar::<_, i32>("select 1").fetch_one(&pool),
-    )
+async fn ready(probe: Arc<Probe>) -> (StatusCode, String) {
+    let mut session = probe.session.lock().await;
+    let answer = tokio::time::timeout(READY_TIMEOUT, async {
+        let conn = match session.as_mut() {
+            Some(conn) => conn,
+            None => session.insert(PgConnection::connect_with(&probe.options).await?),
+        };
+        sqlx::query_scalar::<_, i32>("select 1")
+            .fetch_one(conn)
+            .await
+    })
     .await;
+    if !matches!(answer, Ok(Ok(_))) {
+        // Broken, or left mid-query by the timeout: the next probe connects anew.
+        *session = None;
+    }
     match answer {
         Ok(Ok(_)) => (StatusCode::OK, "ready\n".into()),
         Ok(Err(e)) => (

@@ -126,6 +126,17 @@ impl World {
             .set("heartbeat.interval.ms", "500")
     }
 
+    /// [`World::config`], serving `/metrics` and the probes on a free local
+    /// address, returned as HOST:PORT.
+    fn probed_config(&self, group: &str) -> (ConsumerConfig, String) {
+        let mut config = self.config(group);
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = metrics.local_addr().unwrap();
+        drop(metrics);
+        config.metrics_address = Some(address);
+        (config, address.to_string())
+    }
+
     /// Starts a member of `config.group`; stops when `stop` fires.
     fn start(
         &self,
@@ -346,13 +357,9 @@ async fn a_handler_failing_transiently_then_succeeding_applies_the_message_once_
     let flaky = sent[14].id;
     script.fail_times.lock().unwrap().insert(flaky, 4);
     let stop = CancellationToken::new();
-    let mut config = w.config("patient");
+    let (mut config, address) = w.probed_config("patient");
     let group = config.group.clone();
     config.retry.max_attempts = 5;
-    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = metrics.local_addr().unwrap();
-    drop(metrics);
-    config.metrics_address = Some(address);
     let (stats, task) = w.start(config, &script, &stop);
     wait_for(
         "every message to be applied",
@@ -365,7 +372,7 @@ async fn a_handler_failing_transiently_then_succeeding_applies_the_message_once_
     assert_eq!(script.calls.lock().unwrap()[&flaky], 5);
     assert_eq!(stats.handler_errors(), 4);
     assert!(w.dead_letters("patient").await.is_empty());
-    let (status, body) = get(&address.to_string(), "/metrics").await;
+    let (status, body) = get(&address, "/metrics").await;
     assert_eq!(status, 200);
     assert_eq!(
         value(
@@ -402,7 +409,6 @@ async fn a_handler_failing_transiently_then_succeeding_applies_the_message_once_
             ),
         )
     };
-    let address = address.to_string();
     wait_for(
         "lag 0 on both partitions",
         Duration::from_secs(30),
@@ -424,11 +430,7 @@ async fn readiness_follows_the_consumers_database() {
     let w = World::new(1).await;
     let script = Arc::new(Script::default());
     let stop = CancellationToken::new();
-    let mut config = w.config("probed");
-    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = metrics.local_addr().unwrap().to_string();
-    drop(metrics);
-    config.metrics_address = Some(address.parse().unwrap());
+    let (config, address) = w.probed_config("probed");
     let (_, task) = w.start(config, &script, &stop);
     wait_for("/readyz 200", Duration::from_secs(30), || async {
         try_get(&address, "/readyz")
@@ -485,11 +487,7 @@ async fn readiness_does_not_wait_for_a_connection_a_handler_holds() {
     let script = Arc::new(Script::default());
     *script.hold.lock().unwrap() = Some(sent[0].id);
     let stop = CancellationToken::new();
-    let mut config = w.config("held");
-    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = metrics.local_addr().unwrap().to_string();
-    drop(metrics);
-    config.metrics_address = Some(address.parse().unwrap());
+    let (config, address) = w.probed_config("held");
     let (_, task) = w.start(config, &script, &stop);
     tokio::time::timeout(Duration::from_secs(60), script.entered.notified())
         .await

@@ -469,6 +469,14 @@ async fn readiness_follows_the_consumers_database() {
         get(&address, "/readyz").await.0 == 200
     })
     .await;
+    stop_member(&stop, task).await;
+}
+
+/// Fires `stop` and waits (a minute at most) for the member to end cleanly.
+async fn stop_member(
+    stop: &CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), ConsumerError>>,
+) {
     stop.cancel();
     tokio::time::timeout(Duration::from_secs(60), task)
         .await
@@ -502,12 +510,7 @@ async fn readiness_does_not_wait_for_a_connection_a_handler_holds() {
         || async { w.effect_count().await == 1 },
     )
     .await;
-    stop.cancel();
-    tokio::time::timeout(Duration::from_secs(60), task)
-        .await
-        .expect("the consumer to stop")
-        .unwrap()
-        .unwrap();
+    stop_member(&stop, task).await;
     assert_once_in_order(&w.effects().await, &sent);
 }
 

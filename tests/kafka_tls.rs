@@ -69,10 +69,7 @@ async fn the_relay_publishes_over_tls_configured_through_the_passthrough() {
     else {
         return;
     };
-    let certs = tempfile::tempdir().unwrap();
-    make_certificates(certs.path(), "outbox-relay Kafka test CA");
-    let other = tempfile::tempdir().unwrap();
-    make_certificates(other.path(), "another CA");
+    let (certs, other) = certificates_and_another_ca("outbox-relay Kafka test CA");
     let ca = certs.path().join("ca.pem");
     let ca = ca.to_str().unwrap();
     let other_ca = other.path().join("ca.pem");

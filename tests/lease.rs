@@ -78,10 +78,7 @@ async fn a_hung_leader_is_fenced_and_replaced(mode: &'static str, hang: Hang) {
     second_log.wait_for_line(STANDING_BY, DEADLINE).await;
 
     let mut written = write(pool, 100, 20, 0.1).await;
-    wait_for("the leader to publish the first rows", DEADLINE, || async {
-        outbox_count(pool).await == 0
-    })
-    .await;
+    wait_until_drained(pool, DEADLINE).await;
 
     let hung = match hang {
         Hang::Freeze => {
@@ -95,12 +92,7 @@ async fn a_hung_leader_is_fenced_and_replaced(mode: &'static str, hang: Hang) {
         }
     };
     let after = write(pool, 600, 20, 0.1).await;
-    wait_for(
-        "the standby to publish every row written after the hang",
-        DEADLINE,
-        || async { outbox_count(pool).await == 0 },
-    )
-    .await;
+    wait_until_drained(pool, DEADLINE).await;
     let took = hung.elapsed();
     eprintln!("{mode}: the rows written after the hang were published {took:?} after it");
     assert!(
@@ -269,10 +261,7 @@ async fn a_broker_outage_longer_than_the_lease_moves_no_leadership(mode: &'stati
     let address = endpoint_address(&first_log, DEADLINE).await;
 
     let mut written = write(pool, 100, 20, 0.1).await;
-    wait_for("the leader to publish the first rows", DEADLINE, || async {
-        outbox_count(pool).await == 0
-    })
-    .await;
+    wait_until_drained(pool, DEADLINE).await;
     let epoch_before = epoch(pool).await;
 
     t.kafka.stop_brokers();
@@ -425,10 +414,7 @@ async fn a_standby_that_may_not_fence_says_why_and_waits() {
     second_log.wait_for_line(STANDING_BY, DEADLINE).await;
 
     let mut written = write(pool, 50, 20, 0.1).await;
-    wait_for("the leader to publish the first rows", DEADLINE, || async {
-        outbox_count(pool).await == 0
-    })
-    .await;
+    wait_until_drained(pool, DEADLINE).await;
     signal(&first, Signal::SIGSTOP);
     let after = write(pool, 50, 20, 0.1).await;
     written.append(after);

@@ -32,10 +32,7 @@ async fn metrics_and_readiness_follow_what_the_relay_does() {
     assert_eq!((status, body.as_str()), (200, "ok\n"));
 
     insert_events(&t.pool, 20, 10).await;
-    wait_for("the outbox to drain", DEADLINE, || async {
-        outbox_count(&t.pool).await == 0
-    })
-    .await;
+    wait_until_drained(&t.pool, DEADLINE).await;
     assert_eq!(metric(&address, "outbox_relay_published_total").await, 20.0);
     // Every acknowledged row's latency is observed once.
     assert_eq!(
@@ -67,10 +64,7 @@ async fn metrics_and_readiness_follow_what_the_relay_does() {
     for broker in 1..=3 {
         t.kafka.cluster().broker_up(broker).unwrap();
     }
-    wait_for("the outbox to drain", DEADLINE, || async {
-        outbox_count(&t.pool).await == 0
-    })
-    .await;
+    wait_until_drained(&t.pool, DEADLINE).await;
     assert_eq!(metric(&address, "outbox_relay_published_total").await, 30.0);
     assert_eq!(get(&address, "/readyz").await.0, 200);
 

@@ -54,10 +54,7 @@ async fn a_frozen_then_restarted_server_loses_nothing_and_readiness_follows() {
     ]);
     let address = endpoint_address(&log, DEADLINE).await;
     let mut written = write(pool, 100, 20, 0.1).await;
-    wait_for("the outbox to drain", DEADLINE, || async {
-        outbox_count(pool).await == 0
-    })
-    .await;
+    wait_until_drained(pool, DEADLINE).await;
 
     // Frozen: the process holds its sockets and answers nothing.
     server.freeze();
@@ -212,10 +209,7 @@ async fn no_stream_and_too_large_are_dead_lettered_and_the_rest_flow() {
     tx.commit().await.unwrap();
     let (mut relay, _log) = t.relay(&[]);
     let messages = stored(&server.url(), &stream, 2).await;
-    wait_for("the outbox to drain", DEADLINE, || async {
-        outbox_count(&t.pool).await == 0
-    })
-    .await;
+    wait_until_drained(&t.pool, DEADLINE).await;
     relay.kill().await.unwrap();
 
     let ids: Vec<String> = messages
@@ -318,10 +312,7 @@ async fn a_wrong_password_or_no_server_is_said_once_and_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tls_with_the_servers_ca_delivers_and_another_ca_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    make_certificates(dir.path(), "outbox-relay nats test CA");
-    let other = tempfile::tempdir().unwrap();
-    make_certificates(other.path(), "another CA");
+    let (dir, other) = certificates_and_another_ca("outbox-relay nats test CA");
     let server = TempNats::start_with_tls(
         &dir.path().join("server.pem"),
         &dir.path().join("server.key"),
@@ -352,10 +343,7 @@ async fn tls_with_the_servers_ca_delivers_and_another_ca_is_refused() {
     create_aggregates(&t.pool, 5).await;
     let written = write(&t.pool, 50, 5, 0.0).await;
     let (mut relay, log) = t.relay(&["--sink-config", &format!("tls_ca_file={}", ca.display())]);
-    wait_for("the outbox to drain over TLS", DEADLINE, || async {
-        outbox_count(&t.pool).await == 0
-    })
-    .await;
+    wait_until_drained(&t.pool, DEADLINE).await;
     relay.kill().await.unwrap();
     let stored = stream.get_info().await.unwrap().state.messages;
     assert_eq!(stored as usize, written.committed.len(), "{}", log.text());

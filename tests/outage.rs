@@ -62,12 +62,7 @@ async fn a_broker_outage_loses_nothing_and_keeps_order() {
     ]);
 
     let mut written = write(pool, 100, 20, 0.1).await;
-    wait_for(
-        "the outbox to drain before the outage",
-        DEADLINE,
-        || async { outbox_count(pool).await == 0 },
-    )
-    .await;
+    wait_until_drained(pool, DEADLINE).await;
 
     kafka.stop_brokers();
     let during = write(pool, 100, 20, 0.1).await;
@@ -131,12 +126,7 @@ async fn sigterm_during_an_outage_exits_zero_and_confirms_nothing_unacked() {
     let mut relay = t.relay(&relay_args);
 
     let mut written = write(pool, 50, 10, 0.0).await;
-    wait_for(
-        "the outbox to drain before the outage",
-        DEADLINE,
-        || async { outbox_count(pool).await == 0 },
-    )
-    .await;
+    wait_until_drained(pool, DEADLINE).await;
 
     // The relay polls every 100 ms at most, so while these hundreds of
     // transactions commit it reads a batch, which stays in flight: the
@@ -251,12 +241,7 @@ async fn a_broker_that_restarts_empty_gets_every_row_not_yet_confirmed() {
         "message.timeout.ms=5000",
     ]);
     write(pool, 100, 20, 0.1).await;
-    wait_for(
-        "the outbox to drain before the restart",
-        DEADLINE,
-        || async { outbox_count(pool).await == 0 },
-    )
-    .await;
+    wait_until_drained(pool, DEADLINE).await;
 
     // Records confirmed so far die with the broker's memory; the relay
     // still holds everything written from now on.
@@ -274,12 +259,7 @@ async fn a_broker_that_restarts_empty_gets_every_row_not_yet_confirmed() {
 
     extend(&mut written, write(pool, 100, 20, 0.1).await);
     let records = consume_ids(&tansu.brokers(), &[&topic], &written.committed, DEADLINE).await;
-    wait_for(
-        "the outbox to drain after the restart",
-        DEADLINE,
-        || async { outbox_count(pool).await == 0 },
-    )
-    .await;
+    wait_until_drained(pool, DEADLINE).await;
     relay.kill().await.unwrap();
 
     assert_delivered(&records, &written);

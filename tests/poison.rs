@@ -93,10 +93,7 @@ async fn block_aggregate_parks_the_rest_of_the_aggregate_and_a_retry_replays_it_
     .await;
     let (x, y) = ([ids[0], ids[2], ids[4], ids[6]], [ids[1], ids[3], ids[5]]);
     let mut relay = t.relay(&["--on-poison", "block-aggregate"]);
-    wait_for("the outbox to drain", DEADLINE, || async {
-        outbox_count(&t.pool).await == 0
-    })
-    .await;
+    wait_until_drained(&t.pool, DEADLINE).await;
     // A later row of the blocked aggregate is parked too; the other flows.
     let later = insert(&t.pool, &[("x", false), ("y", false)]).await;
     let flowing: Vec<Uuid> = y.iter().copied().chain([ids[0], later[1]]).collect();

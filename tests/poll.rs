@@ -99,10 +99,7 @@ async fn a_row_that_commits_late_is_still_published() {
         "an uncommitted row was published"
     );
     // The uncommitted row is invisible to the count.
-    wait_for("the relay to confirm the later row", DEADLINE, || async {
-        outbox_count(pool).await == 0
-    })
-    .await;
+    wait_until_drained(pool, DEADLINE).await;
 
     early.commit().await.unwrap();
     let all = consume_ids(&kafka.brokers(), &[&topic], &[late_id, early_id], DEADLINE).await;

@@ -51,10 +51,7 @@ async fn a_frozen_then_restarted_broker_loses_nothing_and_readiness_follows() {
     ]);
     let address = endpoint_address(&log, DEADLINE).await;
     let mut written = write(pool, 100, 20, 0.1).await;
-    wait_for("the outbox to drain", DEADLINE, || async {
-        outbox_count(pool).await == 0
-    })
-    .await;
+    wait_until_drained(pool, DEADLINE).await;
 
     server.freeze();
     let during = write(pool, 100, 20, 0.1).await;
@@ -295,10 +292,7 @@ async fn bad_url_wrong_password_and_no_broker() {
 /// listener; a relay that trusts another CA publishes nothing and says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tls_with_the_servers_ca_delivers_and_another_ca_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    make_certificates(dir.path(), "outbox-relay rabbitmq test CA");
-    let other = tempfile::tempdir().unwrap();
-    make_certificates(other.path(), "another CA");
+    let (dir, other) = certificates_and_another_ca("outbox-relay rabbitmq test CA");
     let (server, tls_port) = TempRabbitMq::start_with_tls(
         &dir.path().join("server.pem"),
         &dir.path().join("server.key"),

@@ -120,10 +120,7 @@ async fn another_client_reads_the_documented_record_format() {
     assert_eq!(rows.as_array().unwrap().len(), 90);
 
     let mut relay = t.relay(&[]);
-    wait_for("the relay to confirm every row", DEADLINE, || async {
-        outbox_count(pool).await == 0
-    })
-    .await;
+    wait_until_drained(pool, DEADLINE).await;
     relay.kill().await.unwrap();
     let dead: Vec<(String, String)> =
         sqlx::query_as("select coalesce(topic, aggregate_type), error from dead_letter")

@@ -257,10 +257,7 @@ async fn a_million_row_transaction_streams_in_bounded_memory() {
     })
     .await
     .unwrap();
-    wait_for("the outbox to drain", DEADLINE, || async {
-        outbox_count(pool).await == 0
-    })
-    .await;
+    wait_until_drained(pool, DEADLINE).await;
     relay.kill().await.unwrap();
     sampler.await.unwrap();
 
@@ -533,10 +530,7 @@ async fn an_invalidated_slot_is_a_clear_line_and_recreating_it_loses_nothing() {
     let first = write(pool, 50, 5, 0.0).await;
     let mut relay = t.relay(&[]);
     consume_ids(&kafka.brokers(), &[&topic], &first.committed, DEADLINE).await;
-    wait_for("the first rows to be confirmed", DEADLINE, || async {
-        outbox_count(pool).await == 0
-    })
-    .await;
+    wait_until_drained(pool, DEADLINE).await;
     relay.kill().await.unwrap();
 
     // While no relay runs: outbox rows, then far more WAL than the slot may keep.
@@ -695,10 +689,7 @@ async fn rows_sent_before_their_commit_is_visible_are_published_and_confirmed() 
             consume_ids(&t.kafka.brokers(), &[&topic], &written.committed, DEADLINE).await;
         assert_delivered(&records, &written);
         assert_order(&records);
-        wait_for("the outbox to drain", DEADLINE, || async {
-            outbox_count(pool).await == 0
-        })
-        .await;
+        wait_until_drained(pool, DEADLINE).await;
     }
     relay.kill().await.unwrap();
 }

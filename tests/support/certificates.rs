@@ -60,3 +60,15 @@ pub fn make_certificates(dir: &std::path::Path, ca_name: &str) {
         ],
     );
 }
+
+/// For a test that a server is trusted through its CA only: a temp dir with
+/// a CA named `ca_name` and the server's certificate, and another with an
+/// unrelated CA (and a certificate of its own) that a client may wrongly
+/// trust instead.
+pub fn certificates_and_another_ca(ca_name: &str) -> (tempfile::TempDir, tempfile::TempDir) {
+    let certs = tempfile::tempdir().unwrap();
+    make_certificates(certs.path(), ca_name);
+    let other = tempfile::tempdir().unwrap();
+    make_certificates(other.path(), "another CA");
+    (certs, other)
+}

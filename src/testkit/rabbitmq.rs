@@ -474,6 +474,8 @@ pub enum QueueType {
 }
 
 impl QueueType {
+    const ALL: [QueueType; 3] = [QueueType::Classic, QueueType::Quorum, QueueType::Stream];
+
     /// Its `x-queue-type` value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -494,14 +496,12 @@ impl std::str::FromStr for QueueType {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "classic" => Ok(QueueType::Classic),
-            "quorum" => Ok(QueueType::Quorum),
-            "stream" => Ok(QueueType::Stream),
-            other => Err(format!(
-                "unknown RabbitMQ queue type {other:?}; use classic, quorum or stream"
-            )),
-        }
+        QueueType::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown RabbitMQ queue type {s:?}; use classic, quorum or stream")
+            })
     }
 }
 

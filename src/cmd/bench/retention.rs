@@ -1,9 +1,9 @@
 //! Tail mode with and without `--retention` over the same backlog sizes,
 //! each beside `pg_recvlogical` on its own WAL, timed to the relay's last
 //! confirm and (against a real broker) to the newest records read back by a
-//! consumer, with what the
-//! database spent per row (CPU of every server process, WAL written); and
-//! the relay's start-up time, from process start to the first row confirmed.
+//! consumer, with what the database spent per row (CPU of every server
+//! process, WAL written); and the relay's start-up time, from process start
+//! to the first row confirmed.
 
 use super::*;
 use rdkafka::client::ClientContext;
@@ -226,13 +226,6 @@ async fn every_row_arrives(consumer: StreamConsumer, rows: u64) -> bool {
     true
 }
 
-/// Reads back, with a consumer that starts now, the newest record of every
-/// partition of `topic`: the end of each partition comes from the high
-/// watermark of a first fetch (tansu 0.6 answers `ListOffsets` for the
-/// latest offset wrongly, its fetches carry the right one); the consumer
-/// then reads from `batch` records before it (no stored batch holds more
-/// than the relay has in flight, so the newest starts there or after: tansu
-/// skips the rest of a batch that a fetch starts inside) to the end.
 /// The read-back consumer's context: reaching the end of a partition is
 /// what it reads for, not an error to log.
 struct EndsExpected;
@@ -271,6 +264,13 @@ fn newest_reader(brokers: &str, topic: &str) -> Result<NewestReader, Error> {
     Ok(consumer)
 }
 
+/// Reads back, with a consumer that starts now, the newest record of every
+/// partition of `topic`: the end of each partition comes from the high
+/// watermark of a first fetch (tansu 0.6 answers `ListOffsets` for the
+/// latest offset wrongly, its fetches carry the right one); the consumer
+/// then reads from `batch` records before it (no stored batch holds more
+/// than the relay has in flight, so the newest starts there or after: tansu
+/// skips the rest of a batch that a fetch starts inside) to the end.
 fn read_newest(
     consumer: NewestReader,
     topic: &str,

@@ -121,9 +121,9 @@ pub(super) async fn sinks(
                 "--sink-url".into(),
                 server.url(),
                 "--topic-template".into(),
-                template.clone(),
+                template,
             ]);
-            runs.push(drain(&bench, &server, kind, &template, &prefix, shutdown).await?);
+            runs.push(drain(&bench, &server, kind, &prefix, shutdown).await?);
             bench.pool.close().await;
         }
     }
@@ -134,7 +134,6 @@ async fn drain(
     bench: &ModeBench<'_>,
     server: &Server,
     kind: SinkKind,
-    template: &str,
     prefix: &str,
     shutdown: &CancellationToken,
 ) -> Result<SinkDrain, Error> {
@@ -172,7 +171,6 @@ async fn drain(
     relay.stop().await?;
     server.empty(prefix, options.rabbitmq_queue)?;
     let rows_per_sec = options.rows as f64 / seconds;
-    let _ = template;
     Ok(SinkDrain {
         sink: kind.to_string(),
         mode: bench.mode.to_string(),

@@ -17,6 +17,7 @@ use outbox_relay::consumer::{
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgPool};
@@ -84,6 +85,11 @@ impl World {
 
     /// A world whose consumers share a pool of `connections`.
     async fn with_pool(partitions: i32, connections: u32) -> World {
+        World::on(Kafka::start(), partitions, connections).await
+    }
+
+    /// A world on `kafka`.
+    async fn on(kafka: Kafka, partitions: i32, connections: u32) -> World {
         let url = fresh_database().await;
         let migrated = migrated_pool(&url).await;
         create_effects_table(&migrated).await;
@@ -92,7 +98,6 @@ impl World {
             .connect(&url)
             .await
             .unwrap();
-        let kafka = Kafka::start();
         let topic = format!("{}.counted", topic_prefix());
         kafka.create_topic(&topic, partitions).await;
         World {
@@ -241,11 +246,70 @@ async fn a_member_joining_mid_handler_gets_no_message_applied_twice_or_lost() {
         "the message in hand at the rebalance was run again"
     );
     assert!(second.applied() > 0, "the joining member applied nothing");
-    assert_eq!(
-        first.duplicates() + second.duplicates(),
-        0,
-        "applied messages were delivered again: their offsets were not committed \
-         before the partitions went"
+    // The offsets of what was applied are committed before the partitions
+    // go, so nothing comes again; unless the broker refused a commit, as
+    // the mock cluster does now and then while the group rebalances under
+    // load (counted, and the inbox skipped what came again).
+    if first.commit_failures() + second.commit_failures() == 0 {
+        assert_eq!(
+            first.duplicates() + second.duplicates(),
+            0,
+            "applied messages were delivered again though every offset commit was accepted"
+        );
+    }
+}
+
+/// An offset commit the broker refuses is counted, and the messages it
+/// covered come again to the next member, whose inbox skips every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_commits_are_counted_and_what_they_covered_is_skipped_when_it_comes_again() {
+    let Some(kafka) = Kafka::mock_only(
+        "refused_commits_are_counted_and_what_they_covered_is_skipped_when_it_comes_again",
+        "it makes the broker refuse offset commits",
+    ) else {
+        return;
+    };
+    let w = World::on(kafka, 1, 8).await;
+    let sent = produce(&w.kafka.brokers(), &w.topic, 4, 40, 0).await;
+    // More refusals than the first member can use up: its periodic commits
+    // and the one when it stops are all refused.
+    w.kafka.cluster().request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 8],
+    );
+    let script = Arc::new(Script::default());
+    let config = w.config("refused");
+
+    let stop = CancellationToken::new();
+    let (first, task) = w.start(config.clone(), &script, &stop);
+    wait_for(
+        "every message applied and a commit refused",
+        Duration::from_secs(60),
+        || async { first.applied() == sent.len() as u64 && first.commit_failures() >= 1 },
+    )
+    .await;
+    stop_member(&stop, task).await;
+
+    let stop = CancellationToken::new();
+    let (second, task) = w.start(config, &script, &stop);
+    wait_for(
+        "every message to come again to the next member",
+        Duration::from_secs(60),
+        || async { second.duplicates() == sent.len() as u64 },
+    )
+    .await;
+    stop_member(&stop, task).await;
+
+    assert_eq!(second.applied(), 0, "a message was applied twice");
+    assert_once_in_order(&w.effects().await, &sent);
+    assert!(
+        first.commit_failures() >= 2,
+        "the refused commit when the member stopped was not counted"
+    );
+    let metrics = first.render();
+    assert!(
+        metrics.contains("outbox_consumer_commit_failures_total{"),
+        "/metrics has no commit failures: {metrics}"
     );
 }
 

@@ -370,6 +370,7 @@ impl<H: Handler> Shared<H> {
             // them. Kafka refuses commits from a member caught in a
             // rebalance; the next owner starts from the last good commit.
             debug!(error = %e, offsets = offsets.len(), "committing offsets failed");
+            self.applier.stats.commit_failed();
             // Tried again with the next commit (a revoke's, at the latest),
             // unless newer offsets are there already.
             let mut done = lock(&self.done);

@@ -47,6 +47,7 @@ struct Inner {
     handler_errors: Counter,
     dead_lettered: Counter,
     revocations: Counter,
+    commit_failures: Counter,
     lag: Family<PartitionLabels, Gauge>,
     partitions: Gauge,
 }
@@ -62,6 +63,7 @@ impl ConsumerStats {
         let handler_errors = Counter::default();
         let dead_lettered = Counter::default();
         let revocations = Counter::default();
+        let commit_failures = Counter::default();
         let lag = Family::<PartitionLabels, Gauge>::default();
         let partitions = Gauge::default();
         registry.register(
@@ -90,6 +92,11 @@ impl ConsumerStats {
             revocations.clone(),
         );
         registry.register(
+            "commit_failures",
+            "Offset commits the broker refused (as during a rebalance): the messages they covered are delivered again, and the inbox skips them",
+            commit_failures.clone(),
+        );
+        registry.register(
             "lag_messages",
             "Messages in the partition after the last committed offset, per assigned partition (NATS: the subject's pending and unacknowledged messages, RabbitMQ: the queue's ready ones, partition -1)",
             lag.clone(),
@@ -107,6 +114,7 @@ impl ConsumerStats {
                 handler_errors,
                 dead_lettered,
                 revocations,
+                commit_failures,
                 lag,
                 partitions,
             }),
@@ -144,6 +152,11 @@ impl ConsumerStats {
         self.inner.revocations.get()
     }
 
+    /// Offset commits the broker refused (Kafka).
+    pub fn commit_failures(&self) -> u64 {
+        self.inner.commit_failures.get()
+    }
+
     /// The metrics in the OpenMetrics text format.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -163,6 +176,11 @@ impl ConsumerStats {
 
     pub(crate) fn dead_lettered_one(&self) {
         self.inner.dead_lettered.inc();
+    }
+
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn commit_failed(&self) {
+        self.inner.commit_failures.inc();
     }
 
     #[cfg_attr(not(feature = "kafka"), allow(dead_code))]

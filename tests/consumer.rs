@@ -271,11 +271,12 @@ async fn refused_commits_are_counted_and_what_they_covered_is_skipped_when_it_co
     };
     let w = World::on(kafka, 1, 8).await;
     let sent = produce(&w.kafka.brokers(), &w.topic, 4, 40, 0).await;
-    // More refusals than the first member can use up: its periodic commits
-    // and the one when it stops are all refused.
+    // More refusals than the first member can use up, one a second even
+    // on a slow machine: its periodic commits and the one when it stops
+    // are all refused.
     w.kafka.cluster().request_errors(
         RDKafkaApiKey::OffsetCommit,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 8],
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 64],
     );
     let script = Arc::new(Script::default());
     let config = w.config("refused");

@@ -78,9 +78,12 @@ struct World {
     topic: String,
 }
 
+/// Connections in a world's pool unless a test says otherwise.
+const POOL_CONNECTIONS: u32 = 8;
+
 impl World {
     async fn new(partitions: i32) -> World {
-        World::with_pool(partitions, 8).await
+        World::with_pool(partitions, POOL_CONNECTIONS).await
     }
 
     /// A world whose consumers share a pool of `connections`.
@@ -269,7 +272,7 @@ async fn refused_commits_are_counted_and_what_they_covered_is_skipped_when_it_co
     ) else {
         return;
     };
-    let w = World::on(kafka, 1, 8).await;
+    let w = World::on(kafka, 1, POOL_CONNECTIONS).await;
     let sent = produce(&w.kafka.brokers(), &w.topic, 4, 40, 0).await;
     // More refusals than the first member can use up, one a second even
     // on a slow machine: its periodic commits and the one when it stops
